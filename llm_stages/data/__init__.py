@@ -1,0 +1,1 @@
+"""Data: readers per format, rendering, collation, DataModules."""

@@ -1,0 +1,93 @@
+"""Examples -> padded tensors. Right padding; padded labels are -100."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from llm_stages.data.render import IGNORE_INDEX, Example
+
+
+class CausalBatch(NamedTuple):
+    input_ids: torch.Tensor  # (batch, seq) long
+    attention_mask: torch.Tensor  # (batch, seq) long, 1 = real token
+    labels: torch.Tensor  # (batch, seq) long, -100 = not trained
+
+
+def collate_causal(examples: list[Example], pad_id: int) -> CausalBatch:
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(e.labels)
+    return CausalBatch(input_ids, attention_mask, labels)
+
+
+class MicroBatches:
+    """Collates one optimiser step's examples into `grad_accum` micro-batches, each padded to its
+    own longest sequence (so accumulation never costs extra padding)."""
+
+    def __init__(self, pad_id: int, micro_batch_size: int):
+        self.pad_id, self.micro_batch_size = pad_id, micro_batch_size
+
+    def __call__(self, examples: list[Example]) -> list[CausalBatch]:
+        size = self.micro_batch_size
+        return [collate_causal(examples[i:i + size], self.pad_id) for i in range(0, len(examples), size)]
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of indices, a fresh permutation per epoch from (seed, epoch), sharded over
+    ranks. The training loop reports each consumed batch (`consumed`); that count is saved in
+    Lightning checkpoints through `ResumableDataLoader`, so a resumed run continues with exactly
+    the batch it would have seen next (counting yields instead would be off by the prefetch)."""
+
+    def __init__(self, num_examples: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, drop_last: bool = True):
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.consumed = 0  # batches consumed since the start of training, all epochs
+        self._next_epoch, self._skip = 0, 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            order = list(range(self.num_examples))
+        per_rank = self.num_examples // self.world_size  # equal shards: every rank takes the same number of steps
+        shard = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        batches = [shard[i:i + self.batch_size] for i in range(0, len(shard), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def __iter__(self):
+        epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        skip, self._skip = self._skip, 0
+        yield from self.batches(epoch)[skip:]
+
+    def __len__(self) -> int:
+        return len(self.batches(0))
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = state["consumed"]
+        self._next_epoch, self._skip = divmod(self.consumed, len(self))
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position Lightning saves and restores (it checks for state_dict/load_state_dict)."""
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)

@@ -1,0 +1,162 @@
+"""The DataModule family: one base (sources, splits, loaders, resumable order) and one small
+subclass per pipeline that turns records into `Example`s."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from llm_stages.data import formats
+from llm_stages.data.collate import MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal
+from llm_stages.data.render import Example, num_trained_tokens, pack_documents, render_conversation, truncate
+from llm_stages.errors import ConfigError, DataFormatError
+
+log = logging.getLogger(__name__)
+
+
+class CausalDataModule(L.LightningDataModule):
+    """Reads `data.path` (and a validation source), builds `Example`s with `build_examples`, and
+    serves training steps as lists of `grad_accum` micro-batches of `batch_size` sequences."""
+
+    def __init__(self, data, tokenizer, *, batch_size: int = 8, grad_accum: int = 1, val_batch_size: int = 16,
+                 num_workers: int = 0, seed: int = 1234):
+        super().__init__()
+        self.data, self.tokenizer = data, tokenizer
+        self.batch_size, self.grad_accum, self.val_batch_size = batch_size, grad_accum, val_batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.train_set: list[Example] = []
+        self.val_set: list[Example] = []
+        self.stats: dict[str, int] = {}
+        if batch_size < 1 or grad_accum < 1:
+            raise ConfigError("datamodule.batch_size and datamodule.grad_accum must be >= 1")
+        if tokenizer.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token; set one on the model's tokenizer")
+
+    # -- subclasses ------------------------------------------------------------------------------
+    def build_examples(self, path: Path, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        demo = self.data.get("demo")
+        if demo:
+            from llm_stages.data.demo import ensure_demo_data
+
+            ensure_demo_data(demo["dir"], seed=demo["seed"])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set:
+            return
+        self.prepare_data()  # idempotent; covers callers that skip prepare_data (tests, other ranks)
+        train_path = Path(str(self.data["path"]))
+        val_path = self._val_path(train_path)
+        examples = self.build_examples(train_path, "train")
+        if val_path is not None:
+            self.train_set, self.val_set = examples, self.build_examples(val_path, "val")
+        else:
+            self.train_set, self.val_set = self._hold_out(examples, float(self.data.get("val_fraction") or 0.0))
+        world = self.trainer.world_size if self.trainer else 1
+        if len(self.train_set) < self.batch_size * self.grad_accum * world:
+            raise ConfigError(f"{train_path}: {len(self.train_set)} training examples, fewer than one step needs "
+                              f"(datamodule.batch_size={self.batch_size} x grad_accum={self.grad_accum} x {world} devices)")
+        log.info("data: %d train / %d val examples from %s; %s", len(self.train_set), len(self.val_set), train_path,
+                 ", ".join(f"{k}={v}" for k, v in self.stats.items()) or "nothing dropped or truncated")
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = ResumableBatchSampler(
+            len(self.train_set), self.batch_size * self.grad_accum, seed=self.seed,
+            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1)
+        return ResumableDataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                                   collate_fn=MicroBatches(self.tokenizer.pad_token_id, self.batch_size))
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.val_set:
+            return []
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return DataLoader(self.val_set[rank::world], batch_size=self.val_batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=self._collate_one)
+
+    def _collate_one(self, examples):
+        return collate_causal(examples, self.tokenizer.pad_token_id)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _val_path(self, train_path: Path) -> Path | None:
+        val = self.data.get("val_path")
+        if val in (None, "", "none"):
+            return None
+        if val != "auto":
+            return Path(str(val))
+        sibling = train_path.with_name(re.sub(r"_train(?=\.[^.]+$)", "_val", train_path.name))
+        return sibling if sibling != train_path and sibling.exists() else None
+
+    def _hold_out(self, examples: list[Example], fraction: float):
+        n_val = int(len(examples) * fraction)
+        if n_val == 0:
+            return examples, []
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        val_ids = set(order[:n_val])
+        return ([e for i, e in enumerate(examples) if i not in val_ids],
+                [e for i, e in enumerate(examples) if i in val_ids])
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+
+class PTDataModule(CausalDataModule):
+    """Pretraining: `.txt` (blank-line separated documents) or `.json`/`.jsonl` with a `text` field."""
+
+    def __init__(self, data, tokenizer, *, block_size: int = 1024, remainder: str = "drop", **kwargs):
+        super().__init__(data, tokenizer, **kwargs)
+        self.block_size, self.remainder = block_size, remainder
+
+    def build_examples(self, path: Path, split: str) -> list[Example]:
+        if path.suffix == ".txt":
+            texts = [r.data for r in formats.read_text_documents(path)]
+        else:
+            texts = [formats.text_of(r) for r in formats.read_json_records(path)]
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ConfigError("the tokenizer has no EOS token, which packing puts between documents")
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        blocks = pack_documents(ids, eos, self.block_size, self.remainder)
+        if not blocks:
+            raise DataFormatError(path, f"{sum(map(len, ids)) + len(ids)} tokens, fewer than one block "
+                                  f"(datamodule.block_size={self.block_size}); lower block_size or use remainder=pad")
+        return blocks
+
+
+class SFTDataModule(CausalDataModule):
+    """Supervised conversations (sharegpt, alpaca, messages), assistant turns trained."""
+
+    def __init__(self, data, tokenizer, *, max_length: int = 512, **kwargs):
+        super().__init__(data, tokenizer, **kwargs)
+        self.max_length = max_length
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("the tokenizer has no chat template; SFT renders conversations with it")
+
+    def build_examples(self, path: Path, split: str) -> list[Example]:
+        records = formats.read_json_records(path)
+        system_prompt = self.data.get("system_prompt")
+        examples = []
+        for record, messages in formats.iter_conversations(records, self.data.get("format") or "auto"):
+            if system_prompt:
+                messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
+            example = render_conversation(self.tokenizer, messages)
+            if len(example.input_ids) > self.max_length:
+                example = truncate(example, self.max_length)
+                self._count(f"{split}_truncated")
+            if num_trained_tokens(example.labels) == 0:
+                self._count(f"{split}_dropped_no_trained_tokens")
+                continue
+            examples.append(example)
+        if not examples:
+            raise DataFormatError(path, f"no record has an assistant token left to train within "
+                                  f"datamodule.max_length={self.max_length}")
+        return examples

@@ -1,0 +1,131 @@
+"""The demo task: two-digit addition and subtraction with exact answers, in every stage's format.
+
+Small and regular enough that a ~1M-parameter model learns it in minutes on CPU, and verifiable,
+so RL stages can reward exact answers. Generated deterministically from a seed:
+
+    python -m llm_stages.data.demo OUT_DIR [--seed 0] [--n-train 2000] [--n-val 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+DEMO_FILES = {
+    "pt_train": "pt_train.txt", "pt_val": "pt_val.txt",
+    "sft_train": "sft_train.jsonl", "sft_val": "sft_val.jsonl",
+    "pref_train": "pref_train.jsonl", "pref_val": "pref_val.jsonl",
+    "rl_train": "rl_train.jsonl", "rl_val": "rl_val.jsonl",
+}
+QUESTION_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {word} {b}.", "{a} {op} {b} = ?"]
+SYSTEM_PROMPTS = ["You are a careful calculator.", "Answer with the equation and its result."]
+WORDS = {"+": "plus", "-": "minus"}
+
+
+def _problem(a: int, op: str, b: int, rng: random.Random) -> dict:
+    answer = a + b if op == "+" else a - b
+    question = rng.choice(QUESTION_TEMPLATES).format(a=a, op=op, b=b, word=WORDS[op])
+    return {"a": a, "b": b, "op": op, "answer": answer, "question": question, "solution": f"{a} {op} {b} = {answer}"}
+
+
+def make_problem(rng: random.Random) -> dict:
+    return _problem(rng.randrange(100), rng.choice("+-"), rng.randrange(100), rng)
+
+
+def _split_problems(seed: int, n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
+    """Disjoint train / val problems: no (a, op, b) appears in both."""
+    rng = random.Random(seed)
+    triples = [(a, op, b) for a in range(100) for op in "+-" for b in range(100)]
+    rng.shuffle(triples)
+    if n_train + n_val > len(triples):
+        raise ValueError(f"at most {len(triples)} distinct problems")
+    val = [_problem(*t, rng) for t in triples[:n_val]]
+    train = [_problem(*t, rng) for t in triples[n_val:n_val + n_train]]
+    return train, val
+
+
+def _wrong(p: dict, rng: random.Random) -> str:
+    if p["op"] == "-" and p["a"] != p["b"] and rng.random() < 0.3:
+        return f"{p['a']} - {p['b']} = {p['b'] - p['a']}"  # operands swapped
+    return f"{p['a']} {p['op']} {p['b']} = {p['answer'] + rng.choice([-10, -2, -1, 1, 2, 10])}"
+
+
+def _pt_document(problems: list[dict]) -> str:
+    return " ".join(f"{p['a']} {WORDS[p['op']]} {p['b']} equals {p['answer']}." for p in problems)
+
+
+def _sft_record(problems: list[dict], rng: random.Random) -> dict:
+    turns = [{"from": "system", "value": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.2 else []
+    for p in problems:
+        turns += [{"from": "human", "value": p["question"]}, {"from": "gpt", "value": p["solution"]}]
+    return {"conversations": turns}
+
+
+def _records(problems: list[dict], rng: random.Random) -> dict[str, list]:
+    pt, sft, i = [], [], 0
+    while i < len(problems):  # PT documents of 2-5 facts
+        k = rng.randint(2, 5)
+        pt.append(_pt_document(problems[i:i + k]))
+        i += k
+    i = 0
+    while i < len(problems):  # about a quarter of conversations have 2-3 exchanges
+        k = rng.randint(2, 3) if rng.random() < 0.25 else 1
+        sft.append(_sft_record(problems[i:i + k], rng))
+        i += k
+    pref = [{"conversations": [{"from": "human", "value": p["question"]}], "chosen": p["solution"],
+             "rejected": _wrong(p, rng)} for p in problems]
+    rl = [{"question": p["question"], "answer": str(p["answer"])} for p in problems]
+    return {"pt": pt, "sft": sft, "pref": pref, "rl": rl}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 200) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed + 1)
+    train, val = _split_problems(seed, n_train, n_val)
+    paths = {}
+    for split, problems in (("train", train), ("val", val)):
+        for kind, items in _records(problems, rng).items():
+            path = out / DEMO_FILES[f"{kind}_{split}"]
+            if kind == "pt":
+                text = "\n\n".join(items) + "\n"
+            else:
+                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items)
+            _write_atomic(path, text)
+            paths[f"{kind}_{split}"] = path
+    return paths
+
+
+def ensure_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 200) -> dict[str, Path]:
+    """The demo files in `out_dir`, written only if any is missing."""
+    out = Path(out_dir)
+    paths = {name: out / file for name, file in DEMO_FILES.items()}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    return write_demo_data(out, seed, n_train, n_val)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-val", type=int, default=200)
+    args = parser.parse_args()
+    for path in write_demo_data(args.out_dir, args.seed, args.n_train, args.n_val).values():
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

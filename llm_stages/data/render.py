@@ -1,0 +1,95 @@
+"""Records -> token ids and labels.
+
+SFT: a conversation is rendered with the tokenizer's chat template one turn at a time, so every
+token is known to come from a prompt segment (label -100) or an assistant reply (label = token,
+up to and including the end-of-turn/EOS token; the template's newline after it stays masked).
+PT: documents are tokenized, EOS appended to each, concatenated and cut into fixed blocks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from llm_stages.errors import ConfigError
+
+IGNORE_INDEX = -100
+
+
+class Example(NamedTuple):
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids; the next-token shift happens in the loss
+
+
+def render_conversation(tokenizer, messages: list[dict]) -> Example:
+    """Token ids of `messages` through the chat template, with only assistant replies trained.
+
+    Turns after the last assistant reply are not rendered: there is nothing to learn from them.
+    Needs a template whose rendering of a conversation prefix is a prefix of the whole rendering
+    (true of ChatML/Qwen/Llama/SmolLM templates); others are refused with a clear error.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _apply_template(tokenizer, messages[:i], add_generation_prompt=True)
+        full = _apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise ConfigError(
+                "the tokenizer's chat template does not render conversations prefix-stably, so "
+                "assistant tokens cannot be located; set a ChatML-style template on the tokenizer")
+        prompt_ids = _encode(tokenizer, prompt[len(rendered):])
+        reply_ids = _encode(tokenizer, full[len(prompt):])
+        input_ids += prompt_ids + reply_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + _reply_labels(reply_ids, tokenizer.eos_token_id)
+        rendered = full
+    return Example(input_ids, labels)
+
+
+def _reply_labels(reply_ids: list[int], eos_id: int | None) -> list[int]:
+    """Train the reply up to and including its last EOS; template text after it stays masked."""
+    if eos_id is None or eos_id not in reply_ids:
+        return list(reply_ids)
+    end = len(reply_ids) - reply_ids[::-1].index(eos_id)
+    return list(reply_ids[:end]) + [IGNORE_INDEX] * (len(reply_ids) - end)
+
+
+def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not messages and not add_generation_prompt:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def truncate(example: Example, max_length: int) -> Example:
+    """Cut from the right to `max_length` tokens."""
+    return Example(example.input_ids[:max_length], example.labels[:max_length])
+
+
+def num_trained_tokens(labels: list[int]) -> int:
+    """Tokens that contribute to the loss: labels after the shift (the first position predicts nothing)."""
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
+def pack_documents(documents: list[list[int]], eos_id: int, block_size: int, remainder: str = "drop") -> list[Example]:
+    """Concatenate documents, each followed by EOS, and cut the stream into `block_size` blocks.
+
+    remainder="drop" drops the final partial block (as the seeds and HF run_clm do);
+    remainder="pad" keeps it (the collator right-pads it and masks the padding).
+    Attention is not masked across document boundaries inside a block (standard packed PT).
+    """
+    if remainder not in ("drop", "pad"):
+        raise ConfigError(f"datamodule.remainder must be 'drop' or 'pad', got {remainder!r}")
+    stream: list[int] = []
+    for doc in documents:
+        stream += doc
+        stream.append(eos_id)
+    n_full = len(stream) // block_size
+    blocks = [stream[k * block_size:(k + 1) * block_size] for k in range(n_full)]
+    if remainder == "pad" and len(stream) % block_size:
+        blocks.append(stream[n_full * block_size:])
+    return [Example(block, list(block)) for block in blocks]

@@ -1,0 +1,52 @@
+"""AdamW with warm-up and a decay schedule, built from the `optim` config group."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llm_stages.errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    scheduler: str = "cosine"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+
+
+SCHEDULES = {
+    "cosine": lambda progress, floor: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)),
+    "linear": lambda progress, floor: floor + (1 - floor) * (1 - progress),
+    "constant": lambda progress, floor: 1.0,
+}
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, scheduler: str, min_lr_ratio: float) -> float:
+    """Multiplier of the base lr at optimiser step `step` (0-based): linear warm-up to 1, then decay
+    to `min_lr_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return SCHEDULES[scheduler](progress, min_lr_ratio)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+    if cfg.scheduler not in SCHEDULES:
+        raise ConfigError(f"optim.scheduler must be one of {sorted(SCHEDULES)}, got {cfg.scheduler!r}")
+    # Biases and norm weights (1-D tensors) are not decayed, as in every mainstream recipe.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, warmup_steps=cfg.warmup_steps, total_steps=total_steps, scheduler=cfg.scheduler,
+        min_lr_ratio=cfg.min_lr_ratio))
+    return optimizer, scheduler

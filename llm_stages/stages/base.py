@@ -1,0 +1,84 @@
+"""What every stage shares: the HF model and tokenizer, the optimiser and schedule, and one
+optimiser step over a list of micro-batches with exact loss weighting.
+
+Accumulation is done here rather than by Lightning's `accumulate_grad_batches`, because the right
+denominator of a token-mean loss is the token count of the *whole* accumulated batch (on all
+ranks), which is only known once all its micro-batches are in hand.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from llm_stages.data.collate import ResumableBatchSampler
+from llm_stages.optim import OptimConfig, build_optimizer
+
+
+class Stage(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, tokenizer, optim: OptimConfig):
+        super().__init__()
+        self.model, self.tokenizer, self.optim_cfg = model, tokenizer, optim
+        self.automatic_optimization = False
+
+    # -- what a stage defines ------------------------------------------------------------------
+    def loss_sum(self, micro_batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's summed loss (a tensor with grad) and summed stats to log."""
+        raise NotImplementedError
+
+    def loss_weight(self, micro_batch) -> torch.Tensor:
+        """What the loss is a mean over (tokens, pairs, ...), counted in this micro-batch."""
+        raise NotImplementedError
+
+    # -- shared machinery ----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.model.train()  # Lightning leaves HF models in the eval mode they were loaded in
+
+    def configure_optimizers(self):
+        optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, micro_batches: list, batch_idx: int) -> torch.Tensor:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        weight = self._all_reduce(sum(self.loss_weight(mb) for mb in micro_batches).float()).clamp(min=1)
+        world = self.trainer.world_size
+        total = torch.zeros((), device=self.device)
+        stats: dict[str, torch.Tensor] = {}
+        for i, micro_batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with nullcontext() if last else self._no_grad_sync():
+                loss_sum, micro_stats = self.loss_sum(micro_batch)
+                # DDP averages gradients over ranks; multiplying by world turns that into the global sum / weight.
+                self.manual_backward(loss_sum * world / weight)
+            total += loss_sum.detach()
+            for k, v in micro_stats.items():
+                stats[k] = stats.get(k, 0) + v.detach()
+        if self.optim_cfg.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        self._mark_batch_consumed()
+        loss = self._all_reduce(total) / weight
+        self.log("train/loss", loss, prog_bar=True)
+        for k, v in stats.items():
+            self.log(f"train/{k}", self._all_reduce(v.float()) / weight)
+        return loss
+
+    def _no_grad_sync(self):
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block else nullcontext()
+
+    def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def _mark_batch_consumed(self) -> None:
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if isinstance(sampler, ResumableBatchSampler):
+            sampler.consumed += 1

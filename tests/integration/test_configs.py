@@ -1,0 +1,62 @@
+"""Every stage x model x data config composes; the CLI prints the composed config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from llm_stages.config import CONFIG_DIR
+
+STAGES = sorted(p.stem for p in (CONFIG_DIR / "stage").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != "local")
+DATA = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml") if p.stem != "file")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("model", MODELS)
+def test_stage_x_model_composes_and_resolves(stage, model, make_cfg):
+    cfg = make_cfg(f"stage={stage}", f"model={model}", quiet=False)
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.stage.name == stage and cfg.model.name == model
+    assert cfg.module._target_.startswith("llm_stages.stages.")
+    optim = instantiate(cfg.optim)
+    assert optim.lr > 0
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_every_data_config_composes_with_every_stage(data, make_cfg):
+    for stage in STAGES:
+        cfg = make_cfg(f"stage={stage}", f"data={data}")
+        assert cfg.data.name == data and cfg.data.path
+
+
+def test_groups_the_issue_names_exist():
+    for group in ["stage", "model", "data", "trainer", "logger", "callbacks", "optim", "experiment", "paths", "hydra"]:
+        assert (CONFIG_DIR / group).is_dir(), group
+    for name in ["stage/pt", "stage/sft", "model/tiny", "model/smollm2", "model/qwen", "trainer/cpu", "trainer/gpu",
+                 "trainer/ddp", "logger/wandb", "logger/csv", "logger/none"]:
+        assert (CONFIG_DIR / f"{name}.yaml").is_file(), name
+
+
+def test_trainer_and_logger_configs_instantiate(make_cfg, tmp_path):
+    for logger in ["csv", "wandb"]:
+        cfg = make_cfg(f"logger={logger}", quiet=False)
+        [lg] = [instantiate(c) for c in cfg.logger.values()]
+        assert lg is not None
+    cfg = make_cfg("trainer=cpu")
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.slow
+def test_cli_cfg_job_prints_composed_config(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "llm_stages", "stage=pt", "model=qwen", "optim.lr=0.123", "--cfg", "job"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    cfg = OmegaConf.create(run.stdout)
+    assert cfg.optim.lr == 0.123 and cfg.model.hub_id == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert cfg.datamodule._target_ == "llm_stages.data.datamodule.PTDataModule"
