@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from llm_stages.data.render import IGNORE_INDEX, Example
+from llm_stages.data.render import IGNORE_INDEX, Example, PairExample
 
 
 class CausalBatch(NamedTuple):
@@ -29,16 +29,34 @@ def collate_causal(examples: list[Example], pad_id: int) -> CausalBatch:
     return CausalBatch(input_ids, attention_mask, labels)
 
 
+class PairBatch(NamedTuple):
+    """Chosen rows first, then rejected rows, so one forward pass scores both."""
+
+    input_ids: torch.Tensor  # (2 * pairs, seq)
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # reply tokens only
+    index: torch.Tensor  # (pairs,) position of each pair in its split
+
+    @property
+    def num_pairs(self) -> int:
+        return self.index.shape[0]
+
+
+def collate_pairs(pairs: list[PairExample], pad_id: int) -> PairBatch:
+    rows = collate_causal([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    return PairBatch(*rows, index=torch.tensor([p.index for p in pairs], dtype=torch.long))
+
+
 class MicroBatches:
     """Collates one optimiser step's examples into `grad_accum` micro-batches, each padded to its
     own longest sequence (so accumulation never costs extra padding)."""
 
-    def __init__(self, pad_id: int, micro_batch_size: int):
-        self.pad_id, self.micro_batch_size = pad_id, micro_batch_size
+    def __init__(self, collate_one, micro_batch_size: int):
+        self.collate_one, self.micro_batch_size = collate_one, micro_batch_size
 
-    def __call__(self, examples: list[Example]) -> list[CausalBatch]:
+    def __call__(self, examples: list) -> list:
         size = self.micro_batch_size
-        return [collate_causal(examples[i:i + size], self.pad_id) for i in range(0, len(examples), size)]
+        return [self.collate_one(examples[i:i + size]) for i in range(0, len(examples), size)]
 
 
 class ResumableBatchSampler(Sampler[list[int]]):

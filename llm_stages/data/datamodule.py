@@ -12,8 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from llm_stages.data import formats
-from llm_stages.data.collate import MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal
-from llm_stages.data.render import Example, num_trained_tokens, pack_documents, render_conversation, truncate
+from llm_stages.data.collate import MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal, collate_pairs
+from llm_stages.data.render import (Example, PairExample, num_trained_tokens, pack_documents, render_conversation,
+                                    render_pair, truncate, truncate_pair)
 from llm_stages.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class CausalDataModule(L.LightningDataModule):
             len(self.train_set), self.batch_size * self.grad_accum, seed=self.seed,
             rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1)
         return ResumableDataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                                   collate_fn=MicroBatches(self.tokenizer.pad_token_id, self.batch_size))
+                                   collate_fn=MicroBatches(self.collate_one, self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         if not self.val_set:
@@ -81,9 +82,10 @@ class CausalDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return DataLoader(self.val_set[rank::world], batch_size=self.val_batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=self._collate_one)
+                          num_workers=self.num_workers, collate_fn=self.collate_one)
 
-    def _collate_one(self, examples):
+    def collate_one(self, examples):
+        """One micro-batch of examples -> tensors."""
         return collate_causal(examples, self.tokenizer.pad_token_id)
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -169,3 +171,41 @@ class SFTDataModule(CausalDataModule):
             raise DataFormatError(path, f"no record has an assistant token left to train within "
                                   f"datamodule.max_length={self.max_length}")
         return examples
+
+
+class PairDataModule(CausalDataModule):
+    """Preference pairs (RM, DPO): a shared prompt and a chosen and a rejected reply; only the
+    replies are labelled. `batch_size` counts pairs."""
+
+    def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256, **kwargs):
+        super().__init__(data, tokenizer, **kwargs)
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("the tokenizer has no chat template; preference stages render prompts with it")
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        # Number each split's pairs so per-pair values (cached reference log-probs) can be looked up.
+        self.train_set = [p._replace(index=i) for i, p in enumerate(self.train_set)]
+        self.val_set = [p._replace(index=i) for i, p in enumerate(self.val_set)]
+
+    def build_examples(self, path: Path, split: str) -> list[PairExample]:
+        pairs = []
+        for record, pair in formats.iter_pairs(formats.read_json_records(path), self.data.get("format") or "auto"):
+            prompt = pair.prompt
+            if self.data.get("system_prompt"):
+                prompt = [{"role": "system", "content": self.data.system_prompt}] + [m for m in prompt if m["role"] != "system"]
+            example, truncated = truncate_pair(render_pair(self.tokenizer, prompt, pair.chosen, pair.rejected),
+                                               self.max_length, self.max_prompt_length)
+            if truncated:
+                self._count(f"{split}_truncated")
+            if min(num_trained_tokens(example.chosen.labels), num_trained_tokens(example.rejected.labels)) == 0:
+                self._drop(f"{split}_dropped_no_trained_tokens", record)
+                continue
+            pairs.append(example)
+        if not pairs:
+            raise DataFormatError(path, f"no pair has reply tokens left within datamodule.max_length={self.max_length}")
+        return pairs
+
+    def collate_one(self, pairs):
+        return collate_pairs(pairs, self.tokenizer.pad_token_id)

@@ -33,6 +33,7 @@ def _problem(a: int, op: str, b: int, rng: random.Random) -> dict:
 
 
 def make_problem(rng: random.Random) -> dict:
+    """A random problem: {"a", "b", "op", "answer", "question", "solution"}, with a, b in 0..99."""
     return _problem(rng.randrange(100), rng.choice("+-"), rng.randrange(100), rng)
 
 
@@ -83,13 +84,21 @@ def _records(problems: list[dict], rng: random.Random) -> dict[str, list]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write via a temp file in the same folder and os.replace, so concurrent readers (DDP ranks)
+    see either no file or the whole file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; make it an ordinary data file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 200) -> dict[str, Path]:
+    """Write every file in DEMO_FILES to `out_dir` (deterministic in `seed`); returns name -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)

@@ -205,3 +205,75 @@ def _as_str(record: Record, field: str, value) -> str:
         raise DataFormatError(record.path, f"expected a string, got {type(value).__name__}",
                               line=record.line, field=field)
     return value
+
+
+# --- preference pairs ----------------------------------------------------------------------------
+
+class Pair(NamedTuple):
+    prompt: list[dict]  # messages before the compared reply
+    chosen: str
+    rejected: str
+
+
+def _reply(record: Record, name: str) -> str:
+    """A reply given as a string, a {from/role, value/content} object, or a message list ending in it."""
+    value = record.data.get(name)
+    if isinstance(value, list) and value:
+        value = value[-1]
+    if isinstance(value, dict):
+        value = value.get("value", value.get("content"))
+    if value is None:
+        raise DataFormatError(record.path, f"missing (record keys: {sorted(record.data)})", line=record.line, field=name)
+    return _as_str(record, name, value)
+
+
+def sharegpt_pair(record: Record) -> Pair:
+    """MedicalGPT / LLaMA-Factory: `{"conversations": [...prompt...], "chosen": ..., "rejected": ...}`."""
+    return Pair(sharegpt_messages(record), _reply(record, "chosen"), _reply(record, "rejected"))
+
+
+def prompt_pair(record: Record) -> Pair:
+    """TRL: `{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`."""
+    prompt = record.data["prompt"]
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = messages_messages(Record(record.path, record.line, {"messages": prompt}))
+    return Pair(messages, _reply(record, "chosen"), _reply(record, "rejected"))
+
+
+def medicalgpt_original_pair(record: Record) -> Pair:
+    """MedicalGPT original: `{"system"?, "history"?: [[q, a]], "question", "response_chosen", "response_rejected"}`."""
+    as_alpaca = Record(record.path, record.line, {"instruction": _field(record, "question", str), "output": "",
+                                                  "system": record.data.get("system"), "history": record.data.get("history")})
+    messages = alpaca_messages(as_alpaca)[:-1]  # drop the empty placeholder reply
+    return Pair(messages, _reply(record, "response_chosen"), _reply(record, "response_rejected"))
+
+
+PAIR_READERS: dict[str, Callable[[Record], Pair]] = {
+    "sharegpt_pair": sharegpt_pair,
+    "prompt_pair": prompt_pair,
+    "medicalgpt_original": medicalgpt_original_pair,
+}
+
+
+def detect_pair_format(record: Record) -> str:
+    keys = record.data.keys()
+    if "response_chosen" in keys:
+        return "medicalgpt_original"
+    if "chosen" in keys and "rejected" in keys:
+        if "conversations" in keys:
+            return "sharegpt_pair"
+        if "prompt" in keys:
+            return "prompt_pair"
+    raise DataFormatError(record.path, f"cannot tell the preference format from keys {sorted(keys)}; expected "
+                          "'conversations'+'chosen'+'rejected', 'prompt'+'chosen'+'rejected', or "
+                          "'question'+'response_chosen'+'response_rejected', or set data.format", line=record.line)
+
+
+def iter_pairs(records: list[Record], fmt: str = "auto") -> Iterator[tuple[Record, Pair]]:
+    for record in records:
+        name = detect_pair_format(record) if fmt == "auto" else fmt
+        if name not in PAIR_READERS:
+            raise DataFormatError(record.path, f"unknown preference format {name!r}; known: {sorted(PAIR_READERS)}")
+        yield record, PAIR_READERS[name](record)

@@ -20,8 +20,9 @@ class Example(NamedTuple):
     labels: list[int]  # aligned with input_ids; the next-token shift happens in the loss
 
 
-def render_conversation(tokenizer, messages: list[dict]) -> Example:
-    """Token ids of `messages` through the chat template, with only assistant replies trained.
+def render_conversation(tokenizer, messages: list[dict], *, train_last_only: bool = False) -> Example:
+    """Token ids of `messages` through the chat template, with only assistant replies trained
+    (only the final reply with `train_last_only`, as preference stages score it alone).
 
     Turns after the last assistant reply are not rendered: there is nothing to learn from them.
     Needs a template whose rendering of a conversation prefix is a prefix of the whole rendering
@@ -30,8 +31,9 @@ def render_conversation(tokenizer, messages: list[dict]) -> Example:
     input_ids: list[int] = []
     labels: list[int] = []
     rendered = ""
+    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (train_last_only and i != last_reply):
             continue
         prompt = _apply_template(tokenizer, messages[:i], add_generation_prompt=True)
         full = _apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
@@ -45,6 +47,39 @@ def render_conversation(tokenizer, messages: list[dict]) -> Example:
         labels += [IGNORE_INDEX] * len(prompt_ids) + _reply_labels(reply_ids, tokenizer.eos_token_id)
         rendered = full
     return Example(input_ids, labels)
+
+
+class PairExample(NamedTuple):
+    chosen: Example  # prompt + chosen reply; only the reply is labelled
+    rejected: Example
+    index: int = -1  # position in its split, so cached reference log-probs can be looked up
+
+
+def render_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str) -> PairExample:
+    def render(reply: str) -> Example:
+        return render_conversation(tokenizer, prompt + [{"role": "assistant", "content": reply}], train_last_only=True)
+
+    return PairExample(render(chosen), render(rejected))
+
+
+def truncate_pair(pair: PairExample, max_length: int, max_prompt_length: int) -> tuple[PairExample, bool]:
+    """Fit both sequences in `max_length`: the shared prompt is cut from the left to
+    `max_prompt_length` (keeping its last turns), then replies from the right."""
+    def split(e: Example) -> int:  # prompt length: tokens before the first labelled one
+        return next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
+
+    n_prompt = split(pair.chosen)
+    longest = max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
+    if longest <= max_length:
+        return pair, False
+    keep_prompt = min(n_prompt, max_prompt_length)
+
+    def cut(e: Example) -> Example:
+        p = split(e)
+        ids, labels = e.input_ids[p - keep_prompt:], e.labels[p - keep_prompt:]
+        return Example(ids[:max_length], labels[:max_length])
+
+    return PairExample(cut(pair.chosen), cut(pair.rejected), pair.index), True
 
 
 def _reply_labels(reply_ids: list[int], eos_id: int | None) -> list[int]:

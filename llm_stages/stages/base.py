@@ -68,6 +68,29 @@ class Stage(L.LightningModule):
             self.log(f"train/{k}", self._all_reduce(v.float()) / weight)
         return loss
 
+    # Validation metrics are sums over the whole validation set divided by its total weight
+    # (tokens, pairs), on all ranks: not a mean of per-batch means.
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: dict[str, torch.Tensor] = {}
+        self._val_weight = torch.zeros((), device=self.device)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss_sum, stats = self.loss_sum(batch)
+        self._val_weight += self.loss_weight(batch)
+        for k, v in {"loss": loss_sum, **stats}.items():
+            self._val_sums[k] = self._val_sums.get(k, 0) + v.detach().float()
+
+    def on_validation_epoch_end(self) -> None:
+        weight = self._all_reduce(self._val_weight.float()).clamp(min=1)
+        metrics = {f"val/{k}": (self._all_reduce(v) / weight).item() for k, v in self._val_sums.items()}
+        metrics.update(self.derived_val_metrics(metrics))
+        self.log("val/loss", metrics.pop("val/loss"), prog_bar=True)
+        self.log_dict(metrics)
+
+    def derived_val_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from the aggregated ones (e.g. perplexity from loss)."""
+        return {}
+
     def _no_grad_sync(self):
         block = getattr(self.trainer.strategy, "block_backward_sync", None)
         return block() if block else nullcontext()

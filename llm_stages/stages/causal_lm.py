@@ -26,17 +26,5 @@ class CausalLM(Stage):
     def loss_weight(self, batch: CausalBatch) -> torch.Tensor:
         return (batch.labels[:, 1:] != -100).sum()
 
-    # Validation loss is token-weighted over the whole validation set, not a mean of batch means.
-    def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros((), device=self.device)
-        self._val_tokens = torch.zeros((), device=self.device)
-
-    def validation_step(self, batch: CausalBatch, batch_idx: int) -> None:
-        loss_sum, n_tokens = token_cross_entropy(self(batch), batch.labels)
-        self._val_sum += loss_sum
-        self._val_tokens += n_tokens
-
-    def on_validation_epoch_end(self) -> None:
-        loss = (self._all_reduce(self._val_sum) / self._all_reduce(self._val_tokens).clamp(min=1)).item()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", math.exp(min(loss, 50.0)))
+    def derived_val_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {"val/ppl": math.exp(min(metrics["val/loss"], 50.0))}

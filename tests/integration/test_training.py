@@ -59,7 +59,7 @@ def test_grad_accumulation_2x4_equals_1x8_and_a_full_batch_token_mean(make_cfg):
     for name, p in module.named_parameters():
         torch.testing.assert_close(grads_accum[name], p.grad, atol=1e-5, rtol=1e-4)
     # The two micro-batches differ in token counts, so a mean of micro-batch means would not have matched.
-    halves = MicroBatches(datamodule.tokenizer.pad_token_id, 4)([datamodule.train_set[i] for i in sampler_batch])
+    halves = MicroBatches(datamodule.collate_one, 4)([datamodule.train_set[i] for i in sampler_batch])
     counts = [int((b.labels[:, 1:] != -100).sum()) for b in halves]
     assert counts[0] != counts[1]
 
