@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen2ForSequenceClassification)
 
 from llm_stages.errors import ConfigError
 
@@ -62,12 +63,23 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def load_model(cfg, tokenizer) -> torch.nn.Module:
+# head -> (Auto class for checkpoints, class for a fresh tiny model, extra config)
+HEADS = {
+    "causal_lm": (AutoModelForCausalLM, Qwen2ForCausalLM, {}),
+    # A scalar score read at the last non-padding token; exports load with AutoModelForSequenceClassification.
+    "reward": (AutoModelForSequenceClassification, Qwen2ForSequenceClassification, {"num_labels": 1}),
+}
+
+
+def load_model(cfg, tokenizer, head: str = "causal_lm") -> torch.nn.Module:
+    if head not in HEADS:
+        raise ConfigError(f"unknown model head {head!r}; known: {sorted(HEADS)}")
+    auto_class, fresh_class, head_kwargs = HEADS[head]
     dtype = getattr(torch, str(cfg.get("dtype", "float32")))
     source = _source(cfg)
     if source:
-        model = AutoModelForCausalLM.from_pretrained(**source, dtype=dtype,
-                                                     trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+        model = auto_class.from_pretrained(**source, **head_kwargs, dtype=dtype,
+                                           trust_remote_code=bool(cfg.get("trust_remote_code", False)))
         if "gguf_file" in source:
             # GGUF weights are dequantised on load; drop the quantiser so save_pretrained writes plain weights.
             model.hf_quantizer = None
@@ -77,10 +89,12 @@ def load_model(cfg, tokenizer) -> torch.nn.Module:
     elif cfg.get("init"):
         config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             **dict(cfg.init))
-        model = Qwen2ForCausalLM(config).to(dtype)
+                             **dict(cfg.init), **head_kwargs)
+        model = fresh_class(config).to(dtype)
     else:
         raise ConfigError("the model config needs one of: path, gguf, hub_id or init")
+    # Sequence scores are read at the last token that is not padding, so the model must know the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                           f"{model.get_input_embeddings().num_embeddings}")

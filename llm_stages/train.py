@@ -24,7 +24,7 @@ def train(cfg: DictConfig) -> dict:
     """Run one stage. Returns its metrics: val/loss before and after, train/loss, export path."""
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer)
+    model = load_model(cfg.model, tokenizer, head=cfg.stage.get("model_head", "causal_lm"))
     datamodule = instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
     module = instantiate(cfg.module, model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
 
@@ -36,8 +36,8 @@ def train(cfg: DictConfig) -> dict:
     metrics: dict = {"stage": cfg.stage.name, "output_dir": str(cfg.paths.output_dir)}
     if cfg.get("validate_before_fit") and not cfg.get("ckpt_path"):
         before = trainer.validate(module, datamodule=datamodule, verbose=False)
-        if before and "val/loss" in before[0]:
-            metrics["val/loss_before"] = before[0]["val/loss"]
+        if before:
+            metrics.update({f"{k}_before": float(v) for k, v in before[0].items()})
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -47,8 +47,7 @@ def train(cfg: DictConfig) -> dict:
 
     if datamodule.val_set:
         after = trainer.validate(module, datamodule=datamodule, verbose=False)
-        metrics["val/loss"] = after[0]["val/loss"]
-        metrics["val/ppl"] = after[0]["val/ppl"]
+        metrics.update({k: float(v) for k, v in after[0].items()})
 
     if cfg.get("export") and trainer.is_global_zero:
         metrics["export_dir"] = str(export_hf(module.model, tokenizer, Path(cfg.paths.output_dir) / "export"))

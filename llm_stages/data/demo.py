@@ -70,6 +70,8 @@ def _records(problems: list[dict], rng: random.Random) -> dict[str, list]:
     pt, sft, i = [], [], 0
     while i < len(problems):  # PT documents of 2-5 facts
         k = rng.randint(2, 5)
+        if len(problems) - i - k == 1:  # never leave a one-fact document at the end
+            k += 1 if k < 5 else -1
         pt.append(_pt_document(problems[i:i + k]))
         i += k
     i = 0
@@ -99,10 +101,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def write_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 200) -> dict[str, Path]:
     """Write every file in DEMO_FILES to `out_dir` (deterministic in `seed`); returns name -> path."""
+    train, val = _split_problems(seed, n_train, n_val)
+    rng = random.Random(seed + 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed + 1)
-    train, val = _split_problems(seed, n_train, n_val)
     paths = {}
     for split, problems in (("train", train), ("val", val)):
         for kind, items in _records(problems, rng).items():

@@ -64,6 +64,7 @@ class Stage(L.LightningModule):
         self._mark_batch_consumed()
         loss = self._all_reduce(total) / weight
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", scheduler.get_last_lr()[0])
         for k, v in stats.items():
             self.log(f"train/{k}", self._all_reduce(v.float()) / weight)
         return loss
@@ -75,8 +76,10 @@ class Stage(L.LightningModule):
         self._val_weight = torch.zeros((), device=self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss_sum, stats = self.loss_sum(batch)
-        self._val_weight += self.loss_weight(batch)
+        self._accumulate_val(*self.loss_sum(batch), self.loss_weight(batch))
+
+    def _accumulate_val(self, loss_sum: torch.Tensor, stats: dict[str, torch.Tensor], weight) -> None:
+        self._val_weight += weight
         for k, v in {"loss": loss_sum, **stats}.items():
             self._val_sums[k] = self._val_sums.get(k, 0) + v.detach().float()
 

@@ -91,7 +91,7 @@ def test_export_then_reload_gives_identical_logits(tmp_path, tokenizer, make_cfg
 
 def test_train_resume_gives_identical_next_steps(tmp_path, make_cfg):
     run = ["stage=sft", "trainer.max_steps=4", "trainer.val_check_interval=2", "validate_before_fit=false",
-           "callbacks=default", "~callbacks.throughput", "~callbacks.lr_monitor", "callbacks.model_checkpoint.save_top_k=-1",
+           "callbacks=default", "~callbacks.throughput", "callbacks.model_checkpoint.save_top_k=-1",
            "+callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.monitor=null", "logger=csv"]
     straight = train(make_cfg(*run, output_dir=tmp_path / "straight"))
     ckpt = tmp_path / "straight" / "checkpoints" / "step000002.ckpt"
