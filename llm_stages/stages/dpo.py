@@ -1,0 +1,108 @@
+"""DPO: a policy trained on preference pairs against a frozen reference.
+
+Chosen and rejected sequences run through the policy in one concatenated forward pass; each
+sequence is scored by the summed log-probabilities of its reply tokens. The loss is chosen from
+the registry in llm_stages.losses.preference by `loss.type`.
+
+Reference log-probs come from
+- `ref=precompute` (default): one pass of the initial policy over the train and validation pairs
+  before the first update, cached per pair (and saved in checkpoints). No second model is held
+  during training; since the reference *is* the initial policy, nothing else needs loading.
+- `ref=copy`: a frozen copy of the initial policy, run next to it at every step.
+Reference-free losses (`simpo`, `orpo`) use neither.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.utils.data import DataLoader
+
+from llm_stages.data.collate import PairBatch
+from llm_stages.errors import ConfigError
+from llm_stages.losses import dpo_loss, orpo_loss, simpo_loss
+from llm_stages.losses.causal import sequence_logps
+from llm_stages.stages.base import Stage
+
+REFERENCE_FREE = {"simpo", "orpo"}
+
+
+class DPO(Stage):
+    def __init__(self, model, tokenizer, optim, *, loss: dict, ref: str = "precompute"):
+        super().__init__(model, tokenizer, optim)
+        self.loss_cfg = dict(loss)
+        self.loss_type = self.loss_cfg.pop("type")
+        self.rpo_alpha = self.loss_cfg.pop("rpo_alpha", None)
+        if ref not in ("precompute", "copy"):
+            raise ConfigError(f"module.ref must be 'precompute' or 'copy', got {ref!r}")
+        self.ref_mode = None if self.loss_type in REFERENCE_FREE else ref
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if self.ref_mode == "copy" else None
+        self.reference_logps: dict[str, torch.Tensor] = {}  # split -> (pairs, 2) for ref=precompute
+
+    # -- scoring ---------------------------------------------------------------------------------
+    @staticmethod
+    def score(model, batch: PairBatch):
+        """(summed reply log-probs, reply token counts, mean reply logits), each (2 * pairs,)."""
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return sequence_logps(logits, batch.labels)
+
+    def reference_scores(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ref_mode == "copy":
+            with torch.no_grad():
+                logps = self.score(self.reference, batch)[0]
+            return logps[:batch.num_pairs], logps[batch.num_pairs:]
+        if not self.reference_logps:
+            self._precompute_reference()
+        cached = self.reference_logps["train" if self.training else "val"][batch.index.cpu()].to(self.device)
+        return cached[:, 0], cached[:, 1]
+
+    @torch.no_grad()
+    def _precompute_reference(self) -> None:
+        """Score every pair once with the policy as it is now (before any update, it is the reference)."""
+        datamodule, was_training = self.trainer.datamodule, self.model.training
+        self.model.eval()
+        for split, pairs in (("train", datamodule.train_set), ("val", datamodule.val_set)):
+            chunks = []
+            for batch in DataLoader(pairs, batch_size=datamodule.val_batch_size, collate_fn=datamodule.collate_one):
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                logps = self.score(self.model, batch)[0]
+                chunks.append(torch.stack([logps[:batch.num_pairs], logps[batch.num_pairs:]], 1).cpu())
+            self.reference_logps[split] = torch.cat(chunks) if chunks else torch.zeros(0, 2)
+        self.model.train(was_training)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["reference_logps"] = self.reference_logps  # a resumed run must not re-score with a trained policy
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.reference_logps = checkpoint.get("reference_logps", {})
+
+    # -- loss ------------------------------------------------------------------------------------
+    def loss_sum(self, batch: PairBatch):
+        n = batch.num_pairs
+        logps, n_tokens, mean_logits = self.score(self.model, batch)
+        chosen, rejected = logps[:n], logps[n:]
+        chosen_nll = -chosen / n_tokens[:n].clamp(min=1)  # per-token NLL of the chosen reply
+        if self.loss_type == "simpo":
+            losses, chosen_rewards, rejected_rewards = simpo_loss(
+                chosen / n_tokens[:n].clamp(min=1), rejected / n_tokens[n:].clamp(min=1), **self.loss_cfg)
+        elif self.loss_type == "orpo":
+            losses, chosen_rewards, rejected_rewards = orpo_loss(
+                chosen / n_tokens[:n].clamp(min=1), rejected / n_tokens[n:].clamp(min=1), chosen_nll, **self.loss_cfg)
+        else:
+            ref_chosen, ref_rejected = self.reference_scores(batch)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
+                                                                loss_type=self.loss_type, **self.loss_cfg)
+        if self.rpo_alpha:
+            losses = losses + self.rpo_alpha * chosen_nll
+        stats = {  # summed over pairs; the base divides by the pair count. Names as TRL's.
+            "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum(),
+            "logits/chosen": mean_logits[:n].detach().sum(), "logits/rejected": mean_logits[n:].detach().sum(),
+        }
+        return losses.sum(), stats
+
+    def loss_weight(self, batch: PairBatch) -> torch.Tensor:
+        return torch.tensor(batch.num_pairs, device=self.device)
