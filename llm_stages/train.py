@@ -20,13 +20,20 @@ def _instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
 
-def train(cfg: DictConfig) -> dict:
-    """Run one stage. Returns its metrics: val/loss before and after, train/loss, export path."""
+def build(cfg: DictConfig):
+    """The stage's LightningModule (holding model and tokenizer) and its DataModule."""
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer, head=cfg.stage.get("model_head", "causal_lm"))
     datamodule = instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
     module = instantiate(cfg.module, model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
+    return module, datamodule
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one stage. Returns its metrics: val/loss before and after, train/loss, export path."""
+    module, datamodule = build(cfg)
+    tokenizer = module.tokenizer
 
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks")))

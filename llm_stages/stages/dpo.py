@@ -23,6 +23,7 @@ from llm_stages.data.collate import PairBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses import dpo_loss, orpo_loss, simpo_loss
 from llm_stages.losses.causal import sequence_logps
+from llm_stages.losses.preference import add_nll
 from llm_stages.stages.base import Stage
 
 REFERENCE_FREE = {"simpo", "orpo"}
@@ -83,18 +84,20 @@ class DPO(Stage):
         logps, n_tokens, mean_logits = self.score(self.model, batch)
         chosen, rejected = logps[:n], logps[n:]
         chosen_nll = -chosen / n_tokens[:n].clamp(min=1)  # per-token NLL of the chosen reply
+        # Reference-free losses score replies by their per-token average log-prob.
+        chosen_avg, rejected_avg = chosen / n_tokens[:n].clamp(min=1), rejected / n_tokens[n:].clamp(min=1)
         if self.loss_type == "simpo":
-            losses, chosen_rewards, rejected_rewards = simpo_loss(
-                chosen / n_tokens[:n].clamp(min=1), rejected / n_tokens[n:].clamp(min=1), **self.loss_cfg)
+            losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_avg, rejected_avg, **self.loss_cfg)
         elif self.loss_type == "orpo":
-            losses, chosen_rewards, rejected_rewards = orpo_loss(
-                chosen / n_tokens[:n].clamp(min=1), rejected / n_tokens[n:].clamp(min=1), chosen_nll, **self.loss_cfg)
+            losses, chosen_rewards, rejected_rewards = orpo_loss(chosen_avg, rejected_avg, chosen_nll,
+                                                                 beta=self.loss_cfg["beta"])
         else:
             ref_chosen, ref_rejected = self.reference_scores(batch)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
-                                                                loss_type=self.loss_type, **self.loss_cfg)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen, rejected, ref_chosen, ref_rejected, loss_type=self.loss_type,
+                chosen_lengths=n_tokens[:n], rejected_lengths=n_tokens[n:], **self.loss_cfg)
         if self.rpo_alpha:
-            losses = losses + self.rpo_alpha * chosen_nll
+            losses = add_nll(losses, chosen_nll, self.rpo_alpha)
         stats = {  # summed over pairs; the base divides by the pair count. Names as TRL's.
             "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),

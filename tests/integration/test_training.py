@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM
 
 from llm_stages.data.collate import MicroBatches, collate_causal
 from llm_stages.export import export_hf
 from llm_stages.losses import token_cross_entropy
-from llm_stages.models import load_model, load_tokenizer
+from llm_stages.models import load_tokenizer
+from llm_stages.train import build as _build
 from llm_stages.train import train
-
-
-def _build(cfg):
-    L.seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer)
-    datamodule = instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
-    module = instantiate(cfg.module, model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
-    return module, datamodule
 
 
 class GradCapture(L.Callback):
