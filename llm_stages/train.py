@@ -52,8 +52,8 @@ def train(cfg: DictConfig) -> dict:
     metrics["steps"] = trainer.global_step
     metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
 
-    if datamodule.val_set:
-        after = trainer.validate(module, datamodule=datamodule, verbose=False)
+    after = trainer.validate(module, datamodule=datamodule, verbose=False) if trainer.limit_val_batches else []
+    if after:
         metrics.update({k: float(v) for k, v in after[0].items()})
 
     if cfg.get("export") and trainer.is_global_zero:

@@ -36,6 +36,7 @@ class PairBatch(NamedTuple):
     attention_mask: torch.Tensor
     labels: torch.Tensor  # reply tokens only
     index: torch.Tensor  # (pairs,) position of each pair in its split
+    margin: torch.Tensor  # (pairs,) per-pair margin from the data (0 when absent)
 
     @property
     def num_pairs(self) -> int:
@@ -44,7 +45,8 @@ class PairBatch(NamedTuple):
 
 def collate_pairs(pairs: list[PairExample], pad_id: int) -> PairBatch:
     rows = collate_causal([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    return PairBatch(*rows, index=torch.tensor([p.index for p in pairs], dtype=torch.long))
+    return PairBatch(*rows, index=torch.tensor([p.index for p in pairs], dtype=torch.long),
+                     margin=torch.tensor([p.margin for p in pairs], dtype=torch.float32))
 
 
 class MicroBatches:

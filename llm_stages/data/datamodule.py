@@ -195,8 +195,8 @@ class PairDataModule(CausalDataModule):
             prompt = pair.prompt
             if self.data.get("system_prompt"):
                 prompt = [{"role": "system", "content": self.data.system_prompt}] + [m for m in prompt if m["role"] != "system"]
-            example, truncated = truncate_pair(render_pair(self.tokenizer, prompt, pair.chosen, pair.rejected),
-                                               self.max_length, self.max_prompt_length)
+            example = render_pair(self.tokenizer, prompt, pair.chosen, pair.rejected)._replace(margin=_margin(record))
+            example, truncated = truncate_pair(example, self.max_length, self.max_prompt_length)
             if truncated:
                 self._count(f"{split}_truncated")
             if min(num_trained_tokens(example.chosen.labels), num_trained_tokens(example.rejected.labels)) == 0:
@@ -209,3 +209,11 @@ class PairDataModule(CausalDataModule):
 
     def collate_one(self, pairs):
         return collate_pairs(pairs, self.tokenizer.pad_token_id)
+
+
+def _margin(record: formats.Record) -> float:
+    margin = record.data.get("margin", 0.0)
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+        raise DataFormatError(record.path, f"expected a number, got {type(margin).__name__}", line=record.line,
+                              field="margin")
+    return float(margin)

@@ -53,6 +53,7 @@ class PairExample(NamedTuple):
     chosen: Example  # prompt + chosen reply; only the reply is labelled
     rejected: Example
     index: int = -1  # position in its split, so cached reference log-probs can be looked up
+    margin: float = 0.0  # how much better chosen is, when the data says (reward-model margin)
 
 
 def render_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str) -> PairExample:
@@ -79,7 +80,7 @@ def truncate_pair(pair: PairExample, max_length: int, max_prompt_length: int) ->
         ids, labels = e.input_ids[p - keep_prompt:], e.labels[p - keep_prompt:]
         return Example(ids[:max_length], labels[:max_length])
 
-    return PairExample(cut(pair.chosen), cut(pair.rejected), pair.index), True
+    return pair._replace(chosen=cut(pair.chosen), rejected=cut(pair.rejected)), True
 
 
 def _reply_labels(reply_ids: list[int], eos_id: int | None) -> list[int]:

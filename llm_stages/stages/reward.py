@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class RewardPairwise(Stage):
     def __init__(self, model, tokenizer, optim, *, margin: float = 0.0, center_rewards_coefficient: float = 0.0,
                  calibration_bins: int = 10):
+        """`margin` is added to every pair's own `margin` field (from the data, 0 when absent)."""
         super().__init__(model, tokenizer, optim)
         self.margin, self.center_rewards_coefficient = margin, center_rewards_coefficient
         self.calibration_bins = calibration_bins
@@ -31,15 +32,15 @@ class RewardPairwise(Stage):
         scores = scores.squeeze(-1).float()
         return scores[:batch.num_pairs], scores[batch.num_pairs:]
 
-    def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor):
-        losses = pairwise_reward_loss(chosen, rejected, margin=self.margin,
+    def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, data_margin: torch.Tensor):
+        losses = pairwise_reward_loss(chosen, rejected, margin=self.margin + data_margin,
                                       center_rewards_coefficient=self.center_rewards_coefficient)
         stats = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).sum(),
                  "reward_chosen": chosen.sum(), "reward_rejected": rejected.sum()}
         return losses.sum(), stats
 
     def loss_sum(self, batch: PairBatch):
-        return self.pair_loss(*self.rewards(batch))
+        return self.pair_loss(*self.rewards(batch), batch.margin)
 
     def loss_weight(self, batch: PairBatch) -> torch.Tensor:
         return torch.tensor(batch.num_pairs, device=self.device)
@@ -51,7 +52,7 @@ class RewardPairwise(Stage):
 
     def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
         chosen, rejected = self.rewards(batch)
-        self._accumulate_val(*self.pair_loss(chosen, rejected), batch.num_pairs)
+        self._accumulate_val(*self.pair_loss(chosen, rejected, batch.margin), batch.num_pairs)
         lengths = (batch.labels != -100).sum(-1).float()
         self._report_rows.append(torch.stack([chosen, rejected, lengths[:batch.num_pairs], lengths[batch.num_pairs:]], 1))
 

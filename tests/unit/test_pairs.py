@@ -54,3 +54,25 @@ def test_pair_truncation_cuts_prompt_from_the_left_and_replies_from_the_right(to
     first = next(i for i, label in enumerate(cut.chosen.labels) if label != IGNORE_INDEX)
     assert first == 16  # the last 16 prompt tokens are kept
     assert "END" in tokenizer.decode(cut.chosen.input_ids[:first]) and "BEGIN" not in tokenizer.decode(cut.chosen.input_ids)
+
+
+def test_per_pair_margin_is_read_and_checked(tmp_path, tokenizer):
+    from omegaconf import OmegaConf
+
+    from llm_stages.data.collate import collate_pairs
+    from llm_stages.data.datamodule import PairDataModule
+
+    path = tmp_path / "m.jsonl"
+    rows = [{"prompt": "Q", "chosen": "a", "rejected": "b", "margin": 1.5}, {"prompt": "Q", "chosen": "a", "rejected": "b"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = OmegaConf.create({"path": str(path), "val_path": None, "val_fraction": 0.0, "format": "auto",
+                             "system_prompt": None, "demo": None})
+    dm = PairDataModule(data, tokenizer, batch_size=1)
+    dm.setup()
+    batch = collate_pairs(dm.train_set, tokenizer.pad_token_id)
+    assert batch.margin.tolist() == [1.5, 0.0] and batch.index.tolist() == [0, 1]
+    assert batch.input_ids.shape[0] == 4  # chosen rows, then rejected rows
+    path.write_text(json.dumps({**rows[0], "margin": "big"}) + "\n")
+    with pytest.raises(DataFormatError) as e:
+        PairDataModule(data, tokenizer, batch_size=1).setup()
+    assert (e.value.line, e.value.field) == (1, "margin")
