@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 
+from llm_stages.data.demo import write_demo_data
+
 CHILD = """
 import json, sys
 from llm_stages.config import compose
@@ -25,10 +27,12 @@ print("RESULT " + json.dumps({k: v for k, v in m.items() if isinstance(v, (int, 
 
 
 def run(mode: str, args, workdir: str) -> dict:
-    overrides = [f"stage=dpo", f"model={args.model}", f"module.ref={mode}", f"trainer.max_steps={args.steps}",
+    # A small slice of the demo pairs keeps the precompute pass short; the memory gap does not depend on it.
+    paths = write_demo_data(f"{workdir}/data", n_train=args.pairs, n_val=8)
+    overrides = [f"stage=dpo", f"model={args.model}", "data=file", f"data.path={paths['pref_train']}", f"module.ref={mode}", f"trainer.max_steps={args.steps}",
                  f"datamodule.batch_size={args.batch_size}", "datamodule.max_length=128", "logger=none",
                  "callbacks=none", "export=false", "validate_before_fit=false", "trainer.limit_val_batches=0",
-                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"paths.data_dir={workdir}/data", f"paths.log_dir={workdir}/runs",
+                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"paths.log_dir={workdir}/runs",
                  "optim.max_grad_norm=null"]
     proc = subprocess.Popen([sys.executable, "-c", CHILD, f"{workdir}/{mode}", *overrides], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -46,6 +50,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=32, help="training pairs (the precompute pass scores them all)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         rows = [run(mode, args, workdir) for mode in ("precompute", "copy")]
