@@ -179,12 +179,16 @@ def detect_conversation_format(record: Record) -> str:
 
 
 def iter_conversations(records: list[Record], fmt: str = "auto") -> Iterator[tuple[Record, list[dict]]]:
+    return _read_all(records, fmt, CONVERSATION_READERS, detect_conversation_format, "conversation")
+
+
+def _read_all(records: list[Record], fmt: str, readers: dict, detect: Callable[[Record], str], kind: str) -> Iterator:
+    """(record, reader(record)) for each record, the reader named by `fmt` or detected per record."""
     for record in records:
-        name = detect_conversation_format(record) if fmt == "auto" else fmt
-        if name not in CONVERSATION_READERS:
-            raise DataFormatError(record.path, f"unknown conversation format {name!r}; "
-                                  f"known: {sorted(CONVERSATION_READERS)}")
-        yield record, CONVERSATION_READERS[name](record)
+        name = detect(record) if fmt == "auto" else fmt
+        if name not in readers:
+            raise DataFormatError(record.path, f"unknown {kind} format {name!r}; known: {sorted(readers)}")
+        yield record, readers[name](record)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -272,8 +276,4 @@ def detect_pair_format(record: Record) -> str:
 
 
 def iter_pairs(records: list[Record], fmt: str = "auto") -> Iterator[tuple[Record, Pair]]:
-    for record in records:
-        name = detect_pair_format(record) if fmt == "auto" else fmt
-        if name not in PAIR_READERS:
-            raise DataFormatError(record.path, f"unknown preference format {name!r}; known: {sorted(PAIR_READERS)}")
-        yield record, PAIR_READERS[name](record)
+    return _read_all(records, fmt, PAIR_READERS, detect_pair_format, "preference")
