@@ -40,7 +40,8 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    metrics: dict = {"stage": cfg.stage.name, "output_dir": str(cfg.paths.output_dir)}
+    metrics: dict = {"stage": cfg.stage.name, "key_metric": cfg.stage.get("key_metric", "val/loss"),
+                     "output_dir": str(cfg.paths.output_dir)}
     if cfg.get("validate_before_fit") and not cfg.get("ckpt_path"):
         before = trainer.validate(module, datamodule=datamodule, verbose=False)
         if before:
@@ -69,6 +70,9 @@ def _print_summary(metrics: dict) -> None:
     if "val/loss_before" in metrics and "val/loss" in metrics:
         before, after = metrics["val/loss_before"], metrics["val/loss"]
         lines.append(f"held-out loss {before:.4f} -> {after:.4f} ({100 * (before - after) / before:+.1f}% drop)")
+    key = metrics["key_metric"]
+    if key != "val/loss" and key in metrics:
+        lines.append(f"{key} {metrics.get(key + '_before', float('nan')):.4f} -> {metrics[key]:.4f}")
     if "export_dir" in metrics:
         lines.append(f"export: {metrics['export_dir']}")
     log.info("\n".join(lines))
