@@ -87,8 +87,9 @@ class Stage(L.LightningModule):
         weight = self._all_reduce(self._val_weight.float()).clamp(min=1)
         metrics = {f"val/{k}": (self._all_reduce(v) / weight).item() for k, v in self._val_sums.items()}
         metrics.update(self.derived_val_metrics(metrics))
-        self.log("val/loss", metrics.pop("val/loss"), prog_bar=True)
-        self.log_dict(metrics)
+        # Already reduced over ranks; sync_dist only averages equal values (and silences Lightning's warning).
+        self.log("val/loss", metrics.pop("val/loss"), prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, sync_dist=True)
 
     def derived_val_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Metrics computed from the aggregated ones (e.g. perplexity from loss)."""
@@ -103,6 +104,16 @@ class Stage(L.LightningModule):
             value = value.clone()
             dist.all_reduce(value)
         return value
+
+    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Concatenate (n_rank, k) tensors from all ranks; ranks may hold different row counts."""
+        if not (dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1):
+            return rows
+        counts = self.all_gather(torch.tensor(rows.shape[0], device=rows.device))
+        padded = torch.zeros((int(counts.max()), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+        padded[:rows.shape[0]] = rows
+        gathered = self.all_gather(padded)
+        return torch.cat([gathered[r, :int(n)] for r, n in enumerate(counts)])
 
     def _mark_batch_consumed(self) -> None:
         sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)

@@ -60,9 +60,9 @@ class RewardPairwise(Stage):
         super().on_validation_epoch_end()
         if not self._report_rows:
             return
-        rows = self.all_gather(torch.cat(self._report_rows)).reshape(-1, 4)
+        rows = self._gather_rows(torch.cat(self._report_rows))
         report = reward_report(*rows.unbind(1), bins=self.calibration_bins)
-        self.log_dict({f"val/{k}": v for k, v in report.items()})
+        self.log_dict({f"val/{k}": v for k, v in report.items()}, sync_dist=True)
         if self.trainer.is_global_zero:
             log.info("reward model report: " + ", ".join(f"{k}={v:.4f}" for k, v in report.items()))
 
