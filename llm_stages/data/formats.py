@@ -8,6 +8,7 @@ through the tokenizer's chat template; plain text comes out as documents (str).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -100,30 +101,43 @@ def text_of(record: Record) -> str:
 
 # --- conversations -------------------------------------------------------------------------------
 
-_SHAREGPT_ROLES = {
+# Speaker names of sharegpt / OpenAI / ColossalAI / LLaMA-Factory turns -> chat-template roles.
+# function_call is the assistant's (trained) tool call; observation is the tool's reply (not trained).
+ROLES = {
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bot": "assistant",
+    "function_call": "assistant",
     "system": "system",
+    "observation": "tool", "tool": "tool", "function": "tool",
 }
 
 
-def sharegpt_messages(record: Record) -> list[dict]:
-    """`{"conversations": [{"from": "human"|"gpt"|"system", "value": str}], "system"?: str}`."""
-    turns = _field(record, "conversations", list)
+def turns_to_messages(record: Record, field: str, turns) -> list[dict]:
+    """A list of `{from|role, value|content}` objects (any of the spellings above) -> messages."""
+    if not isinstance(turns, list):
+        raise DataFormatError(record.path, f"expected a list of turns, got {type(turns).__name__}",
+                              line=record.line, field=field)
     messages = []
-    system = record.data.get("system")
-    if system:
-        messages.append({"role": "system", "content": _as_str(record, "system", system)})
     for k, turn in enumerate(turns):
-        name = f"conversations[{k}]"
+        name = f"{field}[{k}]"
         if not isinstance(turn, dict):
             raise DataFormatError(record.path, "expected an object", line=record.line, field=name)
         speaker = turn.get("from", turn.get("role"))
-        if speaker not in _SHAREGPT_ROLES:
-            raise DataFormatError(record.path, f"unknown speaker {speaker!r} (expected one of "
-                                  f"{sorted(_SHAREGPT_ROLES)})", line=record.line, field=f"{name}.from")
-        content = turn.get("value", turn.get("content"))
-        messages.append({"role": _SHAREGPT_ROLES[speaker], "content": _as_str(record, f"{name}.value", content)})
+        if speaker not in ROLES:
+            raise DataFormatError(record.path, f"unknown speaker {speaker!r} (expected one of {sorted(ROLES)})",
+                                  line=record.line, field=f"{name}.from")
+        key = next((k for k in ("value", "content") if k in turn), "value" if field == "conversations" else "content")
+        messages.append({"role": ROLES[speaker], "content": _as_str(record, f"{name}.{key}", turn.get(key))})
+    return messages
+
+
+def sharegpt_messages(record: Record) -> list[dict]:
+    """`{"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value"}],
+    "system"?: str, "tools"?: str}` (tools are kept in the record for templates that render them)."""
+    messages = turns_to_messages(record, "conversations", _field(record, "conversations", list))
+    system = record.data.get("system")
+    if system and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": _as_str(record, "system", system)})
     return messages
 
 
@@ -147,20 +161,21 @@ def alpaca_messages(record: Record) -> list[dict]:
 
 
 def messages_messages(record: Record) -> list[dict]:
-    """OpenAI `{"messages": [{"role", "content"}]}`."""
-    out = []
-    for k, m in enumerate(_field(record, "messages", list)):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise DataFormatError(record.path, "expected {role: system|user|assistant, content}",
-                                  line=record.line, field=f"messages[{k}].role")
-        out.append({"role": m["role"], "content": _as_str(record, f"messages[{k}].content", m.get("content"))})
-    return out
+    """OpenAI `{"messages": [{"role", "content"}]}` and ColossalAI `{"messages": [{"from", "content"}]}`."""
+    return turns_to_messages(record, "messages", _field(record, "messages", list))
+
+
+def colossal_single_messages(record: Record) -> list[dict]:
+    """ColossalAI single turn `{"source", "target", "category"?}`: source is the prompt, target the reply."""
+    return [{"role": "user", "content": _field(record, "source", str)},
+            {"role": "assistant", "content": _field(record, "target", str)}]
 
 
 CONVERSATION_READERS: dict[str, Callable[[Record], list[dict]]] = {
     "sharegpt": sharegpt_messages,
     "alpaca": alpaca_messages,
     "messages": messages_messages,
+    "colossal_single": colossal_single_messages,
 }
 
 
@@ -173,9 +188,11 @@ def detect_conversation_format(record: Record) -> str:
         return "messages"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
+    if "source" in keys and "target" in keys:
+        return "colossal_single"
     raise DataFormatError(record.path, f"cannot tell the conversation format from keys {sorted(keys)}; "
-                          "expected 'conversations' (sharegpt), 'messages', or 'instruction'+'output' "
-                          "(alpaca), or set data.format", line=record.line)
+                          "expected 'conversations' (sharegpt), 'messages', 'instruction'+'output' "
+                          "(alpaca) or 'source'+'target' (ColossalAI), or set data.format", line=record.line)
 
 
 def iter_conversations(records: list[Record], fmt: str = "auto") -> Iterator[tuple[Record, list[dict]]]:
@@ -242,8 +259,49 @@ def prompt_pair(record: Record) -> Pair:
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     else:
-        messages = messages_messages(Record(record.path, record.line, {"messages": prompt}))
+        messages = turns_to_messages(record, "prompt", prompt)
     return Pair(messages, _reply(record, "chosen"), _reply(record, "rejected"))
+
+
+def colossal_pair(record: Record) -> Pair:
+    """ColossalAI: `{"context": [messages], "chosen": [messages], "rejected": [messages]}`."""
+    return Pair(turns_to_messages(record, "context", _field(record, "context", list)),
+                _reply(record, "chosen"), _reply(record, "rejected"))
+
+
+def implicit_prompt_pair(record: Record) -> Pair:
+    """TRL implicit prompt: `{"chosen": [messages], "rejected": [messages]}`, two whole
+    conversations sharing every turn but the final assistant reply."""
+    chosen = turns_to_messages(record, "chosen", record.data["chosen"])
+    rejected = turns_to_messages(record, "rejected", record.data["rejected"])
+    last_roles = {chosen[-1]["role"], rejected[-1]["role"]} if chosen and rejected else set()
+    if len(chosen) < 2 or chosen[:-1] != rejected[:-1] or last_roles != {"assistant"}:
+        raise DataFormatError(record.path, "chosen and rejected conversations must share every turn but a final "
+                              "assistant reply", line=record.line, field="chosen")
+    return Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_turns(record: Record, field: str) -> list[dict]:
+    text = _field(record, field, str)
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise DataFormatError(record.path, "expected a transcript of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns",
+                              line=record.line, field=field)
+    return [{"role": "user" if who == "Human" else "assistant", "content": said}
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def hh_rlhf_pair(record: Record) -> Pair:
+    """Anthropic hh-rlhf: `{"chosen": transcript, "rejected": transcript}`; the prompt is the shared
+    prefix up to the final Assistant turn, the replies are the two final Assistant turns."""
+    chosen, rejected = _hh_turns(record, "chosen"), _hh_turns(record, "rejected")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
+        raise DataFormatError(record.path, "the two transcripts must differ only in their final Assistant turn",
+                              line=record.line, field="rejected")
+    return Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
 
 
 def medicalgpt_original_pair(record: Record) -> Pair:
@@ -258,6 +316,9 @@ PAIR_READERS: dict[str, Callable[[Record], Pair]] = {
     "sharegpt_pair": sharegpt_pair,
     "prompt_pair": prompt_pair,
     "medicalgpt_original": medicalgpt_original_pair,
+    "colossal_pair": colossal_pair,
+    "implicit_prompt": implicit_prompt_pair,
+    "hh_rlhf": hh_rlhf_pair,
 }
 
 
@@ -265,15 +326,75 @@ def detect_pair_format(record: Record) -> str:
     keys = record.data.keys()
     if "response_chosen" in keys:
         return "medicalgpt_original"
+    if "completion" in keys and "label" in keys:
+        raise DataFormatError(record.path, "KTO-style unpaired data ({prompt, completion, label}) is not supported by "
+                              "the pairwise stages (rm, dpo): they need a chosen and a rejected reply per prompt",
+                              line=record.line)
     if "chosen" in keys and "rejected" in keys:
         if "conversations" in keys:
             return "sharegpt_pair"
         if "prompt" in keys:
             return "prompt_pair"
+        if "context" in keys:
+            return "colossal_pair"
+        if isinstance(record.data["chosen"], list):
+            return "implicit_prompt"
+        if isinstance(record.data["chosen"], str) and "\n\nHuman: " in record.data["chosen"]:
+            return "hh_rlhf"
     raise DataFormatError(record.path, f"cannot tell the preference format from keys {sorted(keys)}; expected "
-                          "'conversations'+'chosen'+'rejected', 'prompt'+'chosen'+'rejected', or "
-                          "'question'+'response_chosen'+'response_rejected', or set data.format", line=record.line)
+                          "'conversations'|'prompt'|'context' + 'chosen' + 'rejected', 'question' + "
+                          "'response_chosen' + 'response_rejected', or hh-rlhf transcripts, or set data.format",
+                          line=record.line)
 
 
 def iter_pairs(records: list[Record], fmt: str = "auto") -> Iterator[tuple[Record, Pair]]:
-    return _read_all(records, fmt, PAIR_READERS, detect_pair_format, "preference")
+    for record, pair in _read_all(records, fmt, PAIR_READERS, detect_pair_format, "preference"):
+        for name in ("chosen", "rejected"):
+            if not getattr(pair, name).strip():
+                raise DataFormatError(record.path, "empty reply", line=record.line, field=name)
+        if pair.chosen == pair.rejected:
+            raise DataFormatError(record.path, "chosen and rejected are identical", line=record.line, field="rejected")
+        yield record, pair
+
+
+# --- RL prompts ----------------------------------------------------------------------------------
+
+class Prompt(NamedTuple):
+    messages: list[dict]  # the conversation to continue
+    answer: str | None  # reference answer for rule rewards, when the data has one
+    fields: dict  # the whole record, for reward functions that need more
+
+
+_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$")
+
+
+def reference_answer(answer) -> str | None:
+    """The reference answer: gsm8k-style solutions ending in `#### 42` give "42" (commas dropped)."""
+    if answer is None:
+        return None
+    text = str(answer)
+    match = _GSM8K_ANSWER.search(text)
+    return match.group(1).replace(",", "") if match else text.strip()
+
+
+def prompt_record(record: Record) -> Prompt:
+    """`{"prompt": str | messages}`, `{"question", "answer"?}`, `{"messages" | "conversations"}`
+    (a final assistant turn, if any, is the reference answer), plus any other fields."""
+    data = record.data
+    answer = data.get("answer", data.get("reference", data.get("solution")))
+    if "prompt" in data:
+        prompt = data["prompt"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else turns_to_messages(record, "prompt", prompt)
+    elif "question" in data:
+        messages = [{"role": "user", "content": _field(record, "question", str)}]
+    elif "messages" in data or "conversations" in data:
+        messages = messages_messages(record) if "messages" in data else sharegpt_messages(record)
+        if messages and messages[-1]["role"] == "assistant":
+            answer = answer if answer is not None else messages[-1]["content"]
+            messages = messages[:-1]
+    else:
+        raise DataFormatError(record.path, f"cannot find a prompt in keys {sorted(data)}; expected 'prompt', "
+                              "'question', 'messages' or 'conversations'", line=record.line)
+    if not messages or messages[-1]["role"] != "user":
+        raise DataFormatError(record.path, "the prompt must end with a user turn", line=record.line)
+    return Prompt(messages, reference_answer(answer), dict(data))
