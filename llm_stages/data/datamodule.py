@@ -54,13 +54,18 @@ class CausalDataModule(L.LightningDataModule):
         if self.train_set:
             return
         self.prepare_data()  # idempotent; covers callers that skip prepare_data (tests, other ranks)
-        train_path = Path(str(self.data["path"]))
-        val_path = self._val_path(train_path)
-        examples = self.build_examples(train_path, "train")
+        sources = self.data.get("sources")
+        if sources:
+            train_path = Path(str(sources[0]["path"]))
+            examples = self._mix(sources)
+        else:
+            train_path = Path(str(self.data["path"]))
+            examples = self.build_examples(train_path, "train")
+        val_path = self._val_path(train_path) if not sources or self.data.get("val_path") != "auto" else None
         if val_path is not None:
             self.train_set, self.val_set = examples, self.build_examples(val_path, "val")
         else:
-            self.train_set, self.val_set = self._hold_out(examples, float(self.data.get("val_fraction") or 0.0))
+            self.train_set, self.val_set = self._hold_out(examples, float(self.data.get("val_ratio") or 0.0))
         world = self.trainer.world_size if self.trainer else 1
         if len(self.train_set) < self.batch_size * self.grad_accum * world:
             raise ConfigError(f"{train_path}: {len(self.train_set)} training examples, fewer than one step needs "
@@ -98,6 +103,26 @@ class CausalDataModule(L.LightningDataModule):
         sibling = train_path.with_name(re.sub(r"_train(?=\.[^.]+$)", "_val", train_path.name))
         return sibling if sibling != train_path and sibling.exists() else None
 
+    def _mix(self, sources) -> list:
+        """Several sources mixed by weight (the seeds' bins): source i contributes
+        round(total * w_i / sum(w)) examples, drawn without replacement while it has enough and
+        cycled through shuffled copies beyond that; `data.mix_size` sets the total (default: the
+        sum of the sources' sizes). Deterministic under the seed; per-source counts go to stats."""
+        built = [self.build_examples(Path(str(src["path"])), "train") for src in sources]
+        weights = [float(src.get("weight", 1.0)) for src in sources]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"data.sources weights must be >= 0 with a positive sum, got {weights}")
+        total = int(self.data.get("mix_size") or sum(len(b) for b in built))
+        generator = torch.Generator().manual_seed(self.seed)
+        mixed = []
+        for src, examples, weight in zip(sources, built, weights):
+            want = round(total * weight / sum(weights))
+            copies = -(-want // len(examples))  # ceil: enough shuffled passes over the source
+            order = torch.cat([torch.randperm(len(examples), generator=generator) for _ in range(max(copies, 1))])
+            mixed += [examples[i] for i in order[:want].tolist()]
+            self.stats[f"source:{Path(str(src['path'])).name}"] = want
+        return mixed
+
     def _hold_out(self, examples: list[Example], fraction: float):
         n_val = int(len(examples) * fraction)
         if n_val == 0:
@@ -106,6 +131,23 @@ class CausalDataModule(L.LightningDataModule):
         val_ids = set(order[:n_val])
         return ([e for i, e in enumerate(examples) if i not in val_ids],
                 [e for i, e in enumerate(examples) if i in val_ids])
+
+    def _read_records(self, path: Path, reader, split: str):
+        """(record, reader(record)) for each record of `path`. A bad record stops the run, or with
+        data.on_bad_record=skip is skipped, counted and (the first few) named in the log."""
+        policy = self.data.get("on_bad_record") or "error"
+        if policy not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_record must be 'error' or 'skip', got {policy!r}")
+        fmt = self.data.get("format") or "auto"
+        for record in formats.read_json_records(path):
+            try:
+                yield record, reader(record, fmt)
+            except DataFormatError as e:
+                if policy == "error":
+                    raise
+                self._count(f"{split}_skipped_bad_record")
+                if self.stats[f"{split}_skipped_bad_record"] <= 3:
+                    log.warning("skipped: %s", e)
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -150,10 +192,9 @@ class SFTDataModule(CausalDataModule):
             raise ConfigError("the tokenizer has no chat template; SFT renders conversations with it")
 
     def build_examples(self, path: Path, split: str) -> list[Example]:
-        records = formats.read_json_records(path)
         system_prompt = self.data.get("system_prompt")
         examples = []
-        for record, messages in formats.iter_conversations(records, self.data.get("format") or "auto"):
+        for record, messages in self._read_records(path, formats.read_conversation, split):
             if system_prompt:
                 messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
             if not any(m["role"] == "assistant" for m in messages):
@@ -191,7 +232,7 @@ class PairDataModule(CausalDataModule):
 
     def build_examples(self, path: Path, split: str) -> list[PairExample]:
         pairs = []
-        for record, pair in formats.iter_pairs(formats.read_json_records(path), self.data.get("format") or "auto"):
+        for record, pair in self._read_records(path, formats.read_pair, split):
             prompt = pair.prompt
             if self.data.get("system_prompt"):
                 prompt = [{"role": "system", "content": self.data.system_prompt}] + [m for m in prompt if m["role"] != "system"]

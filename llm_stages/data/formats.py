@@ -195,17 +195,20 @@ def detect_conversation_format(record: Record) -> str:
                           "(alpaca) or 'source'+'target' (ColossalAI), or set data.format", line=record.line)
 
 
+def read_conversation(record: Record, fmt: str = "auto") -> list[dict]:
+    return _read(record, fmt, CONVERSATION_READERS, detect_conversation_format, "conversation")
+
+
 def iter_conversations(records: list[Record], fmt: str = "auto") -> Iterator[tuple[Record, list[dict]]]:
-    return _read_all(records, fmt, CONVERSATION_READERS, detect_conversation_format, "conversation")
+    return ((record, read_conversation(record, fmt)) for record in records)
 
 
-def _read_all(records: list[Record], fmt: str, readers: dict, detect: Callable[[Record], str], kind: str) -> Iterator:
-    """(record, reader(record)) for each record, the reader named by `fmt` or detected per record."""
-    for record in records:
-        name = detect(record) if fmt == "auto" else fmt
-        if name not in readers:
-            raise DataFormatError(record.path, f"unknown {kind} format {name!r}; known: {sorted(readers)}")
-        yield record, readers[name](record)
+def _read(record: Record, fmt: str, readers: dict, detect: Callable[[Record], str], kind: str):
+    """reader(record), the reader named by `fmt` or detected from the record's keys."""
+    name = detect(record) if fmt == "auto" else fmt
+    if name not in readers:
+        raise DataFormatError(record.path, f"unknown {kind} format {name!r}; known: {sorted(readers)}")
+    return readers[name](record)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -347,14 +350,18 @@ def detect_pair_format(record: Record) -> str:
                           line=record.line)
 
 
+def read_pair(record: Record, fmt: str = "auto") -> Pair:
+    pair = _read(record, fmt, PAIR_READERS, detect_pair_format, "preference")
+    for name in ("chosen", "rejected"):
+        if not getattr(pair, name).strip():
+            raise DataFormatError(record.path, "empty reply", line=record.line, field=name)
+    if pair.chosen == pair.rejected:
+        raise DataFormatError(record.path, "chosen and rejected are identical", line=record.line, field="rejected")
+    return pair
+
+
 def iter_pairs(records: list[Record], fmt: str = "auto") -> Iterator[tuple[Record, Pair]]:
-    for record, pair in _read_all(records, fmt, PAIR_READERS, detect_pair_format, "preference"):
-        for name in ("chosen", "rejected"):
-            if not getattr(pair, name).strip():
-                raise DataFormatError(record.path, "empty reply", line=record.line, field=name)
-        if pair.chosen == pair.rejected:
-            raise DataFormatError(record.path, "chosen and rejected are identical", line=record.line, field="rejected")
-        yield record, pair
+    return ((record, read_pair(record, fmt)) for record in records)
 
 
 # --- RL prompts ----------------------------------------------------------------------------------

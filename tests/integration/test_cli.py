@@ -135,7 +135,7 @@ def test_demo_chain_pt_sft_rm_dpo_reaches_the_targets(tmp_path):
 def test_ddp_two_cpu_processes_share_one_run_dir(tmp_path, stage):
     # an odd validation set: the two ranks hold different numbers of pairs (the RM report gathers them)
     run = _cli([f"stage={stage}", "trainer=ddp", "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=csv",
-                "data.val_path=null", "data.val_fraction=0.0505"], cwd=tmp_path)
+                "data.val_path=null", "data.val_ratio=0.0505"], cwd=tmp_path)
     [run_dir] = list((tmp_path / "runs" / stage).iterdir())
     assert (run_dir / "export" / "config.json").exists() and (run_dir / "train_ddp_process_1.log").exists()
     assert "held-out loss" in run.stdout

@@ -20,7 +20,7 @@ TEXT = ["medicalgpt/data/pretrain/en_article_tail500.txt", "text/tinyshakespeare
 
 
 def _data(path):
-    return OmegaConf.create({"path": str(SHARED_DATA / path), "val_path": None, "val_fraction": 0.0, "format": "auto",
+    return OmegaConf.create({"path": str(SHARED_DATA / path), "val_path": None, "val_ratio": 0.0, "format": "auto",
                              "system_prompt": None, "demo": None})
 
 

@@ -7,7 +7,7 @@ from llm_stages.data.render import num_trained_tokens
 
 
 def _data(path, **kw):
-    return OmegaConf.create({"path": str(path), "val_path": None, "val_fraction": 0.0, "format": "auto",
+    return OmegaConf.create({"path": str(path), "val_path": None, "val_ratio": 0.0, "format": "auto",
                              "system_prompt": None, "demo": None, **kw})
 
 
@@ -45,3 +45,42 @@ def test_pt_blocks_and_val_split_from_sibling_file(tmp_path, tokenizer):
     assert dm.train_set and dm.val_set
     assert all(len(e.input_ids) == 16 for e in dm.train_set + dm.val_set)
     assert "held out" in tokenizer.decode(dm.val_set[0].input_ids)
+
+
+def test_three_source_weighted_mix_is_within_five_percent_and_deterministic(tmp_path, tokenizer):
+    sources = []
+    for name, n in (("a", 300), ("b", 100), ("c", 40)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"instruction": f"{name} {i}", "output": name}) + "\n" for i in range(n)))
+        sources.append({"path": str(path), "weight": {"a": 0.5, "b": 0.3, "c": 0.2}[name]})
+    data = _data(tmp_path / "a.jsonl", sources=sources, mix_size=2000)
+    dm = SFTDataModule(data, tokenizer, batch_size=1, max_length=64)
+    dm.setup()
+    assert len(dm.train_set) == 2000
+    answers = [tokenizer.decode([t for t, label in zip(e.input_ids, e.labels) if label != -100]) for e in dm.train_set]
+    for name, weight in (("a", 0.5), ("b", 0.3), ("c", 0.2)):
+        share = sum(a.startswith(name) for a in answers) / 2000
+        assert abs(share - weight) <= 0.05
+    assert dm.stats["source:c.jsonl"] == 400  # 40 examples cycled 10 times
+    again = SFTDataModule(data, tokenizer, batch_size=1, max_length=64)
+    again.setup()
+    assert [e.input_ids for e in again.train_set] == [e.input_ids for e in dm.train_set]
+
+
+def test_on_bad_record_skip_counts_and_error_names_the_record(tmp_path, tokenizer):
+    import pytest
+
+    from llm_stages.errors import DataFormatError
+
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "same", "rejected": "same"},
+            {"prompt": "q", "completion": "a", "label": True}, {"prompt": "r", "chosen": "c", "rejected": "d"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from llm_stages.data.datamodule import PairDataModule
+
+    with pytest.raises(DataFormatError) as e:
+        PairDataModule(_data(path), tokenizer, batch_size=1).setup()
+    assert (e.value.line, e.value.field) == (2, "rejected")
+    dm = PairDataModule(_data(path, on_bad_record="skip"), tokenizer, batch_size=1)
+    dm.setup()
+    assert len(dm.train_set) == 2 and dm.stats == {"train_skipped_bad_record": 2}

@@ -65,7 +65,7 @@ def test_per_pair_margin_is_read_and_checked(tmp_path, tokenizer):
     path = tmp_path / "m.jsonl"
     rows = [{"prompt": "Q", "chosen": "a", "rejected": "b", "margin": 1.5}, {"prompt": "Q", "chosen": "a", "rejected": "b"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = OmegaConf.create({"path": str(path), "val_path": None, "val_fraction": 0.0, "format": "auto",
+    data = OmegaConf.create({"path": str(path), "val_path": None, "val_ratio": 0.0, "format": "auto",
                              "system_prompt": None, "demo": None})
     dm = PairDataModule(data, tokenizer, batch_size=1)
     dm.setup()
