@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from llm_stages.data import formats
 from llm_stages.data.collate import MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal, collate_pairs
-from llm_stages.data.render import (Example, PairExample, num_trained_tokens, pack_documents, render_conversation,
-                                    render_pair, truncate, truncate_pair)
+from llm_stages.data.render import (Example, PairExample, ensure_chat_template, num_trained_tokens, pack_documents,
+                                    render_conversation, render_pair, truncate, truncate_pair)
 from llm_stages.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,8 @@ class SFTDataModule(CausalDataModule):
     def __init__(self, data, tokenizer, *, max_length: int = 512, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
         self.max_length = max_length
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("the tokenizer has no chat template; SFT renders conversations with it")
+        if ensure_chat_template(tokenizer):
+            log.warning("the tokenizer has no chat template; using the default Human:/Assistant: template")
 
     def build_examples(self, path: Path, split: str) -> list[Example]:
         system_prompt = self.data.get("system_prompt")
@@ -221,8 +221,8 @@ class PairDataModule(CausalDataModule):
     def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("the tokenizer has no chat template; preference stages render prompts with it")
+        if ensure_chat_template(tokenizer):
+            log.warning("the tokenizer has no chat template; using the default Human:/Assistant: template")
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)

@@ -14,6 +14,26 @@ from llm_stages.errors import ConfigError
 
 IGNORE_INDEX = -100
 
+# For tokenizers without a chat template (base models): plain "Human:/Assistant:" turns, each reply
+# ending in the tokenizer's EOS. Prefix-stable, so assistant tokens can be located exactly.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+    "{%- elif m['role'] == 'user' %}{{ 'Human: ' + m['content'] + '\n' }}"
+    "{%- elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token + '\n' }}"
+    "{%- else %}{{ m['role'] + ': ' + m['content'] + '\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ 'Assistant: ' }}{%- endif %}"
+)
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a tokenizer without a chat template the default one (it is saved with the export, so
+    inference renders prompts the same way). Returns whether it was set."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return True
+
 
 class Example(NamedTuple):
     input_ids: list[int]

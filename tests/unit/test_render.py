@@ -57,3 +57,21 @@ def test_turns_after_the_last_reply_are_not_rendered(tokenizer):
                 {"role": "user", "content": "unanswered"}]
     example = render_conversation(tokenizer, messages)
     assert "unanswered" not in tokenizer.decode(example.input_ids)
+
+
+def test_tokenizer_without_template_gets_the_default_one(tokenizer):
+    import copy
+
+    from llm_stages.data.render import DEFAULT_CHAT_TEMPLATE, ensure_chat_template
+
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    assert ensure_chat_template(bare) and bare.chat_template == DEFAULT_CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"},
+                {"role": "assistant", "content": "ok"}]
+    example = render_conversation(bare, messages)
+    assert bare.decode(example.input_ids) == "S\n\nHuman: hi\nAssistant: yo<|im_end|>\nHuman: again\nAssistant: ok<|im_end|>\n"
+    trained = bare.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    assert trained == "yo<|im_end|>ok<|im_end|>"
+    assert not ensure_chat_template(tokenizer)  # an existing template is kept
