@@ -67,9 +67,14 @@ class ResumableBatchSampler(Sampler[list[int]]):
     Lightning checkpoints through `ResumableDataLoader`, so a resumed run continues with exactly
     the batch it would have seen next (counting yields instead would be off by the prefetch)."""
 
+    GROUP_WINDOW = 50  # batches whose examples are sorted together when grouping by length
+
     def __init__(self, num_examples: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, drop_last: bool = True):
-        self.num_examples, self.batch_size = num_examples, batch_size
+                 shuffle: bool = True, drop_last: bool = True, lengths: list[int] | None = None):
+        """With `lengths`, examples of similar length are batched together (less padding): the
+        shuffled order is sorted by length within windows of GROUP_WINDOW batches, and the
+        resulting batches are shuffled again, so batch order stays random."""
+        self.num_examples, self.batch_size, self.lengths = num_examples, batch_size, lengths
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.drop_last = shuffle, drop_last
         self.consumed = 0  # batches consumed since the start of training, all epochs
@@ -82,9 +87,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
             order = list(range(self.num_examples))
         per_rank = self.num_examples // self.world_size  # equal shards: every rank takes the same number of steps
         shard = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        if self.lengths is not None:
+            window = self.batch_size * self.GROUP_WINDOW
+            shard = [i for w in range(0, len(shard), window)
+                     for i in sorted(shard[w:w + window], key=lambda i: -self.lengths[i])]
         batches = [shard[i:i + self.batch_size] for i in range(0, len(shard), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
+        if self.lengths is not None and self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + epoch + 1)
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
 
     def __iter__(self):

@@ -25,8 +25,9 @@ class CausalDataModule(L.LightningDataModule):
     serves training steps as lists of `grad_accum` micro-batches of `batch_size` sequences."""
 
     def __init__(self, data, tokenizer, *, batch_size: int = 8, grad_accum: int = 1, val_batch_size: int = 16,
-                 num_workers: int = 0, seed: int = 1234):
+                 num_workers: int = 0, seed: int = 1234, group_by_length: bool = False):
         super().__init__()
+        self.group_by_length = group_by_length
         self.data, self.tokenizer = data, tokenizer
         self.batch_size, self.grad_accum, self.val_batch_size = batch_size, grad_accum, val_batch_size
         self.num_workers, self.seed = num_workers, seed
@@ -77,7 +78,8 @@ class CausalDataModule(L.LightningDataModule):
         trainer = self.trainer
         sampler = ResumableBatchSampler(
             len(self.train_set), self.batch_size * self.grad_accum, seed=self.seed,
-            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1)
+            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            lengths=[self.example_length(e) for e in self.train_set] if self.group_by_length else None)
         return ResumableDataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
                                    collate_fn=MicroBatches(self.collate_one, self.batch_size))
 
@@ -88,6 +90,10 @@ class CausalDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return DataLoader(self.val_set[rank::world], batch_size=self.val_batch_size, shuffle=False,
                           num_workers=self.num_workers, collate_fn=self.collate_one)
+
+    @staticmethod
+    def example_length(example) -> int:
+        return len(example.input_ids)
 
     def collate_one(self, examples):
         """One micro-batch of examples -> tensors."""
@@ -247,6 +253,10 @@ class PairDataModule(CausalDataModule):
         if not pairs:
             raise DataFormatError(path, f"no pair has reply tokens left within datamodule.max_length={self.max_length}")
         return pairs
+
+    @staticmethod
+    def example_length(pair) -> int:
+        return max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
 
     def collate_one(self, pairs):
         return collate_pairs(pairs, self.tokenizer.pad_token_id)

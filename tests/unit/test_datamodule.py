@@ -84,3 +84,15 @@ def test_on_bad_record_skip_counts_and_error_names_the_record(tmp_path, tokenize
     dm = PairDataModule(_data(path, on_bad_record="skip"), tokenizer, batch_size=1)
     dm.setup()
     assert len(dm.train_set) == 2 and dm.stats == {"train_skipped_bad_record": 2}
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_example_once():
+    from llm_stages.data.collate import ResumableBatchSampler
+
+    lengths = [(i * 37) % 200 + 1 for i in range(1000)]
+    plain = ResumableBatchSampler(1000, 10, seed=0).batches(0)
+    grouped = ResumableBatchSampler(1000, 10, seed=0, lengths=lengths).batches(0)
+    padding = lambda batches: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)  # noqa: E731
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert padding(grouped) < 0.2 * padding(plain)
+    assert grouped != ResumableBatchSampler(1000, 10, seed=0, lengths=lengths).batches(1)  # reshuffled per epoch
