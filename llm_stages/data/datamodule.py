@@ -3,8 +3,12 @@ subclass per pipeline that turns records into `Example`s."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +47,52 @@ class CausalDataModule(L.LightningDataModule):
     def build_examples(self, path: Path, split: str) -> list[Example]:
         raise NotImplementedError
 
+    def settings(self) -> dict:
+        """Everything besides the file and tokenizer that changes the examples (the cache key)."""
+        return {"format": self.data.get("format"), "system_prompt": self.data.get("system_prompt"),
+                "on_bad_record": self.data.get("on_bad_record")}
+
+    @staticmethod
+    def example_from_json(item) -> Example:
+        return Example(*item)
+
+    # -- tokenization cache ----------------------------------------------------------------------
+    CACHE_VERSION = 1
+
+    def cached_examples(self, path: Path, split: str) -> list:
+        """`build_examples`, cached as JSON under `data.cache_dir` (null: no cache), keyed by the
+        file's bytes, the tokenizer (vocabulary and chat template) and `settings()`, so a second
+        run with the same inputs starts without tokenizing. Stats (drops, truncations) are cached too."""
+        cache_dir = self.data.get("cache_dir")
+        if not cache_dir:
+            return self.build_examples(path, split)
+        file = Path(str(cache_dir)) / f"{type(self).__name__}-{split}-{self._cache_key(path)}.json"
+        if file.is_file():
+            payload = json.loads(file.read_text(encoding="utf-8"))
+            for k, v in payload["stats"].items():
+                self.stats[k] = self.stats.get(k, 0) + v
+            log.info("data: %s read from the tokenization cache %s", path, file)
+            return [self.example_from_json(item) for item in payload["examples"]]
+        before = dict(self.stats)
+        examples = self.build_examples(path, split)
+        stats = {k: v - before.get(k, 0) for k, v in self.stats.items() if v != before.get(k, 0)}
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"examples": examples, "stats": stats}, f)
+        os.replace(tmp, file)  # concurrent ranks may both write; each write is whole
+        return examples
+
+    def _cache_key(self, path: Path) -> str:
+        digest = hashlib.sha256()
+        digest.update(path.read_bytes())
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        vocabulary = backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
+        digest.update(vocabulary.encode())
+        digest.update(json.dumps([self.CACHE_VERSION, str(self.tokenizer.chat_template), self.tokenizer.eos_token,
+                                  self.settings()], sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:24]
+
     # -- Lightning hooks -------------------------------------------------------------------------
     def prepare_data(self) -> None:
         demo = self.data.get("demo")
@@ -61,10 +111,10 @@ class CausalDataModule(L.LightningDataModule):
             examples = self._mix(sources)
         else:
             train_path = Path(str(self.data["path"]))
-            examples = self.build_examples(train_path, "train")
+            examples = self.cached_examples(train_path, "train")
         val_path = self._val_path(train_path) if not sources or self.data.get("val_path") != "auto" else None
         if val_path is not None:
-            self.train_set, self.val_set = examples, self.build_examples(val_path, "val")
+            self.train_set, self.val_set = examples, self.cached_examples(val_path, "val")
         else:
             self.train_set, self.val_set = self._hold_out(examples, float(self.data.get("val_ratio") or 0.0))
         world = self.trainer.world_size if self.trainer else 1
@@ -114,7 +164,7 @@ class CausalDataModule(L.LightningDataModule):
         round(total * w_i / sum(w)) examples, drawn without replacement while it has enough and
         cycled through shuffled copies beyond that; `data.mix_size` sets the total (default: the
         sum of the sources' sizes). Deterministic under the seed; per-source counts go to stats."""
-        built = [self.build_examples(Path(str(src["path"])), "train") for src in sources]
+        built = [self.cached_examples(Path(str(src["path"])), "train") for src in sources]
         weights = [float(src.get("weight", 1.0)) for src in sources]
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ConfigError(f"data.sources weights must be >= 0 with a positive sum, got {weights}")
@@ -172,6 +222,9 @@ class PTDataModule(CausalDataModule):
         super().__init__(data, tokenizer, **kwargs)
         self.block_size, self.remainder = block_size, remainder
 
+    def settings(self) -> dict:
+        return {**super().settings(), "block_size": self.block_size, "remainder": self.remainder}
+
     def build_examples(self, path: Path, split: str) -> list[Example]:
         if path.suffix == ".txt":
             texts = [r.data for r in formats.read_text_documents(path)]
@@ -196,6 +249,9 @@ class SFTDataModule(CausalDataModule):
         self.max_length = max_length
         if ensure_chat_template(tokenizer):
             log.warning("the tokenizer has no chat template; using the default Human:/Assistant: template")
+
+    def settings(self) -> dict:
+        return {**super().settings(), "max_length": self.max_length}
 
     def build_examples(self, path: Path, split: str) -> list[Example]:
         system_prompt = self.data.get("system_prompt")
@@ -229,6 +285,14 @@ class PairDataModule(CausalDataModule):
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         if ensure_chat_template(tokenizer):
             log.warning("the tokenizer has no chat template; using the default Human:/Assistant: template")
+
+    def settings(self) -> dict:
+        return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+
+    @staticmethod
+    def example_from_json(item) -> PairExample:
+        chosen, rejected, index, margin = item
+        return PairExample(Example(*chosen), Example(*rejected), index, margin)
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)

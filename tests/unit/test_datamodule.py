@@ -96,3 +96,37 @@ def test_group_by_length_cuts_padding_and_keeps_every_example_once():
     assert sorted(i for b in grouped for i in b) == list(range(1000))
     assert padding(grouped) < 0.2 * padding(plain)
     assert grouped != ResumableBatchSampler(1000, 10, seed=0, lengths=lengths).batches(1)  # reshuffled per epoch
+
+
+def test_tokenization_cache_is_reused_and_keyed_by_settings(tmp_path, tokenizer, monkeypatch):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q{i} " * (i % 7 + 1), "output": "a"}) + "\n" for i in range(30)))
+    data = _data(path, cache_dir=str(tmp_path / "cache"))
+    first = SFTDataModule(data, tokenizer, batch_size=1, max_length=12)
+    first.setup()
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1 and first.stats.get("train_truncated")
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again despite the cache")
+
+    monkeypatch.setattr(SFTDataModule, "build_examples", no_tokenizing)
+    second = SFTDataModule(data, tokenizer, batch_size=1, max_length=12)
+    second.setup()
+    assert second.train_set == first.train_set and second.stats == first.stats
+    monkeypatch.undo()
+    third = SFTDataModule(data, tokenizer, batch_size=1, max_length=64)  # another max_length: another entry
+    third.setup()
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+def test_pair_examples_survive_the_cache(tmp_path, tokenizer):
+    from llm_stages.data.datamodule import PairDataModule
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b", "margin": i}) + "\n"
+                            for i in range(4)))
+    data = _data(path, cache_dir=str(tmp_path / "cache"))
+    a, b = PairDataModule(data, tokenizer, batch_size=1), PairDataModule(data, tokenizer, batch_size=1)
+    a.setup()
+    b.setup()
+    assert a.train_set == b.train_set and [p.margin for p in b.train_set] == [0.0, 1.0, 2.0, 3.0]
