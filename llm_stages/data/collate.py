@@ -7,13 +7,20 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from llm_stages.data.render import IGNORE_INDEX, Example, PairExample
+from llm_stages.data.render import IGNORE_INDEX, Example, PackedExample, PairExample
 
 
 class CausalBatch(NamedTuple):
     input_ids: torch.Tensor  # (batch, seq) long
-    attention_mask: torch.Tensor  # (batch, seq) long, 1 = real token
+    attention_mask: torch.Tensor  # (batch, seq) long, 1 = real token; packed rows: (batch, 1, seq, seq) bool
     labels: torch.Tensor  # (batch, seq) long, -100 = not trained
+    position_ids: torch.Tensor | None = None  # packed rows restart positions at each example
+    real_tokens: torch.Tensor | None = None  # packed rows: the 2-D padding mask the 4-D one replaces
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int((self.real_tokens if self.real_tokens is not None else self.attention_mask).sum())
 
 
 def collate_causal(examples: list[Example], pad_id: int) -> CausalBatch:
@@ -27,6 +34,24 @@ def collate_causal(examples: list[Example], pad_id: int) -> CausalBatch:
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(e.labels)
     return CausalBatch(input_ids, attention_mask, labels)
+
+
+def collate_packed(rows: list[PackedExample], pad_id: int) -> CausalBatch:
+    """Packed rows -> a block-diagonal causal mask (each example attends only to itself) and
+    positions restarting at every example, so the model sees exactly what it would unpacked."""
+    plain = collate_causal([Example(r.input_ids, r.labels) for r in rows], pad_id)
+    batch, width = plain.input_ids.shape
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    segment = torch.arange(width).repeat(batch, 1) + width  # padding: a segment of its own per position
+    for row, r in enumerate(rows):
+        start = 0
+        for k, n in enumerate(r.doc_lengths):
+            position_ids[row, start:start + n] = torch.arange(n)
+            segment[row, start:start + n] = k
+            start += n
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal
+    return CausalBatch(plain.input_ids, mask[:, None], plain.labels, position_ids, real_tokens=plain.attention_mask)
 
 
 class PairBatch(NamedTuple):
@@ -45,7 +70,7 @@ class PairBatch(NamedTuple):
 
 def collate_pairs(pairs: list[PairExample], pad_id: int) -> PairBatch:
     rows = collate_causal([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    return PairBatch(*rows, index=torch.tensor([p.index for p in pairs], dtype=torch.long),
+    return PairBatch(rows.input_ids, rows.attention_mask, rows.labels, index=torch.tensor([p.index for p in pairs], dtype=torch.long),
                      margin=torch.tensor([p.margin for p in pairs], dtype=torch.float32))
 
 

@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from llm_stages.data import formats
-from llm_stages.data.collate import MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal, collate_pairs
+from llm_stages.data.collate import (MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal,
+                                     collate_packed, collate_pairs)
 from llm_stages.data.render import (Example, PairExample, ensure_chat_template, num_trained_tokens, pack_documents,
-                                    render_conversation, render_pair, truncate, truncate_pair)
+                                    pack_examples, render_conversation, render_pair, truncate, truncate_pair)
 from llm_stages.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -244,14 +245,29 @@ class PTDataModule(CausalDataModule):
 class SFTDataModule(CausalDataModule):
     """Supervised conversations (sharegpt, alpaca, messages), assistant turns trained."""
 
-    def __init__(self, data, tokenizer, *, max_length: int = 512, **kwargs):
+    def __init__(self, data, tokenizer, *, max_length: int = 512, packing: bool = False, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
-        self.max_length = max_length
+        self.max_length, self.packing = max_length, packing
         if ensure_chat_template(tokenizer):
             log.warning("the tokenizer has no chat template; using the default Human:/Assistant: template")
 
     def settings(self) -> dict:
         return {**super().settings(), "max_length": self.max_length}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set:
+            return
+        super().setup(stage)
+        if self.packing:  # several conversations per row, in a seeded random order
+            order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            n_examples = len(self.train_set)
+            self.train_set = pack_examples([self.train_set[i] for i in order], self.max_length)
+            self.val_set = pack_examples(self.val_set, self.max_length)
+            log.info("data: packed %d conversations into %d rows of <= %d tokens", n_examples, len(self.train_set),
+                     self.max_length)
+
+    def collate_one(self, examples):
+        return collate_packed(examples, self.tokenizer.pad_token_id) if self.packing else super().collate_one(examples)
 
     def build_examples(self, path: Path, split: str) -> list[Example]:
         system_prompt = self.data.get("system_prompt")

@@ -149,3 +149,28 @@ def pack_documents(documents: list[list[int]], eos_id: int, block_size: int, rem
     if remainder == "pad" and len(stream) % block_size:
         blocks.append(stream[n_full * block_size:])
     return [Example(block, list(block)) for block in blocks]
+
+
+class PackedExample(NamedTuple):
+    """Several whole examples in one row; `doc_lengths` lets the collator restart positions and
+    confine attention to each example (no leakage across examples)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    doc_lengths: list[int]
+
+
+def pack_examples(examples: list[Example], max_length: int) -> list[PackedExample]:
+    """Greedy packing in the given order: an example joins the current row while it fits."""
+    rows: list[PackedExample] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    lengths: list[int] = []
+    for e in examples:
+        if lengths and len(ids) + len(e.input_ids) > max_length:
+            rows.append(PackedExample(ids, labels, lengths))
+            ids, labels, lengths = [], [], []
+        ids, labels, lengths = ids + list(e.input_ids), labels + list(e.labels), lengths + [len(e.input_ids)]
+    if lengths:
+        rows.append(PackedExample(ids, labels, lengths))
+    return rows

@@ -17,7 +17,8 @@ from llm_stages.stages.base import Stage
 
 class CausalLM(Stage):
     def forward(self, batch: CausalBatch) -> torch.Tensor:
-        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, use_cache=False).logits
 
     def loss_sum(self, batch: CausalBatch):
         loss_sum, _ = token_cross_entropy(self(batch), batch.labels)

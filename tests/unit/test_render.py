@@ -75,3 +75,38 @@ def test_tokenizer_without_template_gets_the_default_one(tokenizer):
     trained = bare.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
     assert trained == "yo<|im_end|>ok<|im_end|>"
     assert not ensure_chat_template(tokenizer)  # an existing template is kept
+
+
+def test_packed_rows_give_each_conversation_exactly_its_unpacked_logits_and_loss(tokenizer):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llm_stages.data.collate import collate_causal, collate_packed
+    from llm_stages.data.render import pack_examples
+    from llm_stages.losses import token_cross_entropy
+
+    conversations = [[{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i}"}]
+                     for i in (3, 14, 27, 5)]
+    examples = [render_conversation(tokenizer, c) for c in conversations]
+    rows = pack_examples(examples, max_length=2 * max(len(e.input_ids) for e in examples))
+    assert len(rows) == 2 and [n for r in rows for n in r.doc_lengths] == [len(e.input_ids) for e in examples]
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
+    packed = collate_packed(rows, tokenizer.pad_token_id)
+    plain = collate_causal(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                              position_ids=packed.position_ids).logits
+        plain_logits = model(input_ids=plain.input_ids, attention_mask=plain.attention_mask).logits
+    k = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for n in row.doc_lengths:
+            torch.testing.assert_close(packed_logits[r, start:start + n], plain_logits[k, :n], atol=1e-5, rtol=1e-5)
+            start, k = start + n, k + 1
+    packed_sum, packed_n = token_cross_entropy(packed_logits, packed.labels)
+    plain_sum, plain_n = token_cross_entropy(plain_logits, plain.labels)
+    assert packed_n == plain_n  # no trained token predicts across a boundary
+    torch.testing.assert_close(packed_sum, plain_sum, atol=1e-4, rtol=1e-5)
+    assert packed.num_tokens == plain.num_tokens == sum(len(e.input_ids) for e in examples)
