@@ -85,6 +85,7 @@ class CausalDataModule(L.LightningDataModule):
         return examples
 
     def _cache_key(self, path: Path) -> str:
+        formats.check_file(path)
         digest = hashlib.sha256()
         digest.update(path.read_bytes())
         backend = getattr(self.tokenizer, "backend_tokenizer", None)

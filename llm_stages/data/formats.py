@@ -22,7 +22,8 @@ class Record(NamedTuple):
     data: Any
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
+    """A clear DataFormatError for a path that is missing, not a file, or empty."""
     if not path.exists():
         raise DataFormatError(path, "file not found")
     if not path.is_file():
@@ -34,7 +35,7 @@ def _check_file(path: Path) -> None:
 def read_json_records(path: str | Path) -> list[Record]:
     """Records of a .jsonl file (one JSON object per line) or a .json file (an array of objects)."""
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
@@ -65,7 +66,7 @@ def read_text_documents(path: str | Path) -> list[Record]:
     """Documents of a .txt file, separated by one or more blank lines (a file without blank lines
     is one document per line, like the seeds' pretraining text)."""
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     lines = path.read_text(encoding="utf-8").splitlines()
     has_blank_separators = any(not line.strip() for line in lines)
     docs: list[Record] = []

@@ -68,3 +68,14 @@ def test_cli_reports_bad_data_in_one_line(tmp_path):
     assert run.returncode == 2
     assert f"error: {path}:2: invalid JSON" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_missing_file_is_a_clear_error_through_the_datamodule_cache(tmp_path, tokenizer):
+    from omegaconf import OmegaConf
+
+    from llm_stages.data.datamodule import SFTDataModule
+
+    data = OmegaConf.create({"path": str(tmp_path / "absent.jsonl"), "val_path": "auto", "val_ratio": 0.1,
+                             "format": "auto", "system_prompt": None, "demo": None, "cache_dir": str(tmp_path / "c")})
+    with pytest.raises(DataFormatError, match=r"absent\.jsonl: file not found"):
+        SFTDataModule(data, tokenizer, batch_size=1).setup()
