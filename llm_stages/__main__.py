@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llm_stages.config import CONFIG_DIR
-from llm_stages.errors import ConfigError, DataFormatError
+from llm_stages.errors import ConfigError, DataFormatError, TrainingDivergedError
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         metrics = train(cfg)
-    except (DataFormatError, ConfigError) as e:
+    except (DataFormatError, ConfigError, TrainingDivergedError) as e:
         # A user's mistake, not a bug: one clear line instead of a traceback from deep inside.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -19,3 +19,7 @@ class DataFormatError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration that cannot work, explained in terms of the config keys to change."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradients became NaN/inf; raised before the bad update is applied."""
