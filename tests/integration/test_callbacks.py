@@ -32,3 +32,25 @@ def test_nan_guard_stops_before_the_bad_update_and_names_step_and_stage(make_cfg
     for name, p in module.named_parameters():  # still the weights from before the NaN step
         assert torch.equal(p.detach(), snapshots[-1][name])
         assert torch.isfinite(p).all()
+
+
+def test_generation_samples_are_written_during_and_after_training(make_cfg, tmp_path):
+    import json
+
+    from llm_stages.train import train
+
+    out = tmp_path / "gen"
+    train(make_cfg("stage=sft", "callbacks=default", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                   "callbacks.generation_samples.max_new_tokens=4", "logger=wandb", output_dir=out))
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [2, 4] and len(rows) == 8
+    assert all(isinstance(r["completion"], str) for r in rows)
+    assert len(list((out / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json"))) == 2
+
+
+def test_generation_samples_skip_reward_models(make_cfg, tmp_path):
+    from llm_stages.train import train
+
+    out = tmp_path / "rm"
+    train(make_cfg("stage=rm", "callbacks=default", "trainer.max_steps=2", "export=false", output_dir=out))
+    assert not (out / "samples.jsonl").exists()

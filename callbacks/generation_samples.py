@@ -1,0 +1,60 @@
+"""Greedy generations from fixed prompts during training, to read what the model actually says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+DEFAULT_PROMPTS = ["What is 12 + 30?", "Compute 45 - 17.", "Calculate 8 plus 67.", "Write one sentence about rivers."]
+
+
+class GenerationSamples(L.Callback):
+    """Every `every_n_steps` optimiser steps and at the end of training, generate greedily from
+    each prompt (rendered with the chat template) and record (step, prompt, completion): appended
+    to `<run dir>/samples.jsonl` and, with the W&B logger, logged as the table `samples`.
+    Skipped for models that cannot generate (the reward model's scalar head)."""
+
+    def __init__(self, prompts: list[str] | None = None, every_n_steps: int = 100, max_new_tokens: int = 32):
+        self.prompts = list(prompts or DEFAULT_PROMPTS)
+        self.every_n_steps, self.max_new_tokens = every_n_steps, max_new_tokens
+        self.rows: list[list] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.rows or self.rows[-1][0] != trainer.global_step:
+            self.sample(trainer, pl_module)
+
+    @torch.no_grad()
+    def sample(self, trainer, pl_module) -> list[list]:
+        model, tokenizer = pl_module.model, pl_module.tokenizer
+        if not trainer.is_global_zero or not model.can_generate():
+            return []
+        was_training = model.training
+        model.eval()
+        rows = []
+        for prompt in self.prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=pl_module.device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                 do_sample=False, use_cache=True, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+            rows.append([trainer.global_step, prompt, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)])
+        model.train(was_training)
+        self.rows += rows
+        path = Path(trainer.default_root_dir) / "samples.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            for step, prompt, completion in rows:
+                f.write(json.dumps({"step": step, "prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table("samples", columns=["step", "prompt", "completion"], data=self.rows)
+        return rows
