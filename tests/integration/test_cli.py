@@ -139,3 +139,12 @@ def test_ddp_two_cpu_processes_share_one_run_dir(tmp_path, stage):
     [run_dir] = list((tmp_path / "runs" / stage).iterdir())
     assert (run_dir / "export" / "config.json").exists() and (run_dir / "train_ddp_process_1.log").exists()
     assert "held-out loss" in run.stdout
+
+
+def test_multirun_sweep_runs_each_combination_in_its_own_dir(tmp_path):
+    run = _cli(["-m", "stage=sft", "optim.lr=1e-3,3e-3", "trainer.max_steps=2", "logger=csv", "callbacks=none"],
+               cwd=tmp_path)
+    [sweep] = list((tmp_path / "runs" / "sft" / "multirun").iterdir())
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"] and all((sweep / j / "export" / "config.json").exists() for j in jobs)
+    assert "#1 : stage=sft optim.lr=0.003" in run.stdout + run.stderr
