@@ -63,6 +63,57 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
+def vocabulary_tokens(cfg) -> list[str]:
+    """The tokens `model.add_tokens` and `model.add_tokens_file` ask to add, in order, without repeats.
+    The file is UTF-8, one token per line; blank lines and lines starting with '#' are ignored."""
+    listed = cfg.get("add_tokens") or []
+    if isinstance(listed, str) or not all(isinstance(t, str) for t in listed):
+        raise ConfigError(f"model.add_tokens must be a list of strings, e.g. 'model.add_tokens=[\"<calc>\",\"</calc>\"]'; "
+                          f"got {listed!r}")
+    tokens = list(listed)
+    if cfg.get("add_tokens_file"):
+        path = Path(str(cfg.add_tokens_file)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.add_tokens_file={path}: no such file")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            token = line.strip()
+            if token and not token.startswith("#"):
+                tokens.append(token)
+    return [t for t in dict.fromkeys(tokens) if t]
+
+
+def expand_vocabulary(model, tokenizer, tokens: list[str]) -> int:
+    """Add `tokens` to `tokenizer` (in place) as normal, non-special tokens, skipping those it already
+    has, and grow the model's embeddings to match. Every new row of the input embeddings (and of an
+    untied output embedding / lm_head) starts as the mean of the rows the tokenizer used before, so a new
+    token starts as an "average" token rather than a random one. Returns how many tokens were added."""
+    vocab = tokenizer.get_vocab()
+    new = [t for t in dict.fromkeys(tokens) if t and t not in vocab]
+    if not new:
+        log.info("vocabulary: all %d requested tokens are already in the tokenizer; nothing added", len(tokens))
+        return 0
+    old_len = len(tokenizer)
+    tokenizer.add_tokens(new)
+    new_ids = sorted({i for i in tokenizer.convert_tokens_to_ids(new) if i is not None and i >= old_len})
+    # A checkpoint may already have more embedding rows than its tokenizer uses (Qwen2.5 pads to a
+    # multiple of 128); never shrink those, the new ids may simply land in the spare rows.
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:  # untied lm_head
+        matrices.append(output.weight)
+    with torch.no_grad():
+        for weight in matrices:
+            mean = weight[:min(old_len, rows)].float().mean(dim=0)
+            weight[new_ids] = mean.to(weight.dtype)
+    log.info("vocabulary: added %d tokens (%d -> %d), new embedding rows %s initialised to the mean of the old "
+             "ones; %d requested tokens were already present", len(new), old_len, len(tokenizer),
+             "(input and lm_head)" if len(matrices) > 1 else "(input)", len(set(tokens)) - len(new))
+    return len(new)
+
+
 # head -> (Auto class for checkpoints, class for a fresh tiny model, extra config)
 HEADS = {
     "causal_lm": (AutoModelForCausalLM, Qwen2ForCausalLM, {}),
@@ -98,6 +149,10 @@ def load_model(cfg, tokenizer, head: str = "causal_lm") -> torch.nn.Module:
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                           f"{model.get_input_embeddings().num_embeddings}")
+    tokens = vocabulary_tokens(cfg)
+    if tokens:
+        # In place on the tokenizer the datamodule tokenizes with and the export saves.
+        expand_vocabulary(model, tokenizer, tokens)
     if cfg.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
