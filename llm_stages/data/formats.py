@@ -32,10 +32,30 @@ def check_file(path: Path) -> None:
         raise DataFormatError(path, "file is empty")
 
 
+TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+
+
+def read_table_records(path: Path) -> list[Record]:
+    """Rows of a .parquet or .csv file (through HF `datasets`); `line` is the 1-based row number."""
+    import datasets
+
+    try:
+        table = datasets.load_dataset(TABLE_SUFFIXES[path.suffix], data_files=str(path), split="train")
+    except Exception as e:  # pyarrow / pandas parse errors: report them against the file
+        raise DataFormatError(path, f"cannot read as {TABLE_SUFFIXES[path.suffix]}: {e}") from None
+    return [Record(str(path), i + 1, row) for i, row in enumerate(table)]
+
+
 def read_json_records(path: str | Path) -> list[Record]:
-    """Records of a .jsonl file (one JSON object per line) or a .json file (an array of objects)."""
+    """Records of a .jsonl file (one JSON object per line), a .json file (an array of objects), or
+    the rows of a .parquet / .csv table."""
     path = Path(path)
     check_file(path)
+    if path.suffix in TABLE_SUFFIXES:
+        records = read_table_records(path)
+        if not records:
+            raise DataFormatError(path, "no records in file")
+        return records
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:

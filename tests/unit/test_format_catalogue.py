@@ -104,3 +104,20 @@ def test_rl_prompt_formats_and_gsm8k_answers():
     assert reference_answer("so #### 1,234") == "1234" and reference_answer(7) == "7"
     with pytest.raises(DataFormatError, match="cannot find a prompt"):
         prompt_record(rec({"text": "x"}))
+
+
+def test_parquet_and_csv_tables_read_through_datasets(tmp_path):
+    import datasets
+
+    rows = [{"instruction": "Add 1 and 2", "input": "", "output": "3"}, {"instruction": "Say hi", "input": "", "output": "hi"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "a.csv"), index=False)
+    for name in ("a.parquet", "a.csv"):
+        records = read_json_records(tmp_path / name)
+        assert [r.line for r in records] == [1, 2]
+        assert [m[-1]["content"] for _, m in iter_conversations(records)] == ["3", "hi"]
+
+
+def test_unknown_explicit_format_is_named(tmp_path):
+    with pytest.raises(DataFormatError, match=r"unknown conversation format 'vicuna'; known: \['alpaca'"):
+        list(iter_conversations(_records(tmp_path, {"instruction": "a", "output": "b"}), "vicuna"))
