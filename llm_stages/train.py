@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from llm_stages.export import export_hf
@@ -62,6 +63,11 @@ def train(cfg: DictConfig) -> dict:
     trainer.strategy.barrier()
     if trainer.is_global_zero:
         _print_summary(metrics)
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                # Lightning leaves the W&B run open; the next train() in this process (a pipeline,
+                # a test) would otherwise log into it instead of starting its own.
+                logger.experiment.finish()
     return metrics
 
 
