@@ -19,7 +19,7 @@ class ThroughputMonitor(L.Callback):
             return
         seconds = time.perf_counter() - self._started
         micro_batches = batch if isinstance(batch, list) else [batch]
-        tokens = sum(mb.num_tokens if hasattr(mb, "num_tokens") else int(mb.attention_mask.sum()) for mb in micro_batches)
+        tokens = sum(mb.num_tokens for mb in micro_batches)
         samples = sum(mb.input_ids.shape[0] for mb in micro_batches)
         pl_module.log("perf/tokens_per_s", tokens * trainer.world_size / seconds)
         pl_module.log("perf/samples_per_s", samples * trainer.world_size / seconds)

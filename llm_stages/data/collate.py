@@ -67,6 +67,10 @@ class PairBatch(NamedTuple):
     def num_pairs(self) -> int:
         return self.index.shape[0]
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
 
 def collate_pairs(pairs: list[PairExample], pad_id: int) -> PairBatch:
     rows = collate_causal([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)

@@ -19,7 +19,8 @@ from llm_stages.data import formats
 from llm_stages.data.collate import (MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal,
                                      collate_packed, collate_pairs)
 from llm_stages.data.render import (Example, PairExample, ensure_chat_template, num_trained_tokens, pack_documents,
-                                    pack_examples, render_conversation, render_pair, truncate, truncate_pair)
+                                    pack_examples, render_conversation, render_pair, truncate, truncate_pair,
+                                    with_system_prompt)
 from llm_stages.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class CausalDataModule(L.LightningDataModule):
         self.train_set: list[Example] = []
         self.val_set: list[Example] = []
         self.stats: dict[str, int] = {}
+        self.val_path: Path | None = None
         if batch_size < 1 or grad_accum < 1:
             raise ConfigError("datamodule.batch_size and datamodule.grad_accum must be >= 1")
         if tokenizer.pad_token_id is None:
@@ -114,9 +116,10 @@ class CausalDataModule(L.LightningDataModule):
         else:
             train_path = Path(str(self.data["path"]))
             examples = self.cached_examples(train_path, "train")
-        val_path = self._val_path(train_path) if not sources or self.data.get("val_path") != "auto" else None
-        if val_path is not None:
-            self.train_set, self.val_set = examples, self.cached_examples(val_path, "val")
+        # The validation file actually used (None: held out from training, or no validation).
+        self.val_path = self._val_path(train_path) if not sources or self.data.get("val_path") != "auto" else None
+        if self.val_path is not None:
+            self.train_set, self.val_set = examples, self.cached_examples(self.val_path, "val")
         else:
             self.train_set, self.val_set = self._hold_out(examples, float(self.data.get("val_ratio") or 0.0))
         world = self.trainer.world_size if self.trainer else 1
@@ -249,8 +252,7 @@ class SFTDataModule(CausalDataModule):
     def __init__(self, data, tokenizer, *, max_length: int = 512, packing: bool = False, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
         self.max_length, self.packing = max_length, packing
-        if ensure_chat_template(tokenizer):
-            log.warning("the tokenizer has no chat template; using the default Human:/Assistant: template")
+        ensure_chat_template(tokenizer)
 
     def settings(self) -> dict:
         return {**super().settings(), "max_length": self.max_length}
@@ -271,11 +273,9 @@ class SFTDataModule(CausalDataModule):
         return collate_packed(examples, self.tokenizer.pad_token_id) if self.packing else super().collate_one(examples)
 
     def build_examples(self, path: Path, split: str) -> list[Example]:
-        system_prompt = self.data.get("system_prompt")
         examples = []
         for record, messages in self._read_records(path, formats.read_conversation, split):
-            if system_prompt:
-                messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
+            messages = with_system_prompt(messages, self.data.get("system_prompt"))
             if not any(m["role"] == "assistant" for m in messages):
                 self._drop(f"{split}_dropped_no_assistant_turn", record)
                 continue
@@ -300,8 +300,7 @@ class PairDataModule(CausalDataModule):
     def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
-        if ensure_chat_template(tokenizer):
-            log.warning("the tokenizer has no chat template; using the default Human:/Assistant: template")
+        ensure_chat_template(tokenizer)
 
     def settings(self) -> dict:
         return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
@@ -320,9 +319,7 @@ class PairDataModule(CausalDataModule):
     def build_examples(self, path: Path, split: str) -> list[PairExample]:
         pairs = []
         for record, pair in self._read_records(path, formats.read_pair, split):
-            prompt = pair.prompt
-            if self.data.get("system_prompt"):
-                prompt = [{"role": "system", "content": self.data.system_prompt}] + [m for m in prompt if m["role"] != "system"]
+            prompt = with_system_prompt(pair.prompt, self.data.get("system_prompt"))
             example = render_pair(self.tokenizer, prompt, pair.chosen, pair.rejected)._replace(margin=_margin(record))
             example, truncated = truncate_pair(example, self.max_length, self.max_prompt_length)
             if truncated:

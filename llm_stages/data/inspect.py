@@ -83,9 +83,8 @@ def inspect_data(cfg: DictConfig) -> InspectReport:
     dm = instantiate(cfg.datamodule, data=data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
     dm.setup()
 
-    val_path = dm._val_path(train_paths[0]) if not sources or data.get("val_path") != "auto" else None
-    if val_path is not None:
-        files.append(_file_entry("val", val_path))
+    if dm.val_path is not None:
+        files.append(_file_entry("val", dm.val_path))
         val_from = "file"
     elif dm.val_set:
         val_from = f"held out (data.val_ratio={data.get('val_ratio')})"

@@ -8,9 +8,12 @@ PT: documents are tokenized, EOS appended to each, concatenated and cut into fix
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 from llm_stages.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -32,7 +35,15 @@ def ensure_chat_template(tokenizer) -> bool:
     if getattr(tokenizer, "chat_template", None):
         return False
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    log.warning("the tokenizer has no chat template; using the default Human:/Assistant: template")
     return True
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`system_prompt`, when set, replaces the conversation's own system turns (data.system_prompt)."""
+    if not system_prompt:
+        return messages
+    return [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
 
 
 class Example(NamedTuple):

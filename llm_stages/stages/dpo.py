@@ -83,9 +83,9 @@ class DPO(Stage):
         n = batch.num_pairs
         logps, n_tokens, mean_logits = self.score(self.model, batch)
         chosen, rejected = logps[:n], logps[n:]
-        chosen_nll = -chosen / n_tokens[:n].clamp(min=1)  # per-token NLL of the chosen reply
         # Reference-free losses score replies by their per-token average log-prob.
-        chosen_avg, rejected_avg = chosen / n_tokens[:n].clamp(min=1), rejected / n_tokens[n:].clamp(min=1)
+        chosen_avg, rejected_avg = (logps / n_tokens.clamp(min=1)).split(n)
+        chosen_nll = -chosen_avg  # per-token NLL of the chosen reply (ORPO, RPO)
         if self.loss_type == "simpo":
             losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_avg, rejected_avg, **self.loss_cfg)
         elif self.loss_type == "orpo":
