@@ -24,7 +24,9 @@ class GenerationSamples(L.Callback):
         self.rows: list[list] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        # RL stages take several optimiser steps per batch, so global_step may jump past a multiple.
+        last = self.rows[-1][0] if self.rows else 0
+        if self.every_n_steps and trainer.global_step - last >= self.every_n_steps:
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -49,12 +51,18 @@ class GenerationSamples(L.Callback):
             rows.append([trainer.global_step, prompt, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)])
         model.train(was_training)
         self.rows += rows
-        path = Path(trainer.default_root_dir) / "samples.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            for step, prompt, completion in rows:
-                f.write(json.dumps({"step": step, "prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table("samples", columns=["step", "prompt", "completion"], data=self.rows)
+        record_table(trainer, "samples", ["step", "prompt", "completion"], rows, self.rows)
         return rows
+
+
+def record_table(trainer, name: str, columns: list[str], new_rows: list[list], all_rows: list[list]) -> None:
+    """Append `new_rows` to `<run dir>/<name>.jsonl` and log `all_rows` as the W&B table `name`
+    (W&B tables are replaced, not appended, on each log)."""
+    path = Path(trainer.default_root_dir) / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for row in new_rows:
+            f.write(json.dumps(dict(zip(columns, row)), ensure_ascii=False) + "\n")
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_table(name, columns=columns, data=all_rows)

@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from llm_stages.errors import ConfigError, DataFormatError
 from llm_stages.export import export_hf
 from llm_stages.models import load_model, load_tokenizer
 
@@ -21,13 +23,24 @@ def _instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
 
+def _instantiate(config, **kwargs):
+    """Hydra's instantiate, with our own errors (a bad setting, bad data) re-raised as themselves
+    rather than wrapped, so the CLI reports them in one line."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ConfigError, DataFormatError)):
+            raise e.__cause__ from None
+        raise
+
+
 def build(cfg: DictConfig):
     """The stage's LightningModule (holding model and tokenizer) and its DataModule."""
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer, head=cfg.stage.get("model_head", "causal_lm"))
-    datamodule = instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
-    module = instantiate(cfg.module, model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
+    datamodule = _instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
+    module = _instantiate(cfg.module, model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
     return module, datamodule
 
 
@@ -59,7 +72,8 @@ def train(cfg: DictConfig) -> dict:
         metrics.update({k: float(v) for k, v in after[0].items()})
 
     if cfg.get("export") and trainer.is_global_zero:
-        metrics["export_dir"] = str(export_hf(module.model, tokenizer, Path(cfg.paths.output_dir) / "export"))
+        for name, model in module.exports().items():
+            metrics[f"{name}_dir"] = str(export_hf(model, tokenizer, Path(cfg.paths.output_dir) / name))
     trainer.strategy.barrier()
     if trainer.is_global_zero:
         _print_summary(metrics)

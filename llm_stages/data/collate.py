@@ -1,4 +1,4 @@
-"""Examples -> padded tensors. Right padding; padded labels are -100."""
+"""Examples -> padded tensors. Right padding (RL prompts: left); padded labels are -100."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from llm_stages.data.render import IGNORE_INDEX, Example, PackedExample, PairExample
+from llm_stages.data.render import IGNORE_INDEX, Example, PackedExample, PairExample, PromptExample
 
 
 class CausalBatch(NamedTuple):
@@ -76,6 +76,29 @@ def collate_pairs(pairs: list[PairExample], pad_id: int) -> PairBatch:
     rows = collate_causal([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     return PairBatch(rows.input_ids, rows.attention_mask, rows.labels, index=torch.tensor([p.index for p in pairs], dtype=torch.long),
                      margin=torch.tensor([p.margin for p in pairs], dtype=torch.float32))
+
+
+class PromptBatch(NamedTuple):
+    """RL prompts, left-padded so generation continues every row at the same position."""
+
+    input_ids: torch.Tensor  # (prompts, longest prompt)
+    attention_mask: torch.Tensor
+    prompts: list[str]  # last user message of each
+    answers: list[str | None]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate_prompts(examples: list[PromptExample], pad_id: int) -> PromptBatch:
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        input_ids[row, width - len(e.input_ids):] = torch.tensor(e.input_ids)
+        attention_mask[row, width - len(e.input_ids):] = 1
+    return PromptBatch(input_ids, attention_mask, [e.prompt for e in examples], [e.answer for e in examples])
 
 
 class MicroBatches:

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 
 from llm_stages.data import formats
 from llm_stages.data.collate import (MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal,
-                                     collate_packed, collate_pairs)
-from llm_stages.data.render import (Example, PairExample, ensure_chat_template, num_trained_tokens, pack_documents,
-                                    pack_examples, render_conversation, render_pair, truncate, truncate_pair,
-                                    with_system_prompt)
+                                     collate_packed, collate_pairs, collate_prompts)
+from llm_stages.data.render import (Example, PairExample, PromptExample, ensure_chat_template, num_trained_tokens,
+                                    pack_documents, pack_examples, render_conversation, render_pair, render_prompt,
+                                    truncate, truncate_pair, with_system_prompt)
 from llm_stages.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -338,6 +338,43 @@ class PairDataModule(CausalDataModule):
 
     def collate_one(self, pairs):
         return collate_pairs(pairs, self.tokenizer.pad_token_id)
+
+
+class PromptDataModule(CausalDataModule):
+    """Prompts for RL stages (`{"question", "answer"}`, `{"prompt"}`, or conversations whose final
+    assistant turn is the reference answer), rendered up to the assistant's turn. `batch_size`
+    counts prompts per rollout; prompts longer than `max_prompt_length` tokens are dropped and counted."""
+
+    def __init__(self, data, tokenizer, *, max_prompt_length: int = 256, **kwargs):
+        super().__init__(data, tokenizer, **kwargs)
+        if self.grad_accum != 1:
+            raise ConfigError("RL stages take one batch of prompts per rollout: leave datamodule.grad_accum at 1 and "
+                              "set module.mini_batch_size / module.micro_batch_size for the updates")
+        self.max_prompt_length = max_prompt_length
+        ensure_chat_template(tokenizer)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "max_prompt_length": self.max_prompt_length}
+
+    @staticmethod
+    def example_from_json(item) -> PromptExample:
+        return PromptExample(*item)
+
+    def build_examples(self, path: Path, split: str) -> list[PromptExample]:
+        examples = []
+        for record, prompt in self._read_records(path, lambda record, fmt: formats.prompt_record(record), split):
+            example = render_prompt(self.tokenizer, with_system_prompt(prompt.messages, self.data.get("system_prompt")),
+                                    prompt.answer)
+            if len(example.input_ids) > self.max_prompt_length:
+                self._drop(f"{split}_dropped_prompt_too_long", record)
+                continue
+            examples.append(example)
+        if not examples:
+            raise DataFormatError(path, f"no prompt fits datamodule.max_prompt_length={self.max_prompt_length}")
+        return examples
+
+    def collate_one(self, examples):
+        return collate_prompts(examples, self.tokenizer.pad_token_id)
 
 
 def _margin(record: formats.Record) -> float:

@@ -137,6 +137,20 @@ def truncate(example: Example, max_length: int) -> Example:
     return Example(example.input_ids[:max_length], example.labels[:max_length])
 
 
+class PromptExample(NamedTuple):
+    """An RL prompt: rendered up to the assistant's turn, ready for generation."""
+
+    input_ids: list[int]
+    prompt: str  # the last user message, for rule rewards
+    answer: str | None  # reference answer, when the data has one
+
+
+def render_prompt(tokenizer, messages: list[dict], answer: str | None) -> PromptExample:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return PromptExample(ids, messages[-1]["content"], answer)
+
+
 def num_trained_tokens(labels: list[int]) -> int:
     """Tokens that contribute to the loss: labels after the shift (the first position predicts nothing)."""
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)

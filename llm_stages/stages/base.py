@@ -37,23 +37,42 @@ class Stage(L.LightningModule):
     def on_fit_start(self) -> None:
         self.model.train()  # Lightning leaves HF models in the eval mode they were loaded in
 
+    def trainable(self) -> torch.nn.Module:
+        """What the optimiser updates (the model; PPO adds its critic)."""
+        return self.model
+
+    def exports(self) -> dict[str, torch.nn.Module]:
+        """Models saved as HF checkpoints at the end, by folder name under the run dir."""
+        return {"export": self.model}
+
     def configure_optimizers(self):
-        optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, self.trainer.estimated_stepping_batches)
+        optimizer, scheduler = build_optimizer(self.trainable(), self.optim_cfg, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, micro_batches: list, batch_idx: int) -> torch.Tensor:
+        loss, stats = self.optimizer_step(micro_batches, self.loss_sum, self.loss_weight)
+        self._mark_batch_consumed()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        for k, v in stats.items():
+            self.log(f"train/{k}", v)
+        return loss
+
+    def optimizer_step(self, micro_batches: list, loss_sum, loss_weight) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimiser (and schedule) step on the gradient of sum(loss_sum) / sum(loss_weight) over
+        the micro-batches of all ranks. Returns that loss and each stat's sum / weight."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        weight = self._all_reduce(sum(self.loss_weight(mb) for mb in micro_batches).float()).clamp(min=1)
+        weight = self._all_reduce(sum(loss_weight(mb) for mb in micro_batches).float()).clamp(min=1)
         world = self.trainer.world_size
         total = torch.zeros((), device=self.device)
         stats: dict[str, torch.Tensor] = {}
         for i, micro_batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with nullcontext() if last else self._no_grad_sync():
-                loss_sum, micro_stats = self.loss_sum(micro_batch)
+                micro_loss, micro_stats = loss_sum(micro_batch)
                 # DDP averages gradients over ranks; multiplying by world turns that into the global sum / weight.
-                self.manual_backward(loss_sum * world / weight)
-            total += loss_sum.detach()
+                self.manual_backward(micro_loss * world / weight)
+            total += micro_loss.detach()
             for k, v in micro_stats.items():
                 stats[k] = stats.get(k, 0) + v.detach()
         if self.optim_cfg.max_grad_norm:
@@ -61,13 +80,7 @@ class Stage(L.LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        self._mark_batch_consumed()
-        loss = self._all_reduce(total) / weight
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", scheduler.get_last_lr()[0])
-        for k, v in stats.items():
-            self.log(f"train/{k}", self._all_reduce(v.float()) / weight)
-        return loss
+        return self._all_reduce(total) / weight, {k: self._all_reduce(v.float()) / weight for k, v in stats.items()}
 
     # Validation metrics are sums over the whole validation set divided by its total weight
     # (tokens, pairs), on all ranks: not a mean of per-batch means.
@@ -78,9 +91,9 @@ class Stage(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         self._accumulate_val(*self.loss_sum(batch), self.loss_weight(batch))
 
-    def _accumulate_val(self, loss_sum: torch.Tensor, stats: dict[str, torch.Tensor], weight) -> None:
+    def _accumulate_val(self, loss_sum: torch.Tensor | None, stats: dict[str, torch.Tensor], weight) -> None:
         self._val_weight += weight
-        for k, v in {"loss": loss_sum, **stats}.items():
+        for k, v in (({"loss": loss_sum} if loss_sum is not None else {}) | stats).items():
             self._val_sums[k] = self._val_sums.get(k, 0) + v.detach().float()
 
     def on_validation_epoch_end(self) -> None:
@@ -88,7 +101,8 @@ class Stage(L.LightningModule):
         metrics = {f"val/{k}": (self._all_reduce(v) / weight).item() for k, v in self._val_sums.items()}
         metrics.update(self.derived_val_metrics(metrics))
         # Already reduced over ranks; sync_dist only averages equal values (and silences Lightning's warning).
-        self.log("val/loss", metrics.pop("val/loss"), prog_bar=True, sync_dist=True)
+        if "val/loss" in metrics:
+            self.log("val/loss", metrics.pop("val/loss"), prog_bar=True, sync_dist=True)
         self.log_dict(metrics, sync_dist=True)
 
     def derived_val_metrics(self, metrics: dict[str, float]) -> dict[str, float]:

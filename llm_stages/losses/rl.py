@@ -1,0 +1,159 @@
+"""Pure functions of RL from feedback (PPO, GRPO), on (batch, response_tokens) tensors.
+
+`mask` is 1 on response tokens (up to and including EOS) and 0 on padding after the response.
+Per-token functions return unreduced tensors; `masked_mean` reduces. `reduce`, where taken, sums
+a tensor over data-parallel ranks (identity on one process), so statistics that normalise a
+batch (whitening) see the whole global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_mean_var(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _identity) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased (Bessel-corrected) variance of the masked entries, over all ranks."""
+    n, total = reduce(mask.sum().float()), reduce((x * mask).sum().float())
+    mean = total / n.clamp(min=1)
+    squares = reduce((((x - mean) ** 2) * mask).sum().float())
+    return mean, squares / (n - 1).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce = _identity,
+           eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; `shift_mean=False` keeps the mean (scales only).
+    Padding positions are returned as 0."""
+    mean, var = masked_mean_var(x, mask, reduce)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman's k1, k2, k3).
+    k1 = log p - log q (unbiased, can be negative); k2 = (log p - log q)^2 / 2;
+    k3 = q/p - 1 - log(q/p) (unbiased, always >= 0, lower variance)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * KL at every response token, plus the sequence score on the last one."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask.bool()  # the last response token
+    return rewards + last * scores[:, None]
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, backwards over the response tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}.
+    The episode ends at the last masked token: past it there is no next value and no future
+    advantage (so values or rewards of padding never leak in). Returns (advantages, returns = A + V),
+    both 0 on padding.
+    """
+    steps = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(steps)):
+        alive = mask[:, t + 1] if t + 1 < steps else torch.zeros_like(mask[:, 0])
+        delta = rewards[:, t] + gamma * next_value * alive - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage * alive) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        cliprange: float, cliprange_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-token clipped surrogate loss max(-A * r, -A * clip(r, 1 - eps, 1 + eps_high)),
+    r = exp(logp - old_logp), and a per-token flag of where clipping was active (for clipfrac)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    high = cliprange if cliprange_high is None else cliprange_high
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).to(unclipped.dtype)
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped = old + clip(V - old, +-eps), and where
+    the clipped term was the larger."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).to(unclipped.dtype)
+
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token 0.5 * (logp - old_logp)^2: how far the policy moved within one rollout's updates."""
+    return 0.5 * (logprobs - old_logprobs) ** 2
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the categorical distribution given by `logits` (last dim)."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       reduce: Reduce = _identity) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R): 1 for a perfect critic, 0 for a constant one, negative for worse."""
+    _, var_returns = masked_mean_var(returns, mask, reduce)
+    _, var_residual = masked_mean_var(returns - values, mask, reduce)
+    return 1 - var_residual / var_returns.clamp(min=1e-8)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO: each completion's reward relative to the other completions of its prompt,
+    (r - mean_group) / (std_group + eps), std unbiased as in TRL; `scale=False` skips the division
+    (Dr. GRPO). `rewards` holds the groups consecutively: (prompts * group_size,)."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+class KLController:
+    """The KL coefficient: fixed, or adaptive (Ziegler et al. 2019) when `target` is set, moving the
+    coefficient so the measured KL approaches `target` over `horizon` samples."""
+
+    def __init__(self, kl_coef: float, target: float | None = None, horizon: int = 10000):
+        self.value, self.target, self.horizon = float(kl_coef), target, horizon
+
+    def update(self, current_kl: float, n_samples: int) -> None:
+        if self.target is None:
+            return
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_samples / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]

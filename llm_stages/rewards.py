@@ -1,0 +1,76 @@
+"""Rule (verifiable) reward functions for PPO and GRPO, chosen by `_target_` in the stage config.
+
+Every reward function is called as
+
+    fn(completions, prompts=..., answers=..., fields=...) -> list[float]
+
+with the decoded replies, the last user message of each prompt, each prompt's reference answer
+(None when the data has none) and its whole data record. Functions take what they need and
+ignore the rest (`**_`). Configure extra arguments with `_partial_: true`, e.g.
+
+    format: {weight: 0.2, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '...'}}
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+_GSM8K = re.compile(rf"####\s*({_NUMBER})")
+_BOXED = re.compile(rf"\\boxed\{{\s*({_NUMBER})\s*\}}")
+_ANY_NUMBER = re.compile(_NUMBER)
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a reply: after `#### `, else inside `\\boxed{}`, else its last number."""
+    for pattern in (_GSM8K, _BOXED):
+        found = pattern.findall(text)
+        if found:
+            return found[-1].replace(",", "")
+    numbers = _ANY_NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def same_answer(predicted: str | None, reference: str | None) -> bool:
+    """Numbers compare by value ("1,000" == "1000.0"; commas are thousands separators); other text exactly."""
+    if predicted is None or reference is None:
+        return False
+    predicted, reference = predicted.strip().replace(",", ""), reference.strip().replace(",", "")
+    try:
+        return math.isclose(float(predicted), float(reference), rel_tol=0, abs_tol=1e-6)
+    except ValueError:
+        return predicted == reference
+
+
+def answer_match(completions: list[str], answers: list[str | None], **_) -> list[float]:
+    """1.0 where the reply's final answer (`#### N`, `\\boxed{N}` or last number) equals the reference."""
+    return [float(same_answer(extract_answer(c), a)) for c, a in zip(completions, answers)]
+
+
+def format_match(completions: list[str], pattern: str, **_) -> list[float]:
+    """1.0 where the whole reply (stripped) matches the regular expression `pattern`."""
+    compiled = re.compile(pattern, re.DOTALL)
+    return [float(compiled.fullmatch(c.strip()) is not None) for c in completions]
+
+
+_EQUATION = re.compile(r"\s*(-?\d+)\s*([+-])\s*(-?\d+)\s*=\s*(-?\d+)\s*")
+_OPERATOR_WORDS = {"+": "+", "plus": "+", "-": "-", "minus": "-"}
+
+
+def demo_equation(completions: list[str], prompts: list[str], **_) -> list[float]:
+    """The demo task's partial credit: the share of (first operand, operator, second operand) of
+    the question that the reply's equation `a op b = c` restates correctly (0 for any other shape).
+    It rewards reading the question right, which a tiny model can learn in minutes; pair it with
+    `answer_match` for the result itself."""
+    scores = []
+    for completion, prompt in zip(completions, prompts):
+        numbers = re.findall(r"\d+", prompt)
+        operator = re.search(r"\s(\+|-|plus|minus)\s", prompt)
+        equation = _EQUATION.fullmatch(completion)
+        if len(numbers) < 2 or operator is None or equation is None:
+            scores.append(0.0)
+            continue
+        wanted = (numbers[0], _OPERATOR_WORDS[operator.group(1)], numbers[1])
+        scores.append(sum(w == g for w, g in zip(wanted, equation.groups()[:3])) / 3)
+    return scores

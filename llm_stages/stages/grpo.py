@@ -1,0 +1,95 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): PPO without a critic. Each prompt is answered
+`num_generations` times and each reply's advantage is its reward relative to its group's.
+
+Each training step is one iteration:
+
+1. rollout    `num_generations` sampled replies per prompt (KV cache, no grad);
+2. score      weighted sum of rule rewards (e.g. correctness + format) and/or a reward model;
+3. advantages (r - mean_group) / (std_group + eps), the same for every token of a reply
+              (`scale_rewards=false`: not divided by the std, as Dr. GRPO);
+4. update     clipped ratio objective (+ beta * k3 KL to the reference when beta > 0),
+              aggregated per `loss_type`, for `ppo_epochs` passes of shuffled minibatches.
+
+`loss_type`: `token_mean` (DAPO: every token of the minibatch weighs the same) or
+`sequence_mean` (the original GRPO: mean over each reply's tokens, then over replies).
+Defaults follow TRL's GRPOTrainer (beta 0, epsilon 0.2, one pass, scaled rewards).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm_stages.data.collate import PromptBatch
+from llm_stages.errors import ConfigError
+from llm_stages.losses.rl import clipped_policy_loss, group_advantages, kl_penalty, masked_mean
+from llm_stages.rollout import RolloutBuffer, Trajectory
+from llm_stages.stages.rl import RLStage
+
+LOSS_TYPES = ("token_mean", "sequence_mean")
+
+
+class GRPO(RLStage):
+    def __init__(self, model, tokenizer, optim, *, num_generations: int = 8, beta: float = 0.0, epsilon: float = 0.2,
+                 epsilon_high: float | None = None, scale_rewards: bool = True, loss_type: str = "token_mean", **kwargs):
+        if loss_type not in LOSS_TYPES:
+            raise ConfigError(f"module.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if num_generations < 2:
+            raise ConfigError("module.num_generations must be >= 2: advantages compare replies within a group")
+        # Without a KL term no reference model is needed, nor held in memory.
+        super().__init__(model, tokenizer, optim, reference=beta > 0, **kwargs)
+        self.num_generations, self.beta, self.epsilon, self.epsilon_high = num_generations, beta, epsilon, epsilon_high
+        self.scale_rewards, self.loss_type = scale_rewards, loss_type
+        self.reuses_rollout = False
+
+    def training_step(self, batch: list[PromptBatch], batch_idx: int) -> torch.Tensor:
+        prompts = batch[0]
+        group = self.num_generations
+        # 1. Rollout: `group` replies per prompt, consecutive.
+        query, query_mask, response, mask = self.sample(prompts, repeats=group, generation=self.generation,
+                                                        seed=self._seed(self.global_step))
+        zeros = torch.zeros(response.shape, device=self.device)
+        trajectory = Trajectory(query, query_mask, response, mask, *([zeros] * 6), scores=zeros[:, 0])
+
+        # 2. Score every reply; old and reference log-probs only where the loss needs them.
+        repeated = lambda items: [x for x in items for _ in range(group)]  # noqa: E731
+        scores, components, completions = self.score(repeated(prompts.prompts), repeated(prompts.answers),
+                                                     query, query_mask, response, mask)
+        # With one pass over one minibatch the policy that sampled is the one being updated: its
+        # log-probs are the detached current ones, and a forward pass is saved.
+        self.reuses_rollout = self.ppo_epochs > 1 or self.mini_batch_size < response.shape[0]
+        with torch.no_grad():
+            logprobs = self.response_logprobs(self.model, trajectory)[0] * mask if self.reuses_rollout else zeros
+            ref_logprobs = self.response_logprobs(self.reference, trajectory)[0] * mask if self.beta else zeros
+
+        # 3. Advantages: relative to the group, one value per reply, on each of its tokens.
+        advantages = group_advantages(scores, group, scale=self.scale_rewards)[:, None] * mask
+        trajectory = trajectory._replace(logprobs=logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+                                         scores=scores)
+
+        # 4. Update: minibatch epochs over the rollout buffer.
+        stats = self.update(RolloutBuffer(trajectory), self.grpo_loss, self.loss_weight_of)
+        grouped = scores.view(-1, group)
+        stats["frac_reward_zero_std"] = (grouped.std(1) < 1e-6).float().mean()
+        self.log_rollout("grpo", stats, scores, components, mask)
+        self.record_samples(batch_idx, repeated(prompts.prompts), completions, scores)
+        self._mark_batch_consumed()
+        return stats["loss"]
+
+    def loss_weight_of(self, mb: Trajectory) -> torch.Tensor:
+        return mb.response_mask.sum() if self.loss_type == "token_mean" else torch.tensor(mb.response_mask.shape[0], device=self.device)
+
+    def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Summed over the micro-batch in `loss_type`'s units (the update divides by their count)."""
+        return (per_token * mask).sum() if self.loss_type == "token_mean" else masked_mean(per_token, mask, dim=1).sum()
+
+    def grpo_loss(self, mb: Trajectory):
+        mask = mb.response_mask.float()
+        logprobs = self.response_logprobs(self.model, mb)[0]
+        old = mb.logprobs if self.reuses_rollout else logprobs.detach()
+        per_token, clipped = clipped_policy_loss(logprobs, old, mb.advantages, self.epsilon, self.epsilon_high)
+        stats = {"policy_loss": self._aggregate(per_token.detach(), mask), "clipfrac": self._aggregate(clipped, mask)}
+        if self.beta:
+            kl = kl_penalty(logprobs, mb.ref_logprobs, "k3")
+            per_token = per_token + self.beta * kl
+            stats["kl"] = self._aggregate(kl.detach(), mask)
+        return self._aggregate(per_token, mask), stats

@@ -1,0 +1,147 @@
+"""PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022), as in the seeds' RLHF step.
+
+Four models: the actor (the policy, from an SFT export), the critic (a value head on an RM
+export, or on a copy of the actor), the frozen reference (the initial actor) and the reward
+(an RM export and/or rule functions). Each training step is one iteration:
+
+1. rollout    sample replies to a batch of prompts with the actor (KV cache, no grad);
+2. score      score each reply; log-probs of actor and reference, values of the critic;
+3. advantages per-token reward = -kl_coef * KL(actor || reference), plus the clipped score on
+              the last reply token; GAE over the reply; whitened advantages;
+4. update     `ppo_epochs` passes of shuffled minibatches: clipped policy loss + vf_coef *
+              clipped value loss (- ent_coef * entropy), one optimiser step per minibatch.
+
+Defaults follow TRL's last PPOTrainer (kl_coef 0.05, cliprange 0.2, cliprange_value 0.2,
+vf_coef 0.1, gamma 1, lam 0.95, 4 epochs).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from llm_stages.data.collate import PromptBatch
+from llm_stages.errors import ConfigError
+from llm_stages.losses.rl import (KLController, approx_kl, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
+                                  kl_penalty, masked_mean, shaped_rewards, whiten)
+from llm_stages.models import load_model, load_tokenizer
+from llm_stages.rollout import RolloutBuffer, Trajectory
+from llm_stages.stages.rl import RLStage, position_ids
+
+
+def critic_from_actor(actor) -> torch.nn.Module:
+    """A value model sharing the actor's initial backbone weights, with a fresh scalar head."""
+    config = copy.deepcopy(actor.config)
+    config.num_labels = 1
+    critic = AutoModelForSequenceClassification.from_config(config).to(next(actor.parameters()).dtype)
+    missing, _ = critic.load_state_dict(actor.state_dict(), strict=False)
+    if any(not name.startswith("score.") for name in missing):
+        raise ConfigError(f"cannot build a critic from the actor: backbone weights missing {missing[:3]}; set module.critic_path")
+    return critic
+
+
+def load_critic(path: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"name": "critic", "path": str(path), "dtype": str(dtype).removeprefix("torch.")})
+    if load_tokenizer(cfg).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"the critic at {path} uses a different vocabulary than the actor")
+    return load_model(cfg, tokenizer, head="reward")
+
+
+class PPO(RLStage):
+    def __init__(self, model, tokenizer, optim, *, critic_path: str | None = None, kl_coef: float = 0.05,
+                 kl_estimator: str = "k1", kl_target: float | None = None, kl_horizon: int = 10000,
+                 reward_clip: float | None = 10.0, cliprange: float = 0.2, cliprange_value: float = 0.2,
+                 vf_coef: float = 0.1, ent_coef: float = 0.0, gamma: float = 1.0, lam: float = 0.95,
+                 whiten_advantages: bool = True, export_critic: bool = False, ppo_epochs: int = 4, **kwargs):
+        super().__init__(model, tokenizer, optim, ppo_epochs=ppo_epochs, reference=True, **kwargs)
+        dtype = next(model.parameters()).dtype
+        self.critic = load_critic(critic_path, tokenizer, dtype) if critic_path else critic_from_actor(model)
+        self.kl_ctl = KLController(kl_coef, kl_target, kl_horizon)
+        self.kl_estimator, self.reward_clip = kl_estimator, reward_clip
+        self.cliprange, self.cliprange_value, self.vf_coef, self.ent_coef = cliprange, cliprange_value, vf_coef, ent_coef
+        self.gamma, self.lam, self.whiten_advantages = gamma, lam, whiten_advantages
+        self.export_critic = export_critic
+        kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # fail now on an unknown estimator
+
+    def trainable(self) -> torch.nn.Module:
+        return torch.nn.ModuleList([self.model, self.critic])
+
+    def exports(self) -> dict[str, torch.nn.Module]:
+        return {"export": self.model, **({"critic_export": self.critic} if self.export_critic else {})}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.critic.train()
+
+    def values(self, trajectory: Trajectory) -> torch.Tensor:
+        """V(s_t) for every reply token t: the critic's head on the hidden state that predicts it."""
+        mask = trajectory.attention_mask
+        hidden = self.critic.base_model(input_ids=trajectory.input_ids, attention_mask=mask,
+                                        position_ids=position_ids(mask), use_cache=False).last_hidden_state
+        width = trajectory.response.shape[1]
+        return self.critic.score(hidden[:, -width - 1:-1]).squeeze(-1).float()
+
+    def training_step(self, batch: list[PromptBatch], batch_idx: int) -> torch.Tensor:
+        prompts = batch[0]
+        # 1. Rollout: sample replies with the current actor.
+        query, query_mask, response, mask = self.sample(prompts, generation=self.generation, seed=self._seed(self.global_step))
+        zeros = torch.zeros(response.shape, device=self.device)
+        trajectory = Trajectory(query, query_mask, response, mask, *([zeros] * 6), scores=zeros[:, 0])
+
+        # 2. Score: sequence rewards, and what the update compares against (all without grad).
+        scores, components, completions = self.score(prompts.prompts, prompts.answers, query, query_mask, response, mask)
+        with torch.no_grad():
+            logprobs = self.response_logprobs(self.model, trajectory)[0] * mask
+            ref_logprobs = self.response_logprobs(self.reference, trajectory)[0] * mask
+            values = self.values(trajectory) * mask
+
+        # 3. Advantages: KL-penalised per-token rewards, the clipped score on the last reply token; GAE.
+        kl = kl_penalty(logprobs, ref_logprobs, self.kl_estimator) * mask
+        clipped = scores.clamp(-self.reward_clip, self.reward_clip) if self.reward_clip else scores
+        rewards = shaped_rewards(clipped, kl, mask, self.kl_ctl.value)
+        advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
+        if self.whiten_advantages:
+            advantages = whiten(advantages, mask, reduce=self._all_reduce)
+        trajectory = trajectory._replace(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
+                                         advantages=advantages, returns=returns, scores=scores)
+
+        # 4. Update: minibatch epochs over the rollout buffer.
+        stats = self.update(RolloutBuffer(trajectory), self.ppo_loss, lambda mb: mb.response_mask.sum())
+
+        sequence_kl = kl.sum(1).mean()
+        self.kl_ctl.update(float(self._all_reduce(sequence_kl) / self.trainer.world_size),
+                           n_samples=response.shape[0] * self.trainer.world_size)
+        stats.update(kl=sequence_kl, kl_coef=torch.tensor(self.kl_ctl.value),
+                     explained_variance=explained_variance(values, returns, mask.float(), reduce=self._all_reduce),
+                     score_mean=scores.mean(), advantage_mean=masked_mean(advantages, mask))
+        self.log_rollout("ppo", stats, scores, components, mask)
+        self.record_samples(batch_idx, prompts.prompts, completions, scores)
+        self._mark_batch_consumed()
+        return stats["loss"]
+
+    def ppo_loss(self, mb: Trajectory):
+        """Summed per-token loss of a micro-batch (the update divides by the minibatch's token count)."""
+        mask = mb.response_mask.float()
+        logprobs, entropy = self.response_logprobs(self.model, mb, with_entropy=True)
+        if not self.ent_coef:
+            entropy = entropy.detach()
+        values = self.values(mb)
+        policy_loss, policy_clipped = clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, self.cliprange)
+        value_loss, value_clipped = clipped_value_loss(values, mb.values, mb.returns, self.cliprange_value)
+        per_token = policy_loss + self.vf_coef * value_loss - self.ent_coef * entropy
+        token_sum = lambda x: (x.detach() * mask).sum()  # noqa: E731
+        stats = {"policy_loss": token_sum(policy_loss), "value_loss": token_sum(value_loss),
+                 "clipfrac": token_sum(policy_clipped), "value_clipfrac": token_sum(value_clipped),
+                 "approx_kl": token_sum(approx_kl(logprobs, mb.logprobs)), "entropy": token_sum(entropy)}
+        return (per_token * mask).sum(), stats
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kl_controller"] = self.kl_ctl.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "kl_controller" in checkpoint:
+            self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
