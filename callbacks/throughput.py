@@ -19,6 +19,8 @@ class ThroughputMonitor(L.Callback):
             return
         seconds = time.perf_counter() - self._started
         micro_batches = batch if isinstance(batch, list) else [batch]
+        if not all(hasattr(mb, "num_tokens") for mb in micro_batches):
+            return  # RL prompt batches: the RL stages log their own rollout and update throughput
         tokens = sum(mb.num_tokens for mb in micro_batches)
         samples = sum(mb.input_ids.shape[0] for mb in micro_batches)
         pl_module.log("perf/tokens_per_s", tokens * trainer.world_size / seconds)

@@ -48,6 +48,22 @@ def answer_match(completions: list[str], answers: list[str | None], **_) -> list
     return [float(same_answer(extract_answer(c), a)) for c, a in zip(completions, answers)]
 
 
+def answer_closeness(completions: list[str], answers: list[str | None], scale: float = 10.0, **_) -> list[float]:
+    """Partial credit for numeric answers: 1 - |predicted - reference| / scale, floored at 0
+    (0 for no number or a non-numeric reference). Denser than `answer_match` while a model is
+    still approximately right, e.g. off by a few units."""
+    scores = []
+    for completion, answer in zip(completions, answers):
+        predicted = extract_answer(completion)
+        try:
+            distance = abs(float(predicted) - float(str(answer).replace(",", "")))
+        except (TypeError, ValueError):
+            scores.append(0.0)
+            continue
+        scores.append(max(0.0, 1.0 - distance / scale))
+    return scores
+
+
 def format_match(completions: list[str], pattern: str, **_) -> list[float]:
     """1.0 where the whole reply (stripped) matches the regular expression `pattern`."""
     compiled = re.compile(pattern, re.DOTALL)

