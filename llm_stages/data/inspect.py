@@ -75,7 +75,7 @@ def inspect_data(cfg: DictConfig) -> InspectReport:
 
     from hydra.utils import instantiate
 
-    from llm_stages.data.datamodule import PairDataModule, PTDataModule
+    from llm_stages.data.datamodule import PairDataModule, PromptDataModule, PTDataModule
     from llm_stages.models import load_tokenizer, vocabulary_tokens
 
     tokenizer = load_tokenizer(cfg.model)
@@ -93,6 +93,8 @@ def inspect_data(cfg: DictConfig) -> InspectReport:
 
     if isinstance(dm, PTDataModule):
         fmt, fmt_from = "text", "detected"
+    elif isinstance(dm, PromptDataModule):
+        fmt, fmt_from = _record_format(train_paths[0], _prompt_format, data)
     else:
         detect = formats.detect_pair_format if isinstance(dm, PairDataModule) else formats.detect_conversation_format
         fmt, fmt_from = _record_format(train_paths[0], detect, data)
@@ -101,7 +103,14 @@ def inspect_data(cfg: DictConfig) -> InspectReport:
         stage=str(cfg.stage.name), datamodule=type(dm).__name__, files=files, val_from=val_from, format=fmt,
         format_from=fmt_from, train_examples=len(dm.train_set), val_examples=len(dm.val_set), stats=dict(dm.stats),
         lengths={}, sample={})
-    if isinstance(dm, PairDataModule):
+    if isinstance(dm, PromptDataModule):
+        report.lengths["prompt"] = length_stats([len(e.input_ids) for e in dm.train_set])
+        first = dm.train_set[0]
+        report.sample["prompt"] = tokenizer.decode(first.input_ids, skip_special_tokens=False,
+                                                   clean_up_tokenization_spaces=False)
+        report.sample_note = (f"{len(first.input_ids)} prompt tokens; reference answer {first.answer!r}; "
+                              f"{sum(e.answer is not None for e in dm.train_set)} of {len(dm.train_set)} prompts have one")
+    elif isinstance(dm, PairDataModule):
         for side in ("chosen", "rejected"):
             examples = [getattr(p, side) for p in dm.train_set]
             report.lengths[f"{side} sequence"] = length_stats([len(e.input_ids) for e in examples])
@@ -170,7 +179,7 @@ def render_report(report: InspectReport) -> str:
     for name, s in report.lengths.items():
         lines.append(f"{'  ' + name:<{width}}{s['min']:>8}{s['mean']:>8.1f}{s['p50']:>8}{s['p95']:>8}{s['max']:>8}")
 
-    marks = "" if "block" in report.sample else f"; {TRAINED_OPEN} {TRAINED_CLOSE} marks trained tokens"
+    marks = "" if "block" in report.sample or "prompt" in report.sample else f"; {TRAINED_OPEN} {TRAINED_CLOSE} marks trained tokens"
     lines += ["", f"first train example ({report.sample_note}{marks}):"]
     for name, text in report.sample.items():
         if len(report.sample) > 1:
@@ -200,6 +209,13 @@ def _record_format(path: Path, detect, data) -> tuple[str, str]:
                 raise
             first_error = first_error or e
     raise first_error
+
+
+def _prompt_format(record: formats.Record) -> str:
+    """Which RL prompt layout a record has (as `formats.prompt_record` reads it)."""
+    formats.prompt_record(record)  # raises the clear error for a record without a prompt
+    keys = record.data
+    return "prompt" if "prompt" in keys else "question" if "question" in keys else "messages" if "messages" in keys else "sharegpt"
 
 
 def _ids_labels(example) -> tuple[list[int], list[int]]:

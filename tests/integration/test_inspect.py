@@ -81,6 +81,19 @@ def test_preference_report_shows_chosen_and_rejected(tmp_path):
     assert "--- chosen" in text and "--- rejected" in text
 
 
+def test_rl_prompt_report_shows_the_rendered_prompt_and_answers(tmp_path):
+    records = [{"question": "What is 2 + 3?", "answer": "Two and three... #### 5"}, {"prompt": "7 - 1 = ?"},
+               {"question": "x" * 400, "answer": "1"}]
+    path = _jsonl(tmp_path / "prompts.jsonl", records)
+    report = inspect_overrides(["stage=grpo", "data=file", f"data.path={path}", "datamodule.batch_size=1",
+                                "datamodule.max_prompt_length=64", "data.val_ratio=0", *_paths(tmp_path)])
+    assert report.datamodule == "PromptDataModule" and (report.format, report.format_from) == ("question", "detected")
+    assert report.train_examples == 2 and report.stats == {"train_dropped_prompt_too_long": 1}
+    assert report.sample == {"prompt": "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"}
+    assert "reference answer '5'" in report.sample_note and "1 of 2 prompts have one" in report.sample_note
+    assert "[[" not in render_report(report)
+
+
 def test_pt_report_shows_the_first_block_unmarked(tmp_path, tokenizer):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(f"document {i} says {i} plus {i} equals {2 * i}." for i in range(12)), encoding="utf-8")

@@ -130,3 +130,31 @@ def test_pair_examples_survive_the_cache(tmp_path, tokenizer):
     a.setup()
     b.setup()
     assert a.train_set == b.train_set and [p.margin for p in b.train_set] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_rl_prompts_are_left_padded_and_bad_records_named(tmp_path, tokenizer):
+    import pytest
+
+    from llm_stages.data.datamodule import PromptDataModule
+    from llm_stages.errors import ConfigError, DataFormatError
+
+    path = tmp_path / "rl.jsonl"
+    path.write_text(json.dumps({"question": "1 + 1?", "answer": "2"}) + "\n"
+                    + json.dumps({"prompt": "a much longer question about 12 + 30", "answer": "42"}) + "\n")
+    dm = PromptDataModule(_data(path), tokenizer, batch_size=2)
+    dm.setup()
+    batch = dm.collate_one(dm.train_set)
+    lengths = [len(e.input_ids) for e in dm.train_set]
+    assert batch.input_ids.shape == (2, max(lengths)) and batch.answers == ["2", "42"]
+    short = lengths.index(min(lengths))
+    pad = max(lengths) - min(lengths)
+    assert batch.attention_mask[short].tolist() == [0] * pad + [1] * min(lengths)  # padded on the left
+    assert batch.input_ids[short, pad:].tolist() == dm.train_set[short].input_ids
+    assert batch.prompts[0] == "1 + 1?"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "ok?"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2.*cannot find a prompt"):
+        PromptDataModule(_data(bad), tokenizer, batch_size=1).setup()
+    with pytest.raises(ConfigError, match="grad_accum"):
+        PromptDataModule(_data(path), tokenizer, batch_size=1, grad_accum=2)
