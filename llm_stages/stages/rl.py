@@ -45,6 +45,13 @@ def load_reward_model(path: str, tokenizer, dtype: torch.dtype) -> torch.nn.Modu
     return load_model(cfg, tokenizer, head="reward").eval().requires_grad_(False)
 
 
+def _reward_fn(name: str, spec) -> tuple:
+    if not hasattr(spec, "get") or not callable(spec.get("fn")):
+        raise ConfigError(f"module.rewards.{name} must be {{weight: w, fn: {{_target_: <function>, _partial_: true}}}}; "
+                          f"got {spec!r}")
+    return spec["fn"], float(spec.get("weight", 1.0))
+
+
 class RLStage(Stage):
     def __init__(self, model, tokenizer, optim, *, generation: dict, val_generation: dict | None = None,
                  rewards: dict | None = None, reward_model: dict | None = None, missing_eos_penalty: float | None = None,
@@ -55,7 +62,7 @@ class RLStage(Stage):
         super().__init__(model, tokenizer, optim)
         self.generation = dict(generation)
         self.val_generation = {**self.generation, **dict(val_generation or {})}
-        self.reward_fns = {name: (spec["fn"], float(spec.get("weight", 1.0))) for name, spec in (rewards or {}).items()}
+        self.reward_fns = {name: _reward_fn(name, spec) for name, spec in (rewards or {}).items()}
         self.reward_model, self.reward_model_weight = None, 0.0
         if reward_model and reward_model.get("path"):
             dtype = next(model.parameters()).dtype

@@ -166,3 +166,8 @@ def test_smollm2_runs_rl_steps_on_cpu(make_cfg, stage):
     metrics = train(make_cfg(*overrides))
     assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert Path(metrics["export_dir"], "model.safetensors").is_file()
+
+
+def test_a_malformed_reward_entry_is_a_config_error(make_cfg):
+    with pytest.raises(ConfigError, match="module.rewards.bad must be"):
+        build(make_cfg(*PPO, "+module.rewards.bad={weight: 1.0}"))
