@@ -171,3 +171,48 @@ def test_smollm2_runs_rl_steps_on_cpu(make_cfg, stage):
 def test_a_malformed_reward_entry_is_a_config_error(make_cfg):
     with pytest.raises(ConfigError, match="module.rewards.bad must be"):
         build(make_cfg(*PPO, "+module.rewards.bad={weight: 1.0}"))
+
+
+DDP_SCRIPT = """
+import sys, lightning as L
+from llm_stages.config import compose
+from llm_stages.train import build
+cfg = compose(sys.argv[2:], output_dir=sys.argv[1])
+module, datamodule = build(cfg)
+
+class ParamSums(L.Callback):
+    def on_train_end(self, trainer, pl_module):
+        for name, model in [("actor", pl_module.model), ("critic", getattr(pl_module, "critic", None))]:
+            if model is not None:
+                print(f"rank{trainer.global_rank} {name} {sum(float(p.double().sum()) for p in model.parameters()):.12f}", flush=True)
+
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=cfg.trainer.max_steps, logger=False,
+                    callbacks=[ParamSums()], enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0)
+trainer.fit(module, datamodule=datamodule)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_rl_under_ddp_keeps_ranks_identical(make_cfg, tmp_path, stage, demo_dir):
+    """Two CPU processes, each sampling its own rollouts (seeded by rank): gradients are averaged, so
+    both ranks end with the same actor (and critic) after several optimiser steps per iteration."""
+    import subprocess
+    import sys
+
+    from tests.conftest import QUIET, REPO, TEST_MODEL
+
+    overrides = {"ppo": PPO, "grpo": GRPO}[stage] + ["trainer.max_steps=8", *TEST_MODEL, *QUIET,
+                                                      f"paths.data_dir={demo_dir.parent}", f"paths.log_dir={tmp_path}"]
+    if stage == "grpo":
+        overrides.append("+module.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, "
+                         "_partial_: true, pattern: '.*[0-9].*'}}")
+    script = tmp_path / "ddp_rl.py"
+    script.write_text(DDP_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), *overrides], capture_output=True,
+                         text=True, cwd=REPO, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    sums = dict(line.rsplit(" ", 1) for line in run.stdout.splitlines() if line.startswith("rank"))
+    names = ["actor", "critic"] if stage == "ppo" else ["actor"]
+    assert all(sums[f"rank0 {n}"] == sums[f"rank1 {n}"] for n in names), sums
