@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -44,6 +45,39 @@ def build(cfg: DictConfig):
     datamodule = _instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
     module = _instantiate(cfg.module, model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
     return module, datamodule
+
+
+SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|passw(or)?d|credentials?)$", re.IGNORECASE)
+SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9_-]{20,})$")  # HF, W&B, OpenAI-style keys
+
+
+def redact_secrets(config):
+    """The config with anything that looks like a credential replaced by '***' (by key name or by
+    the shape of the value), so a logged config never carries one."""
+    if isinstance(config, dict):
+        return {k: "***" if isinstance(k, str) and SECRET_KEY.search(k) and config[k] not in (None, "", False)
+                else redact_secrets(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [redact_secrets(v) for v in config]
+    if isinstance(config, str) and SECRET_VALUE.match(config):
+        return "***"
+    return config
+
+
+def _log_export_artifacts(cfg: DictConfig, loggers: list, metrics: dict) -> None:
+    """With `logger.wandb.log_model=true`, each export is also logged as a W&B model artifact."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb") or {}
+    if not wandb_cfg.get("log_model"):
+        return
+    import wandb
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            for key, path in metrics.items():
+                if key.endswith("export_dir"):
+                    artifact = wandb.Artifact(f"{cfg.stage.name}-{logger.experiment.id}-{key[:-4]}", type="model")
+                    artifact.add_dir(path)
+                    logger.experiment.log_artifact(artifact)
 
 
 def _sweep_group() -> str | None:
@@ -90,7 +124,7 @@ def train(cfg: DictConfig) -> dict:
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks")))
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
 
     metrics: dict = {"stage": cfg.stage.name, "key_metric": cfg.stage.get("key_metric", "val/loss"),
                      "output_dir": str(cfg.paths.output_dir)}
@@ -118,6 +152,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("export") and trainer.is_global_zero:
         for name, model in module.exports().items():
             metrics[f"{name}_dir"] = str(export_hf(model, tokenizer, Path(cfg.paths.output_dir) / name))
+        _log_export_artifacts(cfg, loggers, metrics)
     trainer.strategy.barrier()
     if trainer.is_global_zero:
         _print_summary(metrics)

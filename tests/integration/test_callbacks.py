@@ -54,3 +54,53 @@ def test_generation_samples_skip_reward_models(make_cfg, tmp_path):
     out = tmp_path / "rm"
     train(make_cfg("stage=rm", "callbacks=default", "trainer.max_steps=2", "export=false", output_dir=out))
     assert not (out / "samples.jsonl").exists()
+
+
+def test_export_hf_every_n_steps_keeps_the_newest(make_cfg, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llm_stages.train import train
+
+    out = tmp_path / "exp"
+    train(make_cfg("stage=sft", "callbacks=default", "callbacks.generation_samples=null", "trainer.max_steps=6",
+                   "callbacks.export_hf.every_n_steps=2", "callbacks.export_hf.keep=2", output_dir=out))
+    kept = sorted(p.name for p in (out / "exports").iterdir())
+    assert kept == ["step_000004", "step_000006"]  # step 2 was removed to keep the newest two
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "exports" / "step_000006" / "export")
+    final = AutoModelForCausalLM.from_pretrained(out / "export")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), final.state_dict().values()))
+
+
+def test_ppo_export_hf_every_n_steps_counts_optimiser_steps(make_cfg, tmp_path):
+    from llm_stages.train import train
+
+    out = tmp_path / "ppo"
+    # 4 replies / minibatch 2 x 2 epochs = 4 optimiser steps per iteration; exports after passing 6 and 12
+    train(make_cfg("stage=ppo", "callbacks=default", "callbacks.generation_samples=null", "trainer.max_steps=12",
+                   "+module.rewards.eq={weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, _partial_: true}}",
+                   "module.mini_batch_size=2", "module.ppo_epochs=2", "datamodule.batch_size=4",
+                   "module.generation.max_new_tokens=6", "module.export_critic=true", "trainer.limit_val_batches=1",
+                   "datamodule.val_batch_size=4", "callbacks.export_hf.every_n_steps=6", "callbacks.export_hf.keep=null",
+                   output_dir=out))
+    assert sorted(p.name for p in (out / "exports").iterdir()) == ["step_000008", "step_000012"]
+    assert (out / "exports" / "step_000012" / "critic_export" / "config.json").is_file()
+
+
+def test_throughput_mfu_with_a_given_peak(make_cfg, tmp_path):
+    from callbacks.throughput import ThroughputMonitor, peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("cpu") is None
+    module, datamodule = build(make_cfg("stage=sft"))
+    monitor = ThroughputMonitor(peak_tflops=1e-3)  # 1 GFLOP/s: a made-up peak so the CPU run reports an MFU
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("perf/")})
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, callbacks=[monitor, Capture()],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    n_params = sum(p.numel() for p in module.model.parameters())
+    assert seen["perf/mfu"] == pytest.approx(6 * n_params * seen["perf/tokens_per_s"] / 1e9, rel=1e-3)

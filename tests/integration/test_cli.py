@@ -115,24 +115,26 @@ def test_wandb_logger_runs_offline_without_an_account(make_cfg, tmp_path, monkey
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
-def test_demo_chain_pt_sft_rm_dpo_ppo_grpo_reaches_the_targets(tmp_path):
-    """What `make demo` runs, with the real tiny model: SFT loss halves, RM and DPO reach 0.9 held
-    out, PPO and GRPO raise the held-out mean reward of the SFT policy."""
+def test_demo_pipeline_pt_sft_rm_dpo_ppo_grpo_reaches_the_targets(tmp_path):
+    """What `make demo` runs (pipeline=demo), with the real tiny model: SFT loss halves, RM and DPO
+    reach 0.9 held out, PPO and GRPO raise the held-out mean reward of the SFT policy; every stage
+    logs to offline W&B, with generation tables."""
     from llm_stages.config import compose
+    from llm_stages.pipeline import run_pipeline
 
-    results = {}
-    for stage in ["pt", "sft", "rm", "dpo", "ppo", "grpo"]:
-        cfg = compose([f"experiment=demo_{stage}", f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}/data",
-                       "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
-                      output_dir=str(tmp_path / "demo" / stage))
-        results[stage] = train(cfg)
-    sft = results["sft"]
-    assert sft["val/loss"] <= 0.5 * sft["val/loss_before"]
-    assert results["rm"]["val/accuracy"] >= 0.9
-    assert results["dpo"]["val/rewards/accuracies"] >= 0.9
+    cli = [f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}/data", "trainer.enable_progress_bar=false",
+           "trainer.enable_model_summary=false"]
+    rows = {r["stage"]: r for r in run_pipeline(compose(["pipeline=demo", *cli], output_dir=str(tmp_path / "demo")), cli)}
+    assert list(rows) == ["pt", "sft", "rm", "dpo", "ppo", "grpo"] and all(r["status"] == "ran" for r in rows.values())
+    assert rows["sft"]["after"] <= 0.5 * rows["sft"]["before"]  # val/loss
+    assert rows["rm"]["after"] >= 0.9  # val/accuracy
+    assert rows["dpo"]["after"] >= 0.9  # val/rewards/accuracies
     # Measured here: PPO's RM score 0.22 -> 0.47, GRPO's rule reward 0.89 -> 0.99 (greedy replies).
-    assert results["ppo"]["val/reward"] >= results["ppo"]["val/reward_before"] + 0.1
-    assert results["grpo"]["val/reward"] >= results["grpo"]["val/reward_before"] + 0.04
+    assert rows["ppo"]["after"] >= rows["ppo"]["before"] + 0.1
+    assert rows["grpo"]["after"] >= rows["grpo"]["before"] + 0.04
+    tables = {stage: [p.name.split("_")[0] for p in (tmp_path / "demo" / stage).glob("wandb/offline-run-*/files/media/table/*.json")]
+              for stage in ["sft", "ppo", "grpo"]}
+    assert "samples" in tables["sft"] and "rollouts" in tables["ppo"] and "rollouts" in tables["grpo"]
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])

@@ -13,3 +13,19 @@ def test_warmup_then_cosine_to_floor():
 def test_linear_and_constant():
     assert lr_factor(5, warmup_steps=0, total_steps=10, scheduler="linear", min_lr_ratio=0.0) == pytest.approx(0.5)
     assert lr_factor(5, warmup_steps=0, total_steps=10, scheduler="constant", min_lr_ratio=0.0) == 1.0
+
+
+def test_logged_configs_never_carry_secrets():
+    from llm_stages.train import redact_secrets
+
+    config = {"logger": {"wandb": {"api_key": "abc", "project": "p", "token": None}},
+              "hub": {"HF_TOKEN": "hf_" + "x" * 30, "path": "runs/x"}, "note": "hf_" + "a" * 34,
+              "wandb_key": "0123456789abcdef0123456789abcdef01234567", "lr": 1e-3, "items": ["sk-" + "z" * 30, "ok"],
+              "generation": {"max_new_tokens": 64}, "tokenizer": "path/tok", "add_tokens": ["<a>"]}
+    redacted = redact_secrets(config)
+    assert redacted["logger"]["wandb"] == {"api_key": "***", "project": "p", "token": None}
+    assert redacted["hub"] == {"HF_TOKEN": "***", "path": "runs/x"}
+    assert redacted["note"] == "***" and redacted["wandb_key"] == "***" and redacted["items"] == ["***", "ok"]
+    assert redacted["lr"] == 1e-3
+    assert redacted["generation"] == {"max_new_tokens": 64} and redacted["tokenizer"] == "path/tok"
+    assert redacted["add_tokens"] == ["<a>"]
