@@ -110,7 +110,7 @@ def test_grpo_trains(make_cfg, loss_type, beta):
 
 def _fit(module, datamodule, cfg, callbacks, ckpt_path=None):
     trainer = L.Trainer(accelerator="cpu", max_steps=cfg.trainer.max_steps, logger=False, callbacks=callbacks,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=cfg.paths.output_dir, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
@@ -177,20 +177,21 @@ def test_a_malformed_reward_entry_is_a_config_error(make_cfg):
 
 
 DDP_SCRIPT = """
-import sys, lightning as L
+import sys, pathlib, lightning as L
 from llm_stages.config import compose
 from llm_stages.train import build
 cfg = compose(sys.argv[2:], output_dir=sys.argv[1])
 module, datamodule = build(cfg)
 
-class ParamSums(L.Callback):
+class ParamSums(L.Callback):  # one file per rank: two ranks printing to one pipe can interleave a line
     def on_train_end(self, trainer, pl_module):
-        for name, model in [("actor", pl_module.model), ("critic", getattr(pl_module, "critic", None))]:
-            if model is not None:
-                print(f"rank{trainer.global_rank} {name} {sum(float(p.double().sum()) for p in model.parameters()):.12f}", flush=True)
+        lines = [f"rank{trainer.global_rank} {name} {sum(float(p.double().sum()) for p in model.parameters()):.12f}\\n"
+                 for name, model in [("actor", pl_module.model), ("critic", getattr(pl_module, "critic", None))]
+                 if model is not None]
+        pathlib.Path(sys.argv[1], f"sums_rank{trainer.global_rank}.txt").write_text("".join(lines))
 
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=cfg.trainer.max_steps, logger=False,
-                    callbacks=[ParamSums()], enable_checkpointing=False, enable_progress_bar=False,
+                    default_root_dir=sys.argv[1], callbacks=[ParamSums()], enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0)
 trainer.fit(module, datamodule=datamodule)
 """
@@ -216,6 +217,7 @@ def test_rl_under_ddp_keeps_ranks_identical(make_cfg, tmp_path, stage, demo_dir)
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), *overrides], capture_output=True,
                          text=True, cwd=REPO, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    sums = dict(line.rsplit(" ", 1) for line in run.stdout.splitlines() if line.startswith("rank"))
+    sums = dict(line.rsplit(" ", 1) for rank in (0, 1)
+                for line in (tmp_path / "out" / f"sums_rank{rank}.txt").read_text().splitlines())
     names = ["actor", "critic"] if stage == "ppo" else ["actor"]
     assert all(sums[f"rank0 {n}"] == sums[f"rank1 {n}"] for n in names), sums
