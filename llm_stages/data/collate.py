@@ -113,7 +113,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """Shuffled batches of indices, a fresh permutation per epoch from (seed, epoch), sharded over
     ranks. The training loop reports each consumed batch (`consumed`); that count is saved in
     Lightning checkpoints through `ResumableDataLoader`, so a resumed run continues with exactly
-    the batch it would have seen next (counting yields instead would be off by the prefetch)."""
+    the batch it would have seen next (counting yields instead would be off by the prefetch).
+
+    Sharding is per step, not per epoch: the permutation is cut into global batches of
+    `batch_size x world_size` indices and rank r takes the r-th slice of each. So a step's global
+    batch is the same set of examples whatever the world size: 2 ranks x 4 train on exactly what
+    1 process x 8 does (contiguous per-rank shards of the epoch would not)."""
 
     GROUP_WINDOW = 50  # batches whose examples are sorted together when grouping by length
 
@@ -129,22 +134,29 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self._next_epoch, self._skip = 0, 0
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of one epoch."""
         if self.shuffle:
             order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         else:
             order = list(range(self.num_examples))
-        per_rank = self.num_examples // self.world_size  # equal shards: every rank takes the same number of steps
-        shard = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        global_size = self.batch_size * self.world_size
         if self.lengths is not None:
-            window = self.batch_size * self.GROUP_WINDOW
-            shard = [i for w in range(0, len(shard), window)
-                     for i in sorted(shard[w:w + window], key=lambda i: -self.lengths[i])]
-        batches = [shard[i:i + self.batch_size] for i in range(0, len(shard), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
+            window = global_size * self.GROUP_WINDOW
+            order = [i for w in range(0, len(order), window)
+                     for i in sorted(order[w:w + window], key=lambda i: -self.lengths[i])]
+        global_batches = [order[i:i + global_size] for i in range(0, len(order), global_size)]
+        if self.drop_last and global_batches and len(global_batches[-1]) < global_size:
+            global_batches.pop()
         if self.lengths is not None and self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch + 1)
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+            global_batches = [global_batches[i] for i in torch.randperm(len(global_batches), generator=generator).tolist()]
+        # Equal slices (a short last batch without drop_last is split evenly, its remainder
+        # dropped), so every rank takes the same number of steps.
+        batches = []
+        for batch in global_batches:
+            per_rank = len(batch) // self.world_size
+            if per_rank:
+                batches.append(batch[self.rank * per_rank:(self.rank + 1) * per_rank])
         return batches
 
     def __iter__(self):

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from omegaconf import OmegaConf
 
 from llm_stages.data.datamodule import PTDataModule, SFTDataModule
@@ -68,8 +69,6 @@ def test_three_source_weighted_mix_is_within_five_percent_and_deterministic(tmp_
 
 
 def test_on_bad_record_skip_counts_and_error_names_the_record(tmp_path, tokenizer):
-    import pytest
-
     from llm_stages.errors import DataFormatError
 
     path = tmp_path / "p.jsonl"
@@ -133,8 +132,6 @@ def test_pair_examples_survive_the_cache(tmp_path, tokenizer):
 
 
 def test_rl_prompts_are_left_padded_and_bad_records_named(tmp_path, tokenizer):
-    import pytest
-
     from llm_stages.data.datamodule import PromptDataModule
     from llm_stages.errors import ConfigError, DataFormatError
 
@@ -158,3 +155,18 @@ def test_rl_prompts_are_left_padded_and_bad_records_named(tmp_path, tokenizer):
         PromptDataModule(_data(bad), tokenizer, batch_size=1).setup()
     with pytest.raises(ConfigError, match="grad_accum"):
         PromptDataModule(_data(path), tokenizer, batch_size=1, grad_accum=2)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_global_batch_is_the_same_examples_at_any_world_size(grouped):
+    """Step k of 2 ranks x 4 (or 4 ranks x 2) trains on exactly the examples of step k of 1 process x 8."""
+    from llm_stages.data.collate import ResumableBatchSampler
+
+    lengths = [(i * 37) % 200 + 1 for i in range(1003)] if grouped else None
+    single = ResumableBatchSampler(1003, 8, seed=3, lengths=lengths).batches(0)
+    for world in (2, 4):
+        ranks = [ResumableBatchSampler(1003, 8 // world, seed=3, rank=r, world_size=world, lengths=lengths).batches(0)
+                 for r in range(world)]
+        assert all(len(batches) == len(single) == 1003 // 8 for batches in ranks)
+        assert [sorted(sum((ranks[r][k] for r in range(world)), [])) for k in range(len(single))] == \
+            [sorted(batch) for batch in single]
