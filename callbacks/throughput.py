@@ -1,7 +1,9 @@
-"""Tokens/s and samples/s of training, measured over each optimiser step, and MFU on GPUs."""
+"""Tokens/s and samples/s of training, measured over each optimiser step, MFU on GPUs, and peak memory."""
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 
 import lightning as L
@@ -16,10 +18,26 @@ def peak_tflops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
 
+def peak_memory_gb(trainer) -> dict[str, float]:
+    """Peak memory so far, in GiB, the max over ranks (the rank that runs out first is the one that
+    matters): `perf/peak_rss_gb`, the process's peak resident set (CPU tensors, libraries, the CUDA
+    context), and on CUDA `perf/cuda_max_allocated_gb`, the peak of memory held by tensors (what
+    batch size, precision and gradient checkpointing change). A collective: call it on every rank."""
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = {"perf/peak_rss_gb": rss_bytes / 2**30}
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        peak["perf/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return {k: float(trainer.strategy.reduce(torch.tensor(v, dtype=torch.float64, device=device), reduce_op="max"))
+            for k, v in peak.items()}
+
+
 class ThroughputMonitor(L.Callback):
     """Logs perf/tokens_per_s and perf/samples_per_s (all ranks together) and, on a GPU with a known
     (or given) bf16 peak, perf/mfu: model FLOPs utilisation, 6 x parameters x tokens/s per device /
-    peak (the PaLM estimate; attention FLOPs left out, so short sequences are barely affected)."""
+    peak (the PaLM estimate; attention FLOPs left out, so short sequences are barely affected).
+    Every stage, RL included: the peak memory so far (see peak_memory_gb)."""
 
     def __init__(self, peak_tflops: float | None = None):
         self.peak = peak_tflops
@@ -38,6 +56,8 @@ class ThroughputMonitor(L.Callback):
         if self._started is None:
             return
         seconds = time.perf_counter() - self._started
+        for name, value in peak_memory_gb(trainer).items():
+            pl_module.log(name, value)
         micro_batches = batch if isinstance(batch, list) else [batch]
         if not all(hasattr(mb, "num_tokens") for mb in micro_batches):
             return  # RL prompt batches: the RL stages log their own rollout and update throughput

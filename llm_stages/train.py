@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.throughput import peak_memory_gb
 from llm_stages.errors import ConfigError, DataFormatError, TrainingInterrupted
 from llm_stages.export import export_hf
 from llm_stages.models import load_model, load_tokenizer
@@ -143,6 +144,7 @@ def train(cfg: DictConfig) -> dict:
             f"Resume with the same command plus hydra.run.dir={cfg.paths.output_dir} resume=auto") from None
     metrics["fit_seconds"] = time.perf_counter() - started
     metrics["steps"] = trainer.global_step
+    metrics.update(peak_memory_gb(trainer))  # of training (and validation before it); max over ranks
     metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
 
     after = trainer.validate(module, datamodule=datamodule, verbose=False) if trainer.limit_val_batches else []
@@ -172,6 +174,10 @@ def _print_summary(metrics: dict) -> None:
     key = metrics["key_metric"]
     if key != "val/loss" and key in metrics:
         lines.append(f"{key} {metrics.get(key + '_before', float('nan')):.4f} -> {metrics[key]:.4f}")
+    if "perf/peak_rss_gb" in metrics:
+        cuda = metrics.get("perf/cuda_max_allocated_gb")
+        lines.append(f"peak memory: {metrics['perf/peak_rss_gb']:.2f} GiB RSS"
+                     + (f", {cuda:.2f} GiB CUDA allocated" if cuda is not None else "") + " (max over ranks)")
     if "export_dir" in metrics:
         lines.append(f"export: {metrics['export_dir']}")
     log.info("\n".join(lines))
