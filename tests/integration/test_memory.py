@@ -72,9 +72,11 @@ def test_gradient_checkpointing_gives_the_same_grpo_iteration(make_cfg):
     loss and gradients with checkpointing on: the replies are the same and so is the update."""
     results = {}
     for on in (False, True):
-        module, datamodule = build(make_cfg(*GRPO, _checkpointing(on), "trainer.max_steps=1", "optim.max_grad_norm=null"))
+        cfg = make_cfg(*GRPO, _checkpointing(on), "trainer.max_steps=1", "optim.max_grad_norm=null")
+        module, datamodule = build(cfg)
         step = FirstStep()
         L.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[step], enable_checkpointing=False,
+                  default_root_dir=cfg.paths.output_dir,  # rollouts.jsonl goes to the run dir, not the repo
                   enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                   limit_val_batches=0, num_sanity_val_steps=0).fit(module, datamodule=datamodule)
         assert module.model.is_gradient_checkpointing == on
