@@ -26,10 +26,10 @@ class ExportHF(L.Callback):
         if not self.every_n_steps or trainer.global_step // self.every_n_steps == self._last_step // self.every_n_steps:
             return
         self._last_step = trainer.global_step
+        step_dir = self.dirpath / f"step_{trainer.global_step:06d}"
+        for name, model in pl_module.exports().items():  # every rank: sharded weights are gathered from all
+            export_hf(model, pl_module.tokenizer, step_dir / name)
         if trainer.is_global_zero:
-            step_dir = self.dirpath / f"step_{trainer.global_step:06d}"
-            for name, model in pl_module.exports().items():
-                export_hf(model, pl_module.tokenizer, step_dir / name)
             self.written.append(step_dir)
             while self.keep and len(self.written) > self.keep:
                 shutil.rmtree(self.written.pop(0), ignore_errors=True)

@@ -6,16 +6,24 @@ import os
 import shutil
 from pathlib import Path
 
+from llm_stages.sharding import full_state_dict, global_rank
+
 
 def export_hf(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """`save_pretrained` model and tokenizer into `out_dir`, never leaving a half-written export:
-    everything is written to a temporary sibling directory that is then renamed into place."""
+    everything is written to a temporary sibling directory that is then renamed into place.
+
+    Call it on every rank: a sharded model (FSDP, FSDP2, ZeRO-3) is first gathered into full
+    weights, which needs all ranks; global rank 0 alone writes."""
+    state_dict = full_state_dict(model)
     out_dir = Path(out_dir)
+    if global_rank() != 0:
+        return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():
         os.replace(out_dir, old)

@@ -94,24 +94,31 @@ def _sweep_group() -> str | None:
 
 def resolve_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint to resume: `ckpt_path` (a path, or `last` in this run dir), else with
-    `resume=auto` the newest checkpoint in this run dir, else None (a fresh start)."""
+    `resume=auto` the newest checkpoint in this run dir, else None (a fresh start). A checkpoint is a
+    file, or under sharded strategies (fsdp2, deepspeed) a directory of shards named the same way."""
     checkpoints = Path(str(cfg.paths.output_dir)) / "checkpoints"
     ckpt = cfg.get("ckpt_path")
     if ckpt:
         path = checkpoints / "last.ckpt" if ckpt == "last" else Path(str(ckpt))
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"ckpt_path={ckpt}: no checkpoint at {path}" +
                               (" (set hydra.run.dir to the run to resume)" if ckpt == "last" else ""))
         return str(path)
     if cfg.get("resume") not in (None, "auto"):
         raise ConfigError(f"resume must be 'auto' or null, got {cfg.resume!r}")
     if cfg.get("resume") == "auto":
-        found = sorted(checkpoints.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = sorted(checkpoints.glob("*.ckpt"), key=_written_at)
         if found:
             log.info("resume=auto: resuming from %s", found[-1])
             return str(found[-1])
         log.info("resume=auto: no checkpoint in %s, starting fresh", checkpoints)
     return None
+
+
+def _written_at(path: Path) -> float:
+    """When a checkpoint was written: a file's mtime; a sharded checkpoint directory's newest file's."""
+    files = [path, *path.rglob("*")] if path.is_dir() else [path]
+    return max(f.stat().st_mtime for f in files)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -151,10 +158,12 @@ def train(cfg: DictConfig) -> dict:
     if after:
         metrics.update({k: float(v) for k, v in after[0].items()})
 
-    if cfg.get("export") and trainer.is_global_zero:
+    if cfg.get("export"):
+        # Every rank: a sharded model's full weights are gathered from all of them (rank 0 writes).
         for name, model in module.exports().items():
             metrics[f"{name}_dir"] = str(export_hf(model, tokenizer, Path(cfg.paths.output_dir) / name))
-        _log_export_artifacts(cfg, loggers, metrics)
+        if trainer.is_global_zero:
+            _log_export_artifacts(cfg, loggers, metrics)
     trainer.strategy.barrier()
     if trainer.is_global_zero:
         _print_summary(metrics)

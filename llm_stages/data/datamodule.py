@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -143,8 +144,17 @@ class CausalDataModule(L.LightningDataModule):
             return []
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        return DataLoader(self.val_set[rank::world], batch_size=self.val_batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=self.collate_one)
+        shard, size = self.val_set[rank::world], self.val_batch_size
+        batches = [list(range(i, min(i + size, len(shard)))) for i in range(0, len(shard), size)]
+        # Every rank runs as many batches as the one with the most examples: under sharded training
+        # (FSDP, ZeRO-3) each forward is a collective, and a rank with a batch more would wait forever.
+        # Shards differ by at most one example, so at most the last batch needs splitting in two (which
+        # cannot help with val_batch_size=1 or fewer examples than ranks).
+        most = math.ceil(math.ceil(len(self.val_set) / world) / size)
+        if len(batches) < most and batches and len(batches[-1]) > 1:
+            last = batches.pop()
+            batches += [last[:len(last) // 2], last[len(last) // 2:]]
+        return DataLoader(shard, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self.collate_one)
 
     @staticmethod
     def example_length(example) -> int:

@@ -4,6 +4,10 @@ optimiser step over a list of micro-batches with exact loss weighting.
 Accumulation is done here rather than by Lightning's `accumulate_grad_batches`, because the right
 denominator of a token-mean loss is the token count of the *whole* accumulated batch (on all
 ranks), which is only known once all its micro-batches are in hand.
+
+Under sharded strategies (`trainer=fsdp2|fsdp|deepspeed_zero2|deepspeed_zero3`) the same loop runs;
+`configure_model` shards the trainable models and the strategy-specific parts (skipping gradient
+sync, clipping) are in `_no_grad_sync` and `_clip_gradients`.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from contextlib import nullcontext
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
+from llm_stages import sharding
 from llm_stages.data.collate import ResumableBatchSampler
+from llm_stages.errors import ConfigError
 from llm_stages.optim import OptimConfig, build_optimizer
 
 
@@ -44,6 +51,57 @@ class Stage(L.LightningModule):
     def exports(self) -> dict[str, torch.nn.Module]:
         """Models saved as HF checkpoints at the end, by folder name under the run dir."""
         return {"export": self.model}
+
+    def configure_model(self) -> None:
+        """Lightning's hook for sharding, called with the strategy set up, before the optimiser is
+        built (so it holds the sharded parameters), on every fit and validate (so idempotent)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy):
+            if strategy.device_mesh["tensor_parallel"].size() > 1:
+                raise ConfigError("trainer.strategy.tensor_parallel_size must be 1: the stages shard data-parallel "
+                                  "only (FSDP2); set data_parallel_size to the number of devices")
+            # bf16-mixed: gather weights in bf16 (half the traffic); fp32 master weights and gradients stay sharded.
+            param_dtype = torch.bfloat16 if self.trainer.precision == "bf16-mixed" else None
+            for model in self._trainable_models():
+                sharding.shard_fsdp2(model, strategy.device_mesh["data_parallel"], param_dtype=param_dtype)
+        elif isinstance(strategy, FSDPStrategy):
+            self._check_fsdp1()
+            self.model = sharding.wrap_fsdp1(self.model, strategy)
+        elif isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+            sharding.mark_sharded(self.model)  # DeepSpeed partitions it later; generate must know now
+        if isinstance(strategy, DeepSpeedStrategy):
+            self._configure_deepspeed(strategy)
+
+    def _trainable_models(self) -> list[torch.nn.Module]:
+        """Each separately sharded model: the policy, and for PPO the critic (`trainable()` is then a ModuleList)."""
+        trainable = self.trainable()
+        return list(trainable) if isinstance(trainable, torch.nn.ModuleList) else [trainable]
+
+    def _check_fsdp1(self) -> None:
+        """What FSDP1 (`trainer=fsdp`) cannot run: a model is only gathered when its own forward is
+        called, while the RL stages generate and call the critic's parts directly (FSDP2 handles
+        both), and an adapter model would be exported as the adapter alone."""
+        from llm_stages.stages.rl import RLStage  # rl imports this module
+
+        if isinstance(self, RLStage):
+            raise ConfigError(f"trainer=fsdp (FSDP1) cannot run {type(self).__name__}: the RL stages generate and call "
+                              "model parts outside the sharded model's forward; use trainer=fsdp2")
+        if hasattr(self.model, "peft_config"):
+            raise ConfigError("trainer=fsdp (FSDP1) does not support peft adapters (the export would hold the "
+                              "adapter alone); use trainer=fsdp2 or ddp")
+
+    def _configure_deepspeed(self, strategy: DeepSpeedStrategy) -> None:
+        """DeepSpeed clips gradients itself inside `engine.step()` (Lightning's clip_gradients is a no-op
+        with it, and Trainer(gradient_clip_val) is refused under manual optimisation), so the clipping
+        threshold goes into its config, from optim.max_grad_norm like every other strategy."""
+        max_norm = float(self.optim_cfg.max_grad_norm or 0.0)
+        # 0 is also what Lightning fills in when the config has none (from Trainer(gradient_clip_val=None)).
+        configured = float(strategy.config.get("gradient_clipping") or 0.0)
+        if configured and configured != max_norm:
+            raise ConfigError(f"the DeepSpeed config sets gradient_clipping={configured} but optim.max_grad_norm="
+                              f"{self.optim_cfg.max_grad_norm}: leave gradient_clipping out of the DeepSpeed config, "
+                              "the stage sets it from optim.max_grad_norm")
+        strategy.config["gradient_clipping"] = max_norm
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.trainable(), self.optim_cfg, self.trainer.estimated_stepping_batches)
@@ -76,7 +134,7 @@ class Stage(L.LightningModule):
             for k, v in micro_stats.items():
                 stats[k] = stats.get(k, 0) + v.detach()
         if self.optim_cfg.max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.max_grad_norm, gradient_clip_algorithm="norm")
+            self._clip_gradients(optimizer, self.optim_cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -110,8 +168,28 @@ class Stage(L.LightningModule):
         return {}
 
     def _no_grad_sync(self):
-        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        """Gradients of the micro-batches before the last stay on their rank, summed into .grad; the
+        last backward communicates the total once."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy):
+            return sharding.fsdp2_no_sync(self)
+        if isinstance(strategy, FSDPStrategy):
+            return self.model.no_sync()
+        if isinstance(strategy, DeepSpeedStrategy):
+            return sharding.deepspeed_no_sync(strategy.model)
+        block = getattr(strategy, "block_backward_sync", None)
         return block() if block else nullcontext()
+
+    def _clip_gradients(self, optimizer, max_norm: float) -> None:
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            return  # inside engine.step(), to the threshold _configure_deepspeed handed it
+        if isinstance(strategy, FSDPStrategy):
+            # Lightning refuses norm clipping under FSDP1: each rank holds only a shard of the flat
+            # gradients, so the global norm needs the FSDP module's own method.
+            self.model.clip_grad_norm_(max_norm)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
         if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:

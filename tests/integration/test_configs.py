@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from llm_stages.config import CONFIG_DIR
@@ -14,6 +14,7 @@ from llm_stages.config import CONFIG_DIR
 STAGES = sorted(p.stem for p in (CONFIG_DIR / "stage").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != "local")
 DATA = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml") if p.stem != "file")
+TRAINERS = sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -25,6 +26,22 @@ def test_stage_x_model_composes_and_resolves(stage, model, make_cfg):
     assert cfg.module._target_.startswith("llm_stages.stages.")
     optim = instantiate(cfg.optim)
     assert optim.lr > 0
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_trainer_config_composes_with_every_stage(trainer, make_cfg):
+    """Every trainer config (cpu, gpu, ddp, fsdp, fsdp2, deepspeed_zero2/3) composes and resolves with
+    every stage; its strategy is built too, except DeepSpeed's, which needs the optional, CUDA-only
+    deepspeed package (there: the class must exist)."""
+    for stage in STAGES:
+        cfg = make_cfg(f"stage={stage}", f"trainer={trainer}", quiet=False)
+        OmegaConf.resolve(cfg)
+        assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    strategy = cfg.trainer.get("strategy")
+    if strategy is not None:
+        assert get_class(strategy._target_)
+        if "deepspeed" not in trainer:
+            assert instantiate(strategy) is not None
 
 
 @pytest.mark.parametrize("data", DATA)
