@@ -31,7 +31,7 @@ def run(mode: str, args, workdir: str) -> dict:
     paths = write_demo_data(f"{workdir}/data", n_train=args.pairs, n_val=8)
     overrides = [f"stage=dpo", f"model={args.model}", "data=file", f"data.path={paths['pref_train']}", f"module.ref={mode}", f"trainer.max_steps={args.steps}",
                  f"datamodule.batch_size={args.batch_size}", "datamodule.max_length=128", "logger=none",
-                 "callbacks=none", "export=false", "validate_before_fit=false", "trainer.limit_val_batches=0",
+                 "callbacks=none", "export.enabled=false", "validate_before_fit=false", "trainer.limit_val_batches=0",
                  "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"paths.log_dir={workdir}/runs",
                  "optim.max_grad_norm=null"]
     proc = subprocess.Popen([sys.executable, "-c", CHILD, f"{workdir}/{mode}", *overrides], stdout=subprocess.PIPE,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
+from llm_stages.adapters import exportable
 from llm_stages.export import export_hf
 
 
@@ -16,8 +17,8 @@ class ExportHF(L.Callback):
     `<dirpath>/step_<N>/<name>`, atomically; only the newest `keep` are kept (null: all). The final
     export at the end of a run is `<run dir>/export`, written by train() whatever the callbacks."""
 
-    def __init__(self, dirpath: str, every_n_steps: int | None = None, keep: int | None = 2):
-        self.dirpath, self.every_n_steps, self.keep = Path(dirpath), every_n_steps, keep
+    def __init__(self, dirpath: str, every_n_steps: int | None = None, keep: int | None = 2, merge_lora: bool = True):
+        self.dirpath, self.every_n_steps, self.keep, self.merge_lora = Path(dirpath), every_n_steps, keep, merge_lora
         self._last_step = 0
         self.written: list[Path] = []
 
@@ -28,7 +29,7 @@ class ExportHF(L.Callback):
         self._last_step = trainer.global_step
         step_dir = self.dirpath / f"step_{trainer.global_step:06d}"
         for name, model in pl_module.exports().items():  # every rank: sharded weights are gathered from all
-            export_hf(model, pl_module.tokenizer, step_dir / name)
+            export_hf(exportable(model, self.merge_lora), pl_module.tokenizer, step_dir / name)
         if trainer.is_global_zero:
             self.written.append(step_dir)
             while self.keep and len(self.written) > self.keep:

@@ -39,6 +39,9 @@ def _source(cfg) -> dict:
     """Where the weights and tokenizer come from, as from_pretrained arguments."""
     if cfg.get("path"):
         path = Path(str(cfg.path))
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={path} is a LoRA adapter alone; a stage loads full models. Export "
+                              "with export.merge_lora=true (the default), or load it with peft.PeftModel")
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.path={path} is not a Hugging Face checkpoint directory (no config.json)")
         return {"pretrained_model_name_or_path": str(path)}
@@ -114,6 +117,17 @@ def expand_vocabulary(model, tokenizer, tokens: list[str]) -> int:
     return len(new)
 
 
+def _quantized(model, auto_class, **load_kwargs):
+    """bitsandbytes quantises while loading a checkpoint, so a model built in memory (fresh, or
+    dequantised from GGUF) goes through a temporary one."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llm_stages_quantize_") as tmp:
+        model.save_pretrained(tmp)
+        model = auto_class.from_pretrained(tmp, **load_kwargs)
+    return model
+
+
 # head -> (Auto class for checkpoints, class for a fresh tiny model, extra config)
 HEADS = {
     "causal_lm": (AutoModelForCausalLM, Qwen2ForCausalLM, {}),
@@ -122,7 +136,9 @@ HEADS = {
 }
 
 
-def load_model(cfg, tokenizer, head: str = "causal_lm") -> torch.nn.Module:
+def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None) -> torch.nn.Module:
+    """The model `cfg` names, with the head a stage needs; `quantization` (a BitsAndBytesConfig,
+    see llm_stages.adapters) loads its linear layers in 4 bit."""
     if head not in HEADS:
         raise ConfigError(f"unknown model head {head!r}; known: {sorted(HEADS)}")
     auto_class, fresh_class, head_kwargs = HEADS[head]
@@ -130,6 +146,7 @@ def load_model(cfg, tokenizer, head: str = "causal_lm") -> torch.nn.Module:
     source = _source(cfg)
     if source:
         model = auto_class.from_pretrained(**source, **head_kwargs, dtype=dtype,
+                                           quantization_config=None if "gguf_file" in source else quantization,
                                            trust_remote_code=bool(cfg.get("trust_remote_code", False)))
         if "gguf_file" in source:
             # GGUF weights are dequantised on load; drop the quantiser so save_pretrained writes plain weights.
@@ -144,6 +161,8 @@ def load_model(cfg, tokenizer, head: str = "causal_lm") -> torch.nn.Module:
         model = fresh_class(config).to(dtype)
     else:
         raise ConfigError("the model config needs one of: path, gguf, hub_id or init")
+    if quantization is not None and not getattr(model, "is_loaded_in_4bit", False):
+        model = _quantized(model, auto_class, quantization_config=quantization, dtype=dtype)
     # Sequence scores are read at the last token that is not padding, so the model must know the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

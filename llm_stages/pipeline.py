@@ -37,7 +37,7 @@ def run_pipeline(cfg: DictConfig, cli_overrides: list[str]) -> list[dict]:
     for stage in pipeline.stages:
         output_dir = Path(str(pipeline.dir)) / stage.name
         export = output_dir / "export"
-        if (export / "config.json").is_file() and not pipeline.get("force"):
+        if any((export / f).is_file() for f in ("config.json", "adapter_config.json")) and not pipeline.get("force"):
             log.info("pipeline %s: stage %s skipped, its export exists (%s); pipeline.force=true reruns it",
                      pipeline.name, stage.name, export)
             rows.append(_row(stage.name, "skipped", export=str(export)))

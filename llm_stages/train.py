@@ -18,7 +18,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.throughput import peak_memory_gb
 from llm_stages.errors import ConfigError, DataFormatError, TrainingInterrupted
 from llm_stages.export import export_hf
-from llm_stages.models import load_model, load_tokenizer
+from llm_stages.adapters import exportable, load_trainable_model
+from llm_stages.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def build(cfg: DictConfig):
     """The stage's LightningModule (holding model and tokenizer) and its DataModule."""
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer, head=cfg.stage.get("model_head", "causal_lm"))
+    model = load_trainable_model(cfg.model, tokenizer, head=cfg.stage.get("model_head", "causal_lm"),
+                                 peft_cfg=cfg.get("peft"))
     datamodule = _instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
     module = _instantiate(cfg.module, model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
     return module, datamodule
@@ -158,9 +160,10 @@ def train(cfg: DictConfig) -> dict:
     if after:
         metrics.update({k: float(v) for k, v in after[0].items()})
 
-    if cfg.get("export"):
+    if cfg.export.enabled:
         # Every rank: a sharded model's full weights are gathered from all of them (rank 0 writes).
         for name, model in module.exports().items():
+            model = exportable(model, cfg.export.merge_lora)
             metrics[f"{name}_dir"] = str(export_hf(model, tokenizer, Path(cfg.paths.output_dir) / name))
         if trainer.is_global_zero:
             _log_export_artifacts(cfg, loggers, metrics)

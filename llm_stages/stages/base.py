@@ -30,6 +30,8 @@ class Stage(L.LightningModule):
         super().__init__()
         self.model, self.tokenizer, self.optim_cfg = model, tokenizer, optim
         self.automatic_optimization = False
+        # Checkpoints leave frozen weights out (see on_save_checkpoint), so loading is not strict.
+        self.strict_loading = False
 
     # -- what a stage defines ------------------------------------------------------------------
     def loss_sum(self, micro_batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -139,6 +141,24 @@ class Stage(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return self._all_reduce(total) / weight, {k: self._all_reduce(v.float()) / weight for k, v in stats.items()}
+
+    # A checkpoint holds what training changes. Frozen weights (a reference copy, a reward model, the
+    # base under LoRA/QLoRA) come back from the config on resume: checkpoints stay small and 4-bit
+    # tensors never need a round trip.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        quant_state = tuple(f"{name}." for name in frozen)  # bitsandbytes stores `<weight>.absmax` etc. beside a 4-bit weight
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k not in frozen and not k.startswith(quant_state)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "state_dict" not in checkpoint:  # FSDP1 and DeepSpeed load the weights themselves
+            return
+        trainable = [name for name, p in self.named_parameters() if p.requires_grad]
+        missing = [name for name in trainable if name not in checkpoint["state_dict"]]
+        if missing:
+            raise ConfigError(f"the checkpoint lacks {len(missing)} trained weights of this model (e.g. {missing[0]}): "
+                              "it was written by a run with another model, stage or peft config")
 
     # Validation metrics are sums over the whole validation set divided by its total weight
     # (tokens, pairs), on all ranks: not a mean of per-batch means.

@@ -8,17 +8,17 @@ Reference log-probs come from
 - `ref=precompute` (default): one pass of the initial policy over the train and validation pairs
   before the first update, cached per pair (and saved in checkpoints). No second model is held
   during training; since the reference *is* the initial policy, nothing else needs loading.
-- `ref=copy`: a frozen copy of the initial policy, run next to it at every step.
+- `ref=copy`: a frozen copy of the initial policy, run next to it at every step; under LoRA/QLoRA
+  the policy with its adapter switched off, so no copy is held either.
 Reference-free losses (`simpo`, `orpo`) use neither.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch.utils.data import DataLoader
 
+from llm_stages.adapters import frozen_reference, reference_of
 from llm_stages.data.collate import PairBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses import dpo_loss, orpo_loss, simpo_loss
@@ -38,7 +38,7 @@ class DPO(Stage):
         if ref not in ("precompute", "copy"):
             raise ConfigError(f"module.ref must be 'precompute' or 'copy', got {ref!r}")
         self.ref_mode = None if self.loss_type in REFERENCE_FREE else ref
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if self.ref_mode == "copy" else None
+        self.reference = frozen_reference(model) if self.ref_mode == "copy" else None
         self.reference_logps: dict[str, torch.Tensor] = {}  # split -> (pairs, 2) for ref=precompute
 
     # -- scoring ---------------------------------------------------------------------------------
@@ -50,8 +50,8 @@ class DPO(Stage):
 
     def reference_scores(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ref_mode == "copy":
-            with torch.no_grad():
-                logps = self.score(self.reference, batch)[0]
+            with torch.no_grad(), reference_of(self.model, self.reference) as reference:
+                logps = self.score(reference, batch)[0]
             return logps[:batch.num_pairs], logps[batch.num_pairs:]
         if not self.reference_logps:
             self._precompute_reference()
@@ -73,9 +73,11 @@ class DPO(Stage):
         self.model.train(was_training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["reference_logps"] = self.reference_logps  # a resumed run must not re-score with a trained policy
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.reference_logps = checkpoint.get("reference_logps", {})
 
     # -- loss ------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class GRPO(RLStage):
         self.reuses_rollout = self.ppo_epochs > 1 or self.mini_batch_size < response.shape[0]
         with torch.no_grad():
             logprobs = self.response_logprobs(self.model, trajectory)[0] * mask if self.reuses_rollout else zeros
-            ref_logprobs = self.response_logprobs(self.reference, trajectory)[0] * mask if self.beta else zeros
+            ref_logprobs = self.reference_logprobs(trajectory) * mask if self.beta else zeros
 
         # 3. Advantages: relative to the group, one value per reply, on each of its tokens.
         advantages = group_advantages(scores, group, scale=self.scale_rewards)[:, None] * mask

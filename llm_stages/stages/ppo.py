@@ -20,13 +20,15 @@ from __future__ import annotations
 import copy
 
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
+from llm_stages.adapters import is_adapted, load_trainable_model
 from llm_stages.data.collate import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import (KLController, approx_kl, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
                                   kl_penalty, masked_mean, shaped_rewards, whiten)
-from llm_stages.models import load_model, load_tokenizer
+from llm_stages.models import load_tokenizer
 from llm_stages.rollout import RolloutBuffer, Trajectory
 from llm_stages.stages.rl import RLStage, position_ids
 
@@ -42,13 +44,12 @@ def critic_from_actor(actor) -> torch.nn.Module:
     return critic
 
 
-def load_critic(path: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.create({"name": "critic", "path": str(path), "dtype": str(dtype).removeprefix("torch.")})
-    if load_tokenizer(cfg).get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"the critic at {path} uses a different vocabulary than the actor")
-    return load_model(cfg, tokenizer, head="reward")
+def load_critic(model_cfg, tokenizer, peft_cfg=None) -> torch.nn.Module:
+    """A value model loaded as `model_cfg` says (an RM export, or the actor's own base), with a
+    LoRA adapter of its own when `peft_cfg` is set."""
+    if model_cfg.get("path") and load_tokenizer(model_cfg).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"the critic at {model_cfg.path} uses a different vocabulary than the actor")
+    return load_trainable_model(model_cfg, tokenizer, head="reward", peft_cfg=peft_cfg)
 
 
 class PPO(RLStage):
@@ -56,10 +57,14 @@ class PPO(RLStage):
                  kl_estimator: str = "k1", kl_target: float | None = None, kl_horizon: int = 10000,
                  reward_clip: float | None = 10.0, cliprange: float = 0.2, cliprange_value: float = 0.2,
                  vf_coef: float = 0.1, ent_coef: float = 0.0, gamma: float = 1.0, lam: float = 0.95,
-                 whiten_advantages: bool = True, export_critic: bool = False, ppo_epochs: int = 4, **kwargs):
+                 whiten_advantages: bool = True, export_critic: bool = False, ppo_epochs: int = 4,
+                 critic_model=None, peft=None, **kwargs):
         super().__init__(model, tokenizer, optim, ppo_epochs=ppo_epochs, reference=True, **kwargs)
-        dtype = next(model.parameters()).dtype
-        self.critic = load_critic(critic_path, tokenizer, dtype) if critic_path else critic_from_actor(model)
+        if critic_path or peft:
+            critic_cfg = OmegaConf.merge(critic_model or {}, {"name": "critic", "path": critic_path} if critic_path else {})
+            self.critic = load_critic(critic_cfg, tokenizer, peft)
+        else:
+            self.critic = critic_from_actor(model)
         self.kl_ctl = KLController(kl_coef, kl_target, kl_horizon)
         self.kl_estimator, self.reward_clip = kl_estimator, reward_clip
         self.cliprange, self.cliprange_value, self.vf_coef, self.ent_coef = cliprange, cliprange_value, vf_coef, ent_coef
@@ -80,10 +85,11 @@ class PPO(RLStage):
     def values(self, trajectory: Trajectory) -> torch.Tensor:
         """V(s_t) for every reply token t: the critic's head on the hidden state that predicts it."""
         mask = trajectory.attention_mask
-        hidden = self.critic.base_model(input_ids=trajectory.input_ids, attention_mask=mask,
-                                        position_ids=position_ids(mask), use_cache=False).last_hidden_state
+        critic = self.critic.get_base_model() if is_adapted(self.critic) else self.critic  # LoRA layers sit inside
+        hidden = critic.base_model(input_ids=trajectory.input_ids, attention_mask=mask,
+                                   position_ids=position_ids(mask), use_cache=False).last_hidden_state
         width = trajectory.response.shape[1]
-        return self.critic.score(hidden[:, -width - 1:-1]).squeeze(-1).float()
+        return critic.score(hidden[:, -width - 1:-1]).squeeze(-1).float()
 
     def training_step(self, batch: list[PromptBatch], batch_idx: int) -> torch.Tensor:
         prompts = batch[0]
@@ -96,7 +102,7 @@ class PPO(RLStage):
         scores, components, completions = self.score(prompts.prompts, prompts.answers, query, query_mask, response, mask)
         with torch.no_grad():
             logprobs = self.response_logprobs(self.model, trajectory)[0] * mask
-            ref_logprobs = self.response_logprobs(self.reference, trajectory)[0] * mask
+            ref_logprobs = self.reference_logprobs(trajectory) * mask
             values = self.values(trajectory) * mask
 
         # 3. Advantages: KL-penalised per-token rewards, the clipped score on the last reply token; GAE.
@@ -140,8 +146,10 @@ class PPO(RLStage):
         return (per_token * mask).sum(), stats
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])

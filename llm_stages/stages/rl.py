@@ -13,7 +13,6 @@ checkpoint (always written between iterations) holds no half-used buffer.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 
@@ -21,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from callbacks.generation_samples import record_table
+from llm_stages.adapters import frozen_reference, reference_of
 from llm_stages.data.collate import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import entropy_from_logits
@@ -79,7 +79,8 @@ class RLStage(Stage):
                               f"module.micro_batch_size={self.micro_batch_size}")
         self.log_samples_every, self.seed = log_samples_every, seed
         # The frozen reference is the initial policy.
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if reference else None
+        # (Under LoRA, the policy with its adapter switched off: see reference_logprobs.)
+        self.reference = frozen_reference(model) if reference else None
         self.eos_ids = self._eos_ids(model, tokenizer)
         self.generation_seconds = self.update_seconds = float("nan")
         self._sample_rows: list[list] = []
@@ -127,6 +128,11 @@ class RLStage(Stage):
         response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # through the first EOS
         response = response.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
         return query, query_mask, response, response_mask
+
+    @torch.no_grad()
+    def reference_logprobs(self, trajectory: Trajectory) -> torch.Tensor:
+        with reference_of(self.model, self.reference) as reference:
+            return self.response_logprobs(reference, trajectory)[0]
 
     def response_logprobs(self, model, trajectory: Trajectory, *, with_entropy: bool = False):
         """Per-token log-probs of the sampled replies under `model` (at the sampling temperature),

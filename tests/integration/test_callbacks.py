@@ -52,7 +52,7 @@ def test_generation_samples_skip_reward_models(make_cfg, tmp_path):
     from llm_stages.train import train
 
     out = tmp_path / "rm"
-    train(make_cfg("stage=rm", "callbacks=default", "trainer.max_steps=2", "export=false", output_dir=out))
+    train(make_cfg("stage=rm", "callbacks=default", "trainer.max_steps=2", "export.enabled=false", output_dir=out))
     assert not (out / "samples.jsonl").exists()
 
 

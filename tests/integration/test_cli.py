@@ -102,13 +102,13 @@ SHARED_RUNS = {
 @pytest.mark.parametrize("name", sorted(SHARED_RUNS))
 def test_real_data_trains_a_few_steps(name, make_cfg, tmp_path):
     metrics = train(make_cfg(*SHARED_RUNS[name], f"paths.shared_data_dir={SHARED_DATA}", "trainer.max_steps=3",
-                             "datamodule.batch_size=4", "export=false", output_dir=tmp_path / name))
+                             "datamodule.batch_size=4", "export.enabled=false", output_dir=tmp_path / name))
     assert metrics["steps"] == 3 and torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
 def test_wandb_logger_runs_offline_without_an_account(make_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    metrics = train(make_cfg("stage=sft", "logger=wandb", "trainer.max_steps=2", "export=false",
+    metrics = train(make_cfg("stage=sft", "logger=wandb", "trainer.max_steps=2", "export.enabled=false",
                              output_dir=tmp_path / "wb"))
     assert metrics["steps"] == 2
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))

@@ -98,5 +98,5 @@ def test_train_resume_gives_identical_next_steps(tmp_path, make_cfg):
 
 def test_sft_with_packing_trains(make_cfg, tmp_path):
     metrics = train(make_cfg("stage=sft", "datamodule.packing=true", "datamodule.max_length=256", "trainer.max_steps=3",
-                             "datamodule.batch_size=2", "export=false", output_dir=tmp_path / "packed"))
+                             "datamodule.batch_size=2", "export.enabled=false", output_dir=tmp_path / "packed"))
     assert metrics["steps"] == 3 and metrics["val/loss"] < metrics["val/loss_before"]
