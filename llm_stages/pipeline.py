@@ -60,12 +60,14 @@ def _row(stage: str, status: str, **values) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    def cell(value) -> str:
+    def cell(value, column: str) -> str:
         if value is None:
             return "-"
+        if column == "wall_s":
+            return f"{value:.1f}"
         return f"{value:.4f}" if isinstance(value, float) and not float(value).is_integer() else str(value)
 
-    cells = [COLUMNS] + [[cell(row[c]) for c in COLUMNS] for row in rows]
+    cells = [COLUMNS] + [[cell(row[c], c) for c in COLUMNS] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells)
 

@@ -42,5 +42,5 @@ def test_summary_table_format():
              "after": None, "export": "runs/y/export"}]
     lines = format_table(rows).splitlines()
     assert lines[0].split() == ["stage", "status", "steps", "wall_s", "metric", "before", "after", "export"]
-    assert lines[1].split() == ["sft", "ran", "10", "3.5000", "val/loss", "7.2500", "1.1250", "runs/x/export"]
+    assert lines[1].split() == ["sft", "ran", "10", "3.5", "val/loss", "7.2500", "1.1250", "runs/x/export"]
     assert lines[2].split() == ["dpo", "skipped", "-", "-", "-", "-", "-", "runs/y/export"]
