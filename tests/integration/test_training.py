@@ -45,9 +45,7 @@ def test_grad_accumulation_2x4_equals_1x8_and_a_full_batch_token_mean(make_cfg):
     sampler_batch = datamodule.train_dataloader().batch_sampler.batches(0)[0]
     batch = collate_causal([datamodule.train_set[i] for i in sampler_batch], datamodule.tokenizer.pad_token_id)
     module.model.train()
-    logits = module.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, use_cache=False).logits  # every position's logits
-    loss_sum, n_tokens = token_cross_entropy(logits, batch.labels)
+    loss_sum, n_tokens = token_cross_entropy(module(batch), batch.labels)
     (loss_sum / n_tokens).backward()
     for name, p in module.named_parameters():
         torch.testing.assert_close(grads_accum[name], p.grad, atol=1e-5, rtol=1e-4)
