@@ -59,7 +59,7 @@ def run(spec: dict) -> None:
     actor.train(), critic.train()
     params = [p for m in (actor, critic) for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=w["lr"], betas=tuple(spec["optim"]["betas"]), eps=spec["optim"]["eps"],
-                                  weight_decay=spec["optim"]["weight_decay"])
+                                  weight_decay=spec["optim"]["weight_decay"], fused=spec["optim"]["fused"] or None)
     eos = {tokenizer.eos_token_id, *([actor.generation_config.eos_token_id] if isinstance(actor.generation_config.eos_token_id, int)
                                      else actor.generation_config.eos_token_id or [])}
     with open(spec["baseline_rows"]) as f:

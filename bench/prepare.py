@@ -52,6 +52,21 @@ def save_checkpoints(model: str, out: Path, seed: int) -> dict[str, str]:
     return paths
 
 
+def count_parameters(checkpoint: str) -> int:
+    """Parameters of a saved checkpoint, read from its safetensors headers (nothing is loaded). A tied
+    LM head is stored once, so it counts once, as in `model.parameters()`."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                total += torch.Size(f.get_slice(key).get_shape()).numel()
+    if total == 0:
+        raise SystemExit(f"{checkpoint}: no safetensors weights to count")
+    return total
+
+
 def records_needed(w: Workload, total_steps: int) -> int:
     """Records for `total_steps` steps and one more batch, so no side starts a second epoch."""
     per_step = w.batch_size
@@ -99,7 +114,10 @@ def prepare_workload(w: Workload, *, demo: dict[str, Path], checkpoints: dict[st
     """Data for one workload: our data file and overrides, TRL's (or the naive baseline's) rows, and
     notes on anything that makes the sides' inputs differ."""
     checkpoint = checkpoints["reward" if w.stage == "rm" else "causal"]
+    available = sum(1 for _ in open(demo[w.data], encoding="utf-8"))
     n = records_needed(w, total_steps)
+    if w.options.get("packing"):
+        n = min(n, available)  # sized for the shortest conversations: the loop below checks the real token count
     data_path = workdir / "data" / f"{w.name}.jsonl"
     data_path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -111,9 +129,13 @@ def prepare_workload(w: Workload, *, demo: dict[str, Path], checkpoints: dict[st
         if not w.options.get("packing"):
             break
         # Enough tokens that even rows packed without a gap (TRL's best-fit) fill every step of the run.
-        if sum(len(e.input_ids) for e in examples) >= (total_steps + 1) * w.batch_size * w.max_length:
+        tokens, needed = sum(len(e.input_ids) for e in examples), (total_steps + 1) * w.batch_size * w.max_length
+        if tokens >= needed:
             break
-        n *= 2
+        if n == available:
+            raise SystemExit(f"{w.name}: the demo data holds {tokens:,} tokens of conversations, the run needs "
+                             f"{needed:,}; use fewer --steps or a smaller --batch-size / --max-length")
+        n = min(2 * n, available)
     notes = [f"our data module: {k}={v}" for k, v in datamodule.stats.items()]
     order = list(range(len(examples))) if w.options.get("packing") else _our_order(len(examples), w.batch_size, cfg.seed)
 

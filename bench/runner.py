@@ -1,7 +1,8 @@
 """llm_stages against TRL 1.16 in the same run, on identical settings.
 
-    python -m bench [--model tiny|smollm2] [--workloads sft,sft_packed,rm,dpo_precompute,dpo_copy,grpo,ppo]
+    python -m bench [--model tiny|smollm2|qwen_0_5b_init] [--workloads sft,sft_packed,rm,dpo_precompute,dpo_copy,grpo,ppo]
                     [--steps N] [--warmup K] [--repeats R] [--profile WORKLOAD] [--trainer cpu|gpu]
+                    [--batch-size B] [--max-length T] [--peak-tflops P]
 
 For each workload our stage and its baseline (TRL's trainer; for PPO a naive loop, bench/naive_ppo.py)
 run back to back, each in its own process (so the peak RSS is its own), on the same checkpoint, the
@@ -11,6 +12,13 @@ tokens/s (real, non-padding tokens), for RL rollout and update tokens/s, peak RS
 allocated with --trainer gpu), and ours/baseline ratios; the first K steps are warm-up and not timed;
 the median over R repeats. Writes bench/results/<date>-<model>.json and .md (the table, also printed).
 
+MFU (model FLOPs utilisation) is reported where the device's peak is known (--trainer gpu on a GPU
+in callbacks/throughput.py's table, or --peak-tflops): 6 x parameters x real tokens/s / peak for a
+trained step (8 x for DPO with a reference copy), the PaLM estimate without attention FLOPs; padding
+positions are not counted, so it is the useful-work MFU. A realistic GPU measurement needs more tokens
+per step than the CPU defaults, e.g.
+    python -m bench --model qwen_0_5b_init --trainer gpu --workloads sft_packed --batch-size 16 --max-length 2048
+
 --profile WORKLOAD runs only our side of that workload under torch.profiler and writes a chrome trace
 and a key_averages table (sorted by self CPU time) into bench/results/.
 """
@@ -18,6 +26,7 @@ and a key_averages table (sorted by self CPU time) into bench/results/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -32,6 +41,8 @@ from pathlib import Path
 from bench.clock import summarise
 from bench.workloads import OPTIM, WORKLOADS, Workload, optimiser_steps
 
+MODELS = ["tiny", "smollm2", "qwen_0_5b_init"]  # configs in conf/model that need no network
+
 REPO = Path(__file__).resolve().parents[1]
 RATIO_KEYS = ["steps_per_s", "samples_per_s", "tokens_per_s", "rollout_tokens_per_s", "update_tokens_per_s",
               "peak_rss_mb", "cuda_max_allocated_mb"]
@@ -40,7 +51,9 @@ RATIO_KEYS = ["steps_per_s", "samples_per_s", "tokens_per_s", "rollout_tokens_pe
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
-    parser.add_argument("--model", default="smollm2", choices=["tiny", "smollm2"])
+    parser.add_argument("--model", default="smollm2", choices=MODELS,
+                        help="tiny: smoke runs; smollm2: the CPU comparison; qwen_0_5b_init: Qwen2.5-0.5B's "
+                             "architecture from config, random weights (GPU)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, from: " + ", ".join(WORKLOADS))
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per workload (an RL step is one iteration); default: "
@@ -50,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                    "smollm2, 1 for tiny)")
     parser.add_argument("--profile", metavar="WORKLOAD", default=None, help="profile our side of WORKLOAD only")
     parser.add_argument("--trainer", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="every workload's batch size (sequences, packed rows, pairs or prompts; default: its own)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="every workload's tokens per sequence / packed row (default: its own, 256)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for the MFU column (default: looked up for a known GPU)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     parser.add_argument("--workdir", default=None, help="keep checkpoints, data, specs and every process's log here "
@@ -61,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
     if args.warmup < 0 or (args.steps is not None and args.steps < 1):
         parser.error("--warmup must be >= 0 and --steps >= 1")
+    if any(v is not None and v <= 0 for v in (args.batch_size, args.max_length, args.peak_tflops)):
+        parser.error("--batch-size, --max-length and --peak-tflops must be positive")
     args.workloads = [args.profile] if args.profile else names
     args.repeats = args.repeats or (3 if args.model == "smollm2" else 1)
     return args
@@ -110,6 +131,12 @@ def _median(results: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in ok if k in r) for k in sorted(keys)}
 
 
+def add_mfu(median: dict, *, params: int, flops_per_param_token: int | None, peak_tflops: float | None) -> None:
+    """Model FLOPs utilisation of one side: its model FLOPs per second over the device's peak."""
+    if peak_tflops and flops_per_param_token and "tokens_per_s" in median:
+        median["mfu"] = flops_per_param_token * params * median["tokens_per_s"] / (peak_tflops * 1e12)
+
+
 def _fmt(value) -> str:
     if value is None:
         return "–"
@@ -121,34 +148,41 @@ def _fmt(value) -> str:
 def markdown(report: dict) -> str:
     meta = report["meta"]
     gpu = meta["trainer"] == "gpu"
+    mfu = bool(meta.get("peak_tflops"))
     lines = [f"# llm_stages vs TRL {meta['versions'].get('trl')} — {meta['model']}, {meta['device']}", "",
              f"{meta['date']}, commit {meta['commit']}; {meta['warmup']} warm-up steps, then the timed steps "
              f"(per workload below); median of {meta['repeats']} run(s) per side, each in its own process.", "",
              "| workload | side | timed steps | tokens/step | steps/s | samples/s | tokens/s | rollout tok/s | update tok/s "
-             "| peak RSS (MB) |" + (" CUDA max alloc (MB) |" if gpu else "") + " process wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + "---|"]
+             "| peak RSS (MB) |" + (" CUDA max alloc (MB) |" if gpu else "") + (" MFU |" if mfu else "")
+             + " process wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "") + ("---|" if mfu else "") + "---|"]
     for name, entry in report["workloads"].items():
         baseline = entry["baseline"]
         for side in ("ours", baseline):
             m = entry["sides"][side]["median"]
             if "error" in m:
-                lines.append(f"| {name} | {side} | failed |" + " |" * (9 if gpu else 8))
+                lines.append(f"| {name} | {side} | failed |" + " |" * (8 + gpu + mfu))
                 continue
             cells = [m.get("timed_steps"), m.get("tokens_per_step"), m.get("steps_per_s"), m.get("samples_per_s"), m.get("tokens_per_s"),
                      m.get("rollout_tokens_per_s"), m.get("update_tokens_per_s"), m.get("peak_rss_mb")]
             cells += [m.get("cuda_max_allocated_mb")] if gpu else []
+            cells += [f"{m['mfu']:.1%}" if "mfu" in m else None] if mfu else []
             cells += [m.get("wall_s")]
             lines.append(f"| {name} | {side} | " + " | ".join(_fmt(c) for c in cells) + " |")
         r = entry["ratio"]
         cells = [None, None, r.get("steps_per_s"), r.get("samples_per_s"), r.get("tokens_per_s"), r.get("rollout_tokens_per_s"),
-                 r.get("update_tokens_per_s"), r.get("peak_rss_mb")] + ([r.get("cuda_max_allocated_mb")] if gpu else []) + [None]
+                 r.get("update_tokens_per_s"), r.get("peak_rss_mb")] + ([r.get("cuda_max_allocated_mb")] if gpu else []) \
+            + ([None] if mfu else []) + [None]
         lines.append(f"| {name} | **ours/{baseline}** | " + " | ".join(
             "–" if c is None else f"**{c:.2f}×**" for c in cells) + " |")
     lines += ["", "Rates: > 1× means ours is faster; memory: < 1× means ours uses less. samples = conversations (SFT, "
               "packed or not), pairs (RM, DPO), replies (GRPO, PPO); tokens = real (non-padding) tokens of the step's "
               "batch (RL: prompt + generated tokens of the rollout). rollout tok/s = generated tokens / generation "
               "time; update tok/s = tokens through the policy update / update time. Baselines: TRL 1.16 trainers; "
-              "for PPO a naive loop (bench/naive_ppo.py: no KV cache, one sequence at a time).", ""]
+              "for PPO a naive loop (bench/naive_ppo.py: no KV cache, one sequence at a time)."
+              + (f" MFU: model FLOPs (6 x {meta['parameters'] / 1e6:.1f}M parameters x real tokens/s; 8 x with DPO's "
+                 f"reference copy) / the {meta['peak_tflops']:g} TFLOP/s peak; attention and padding not counted."
+                 if mfu else ""), ""]
     notes = [f"- {name}: {n}" for name, entry in report["workloads"].items()
              for n in ([entry["settings"]["caveat"]] if entry["settings"]["caveat"] else []) + entry["notes"]]
     if notes:
@@ -177,6 +211,14 @@ def _meta(args, device: str) -> dict:
                          "lightning": lightning.__version__, "trl": trl_version}}
 
 
+def _gpu_peak_tflops() -> float | None:
+    import torch
+
+    from callbacks.throughput import peak_tflops
+
+    return peak_tflops(torch.cuda.get_device_name(0))
+
+
 def _device(trainer: str) -> str:
     if trainer == "gpu":
         import torch
@@ -193,7 +235,7 @@ def _device(trainer: str) -> str:
 # -- main -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench.prepare import prepare_workload, records_needed, save_checkpoints
+    from bench.prepare import count_parameters, prepare_workload, records_needed, save_checkpoints
     from llm_stages.data.demo import write_demo_data
 
     out_dir = Path(args.out_dir)
@@ -202,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"{date}-{args.model}" + ("-gpu" if args.trainer == "gpu" else "")
     if not args.profile and set(args.workloads) != set(WORKLOADS):
         stem += "-" + "+".join(args.workloads)  # a partial run never overwrites a full one
-    workloads = [WORKLOADS[n] for n in args.workloads]
+    stem += "".join(f"-{flag}{v}" for flag, v in (("b", args.batch_size), ("t", args.max_length)) if v is not None)
+    resized = {k: v for k, v in (("batch_size", args.batch_size), ("max_length", args.max_length)) if v is not None}
+    workloads = [dataclasses.replace(WORKLOADS[n], **resized) for n in args.workloads]
     timed = {w.name: args.steps or (min(w.steps, 3) if args.profile else w.steps) for w in workloads}
 
     with tempfile.TemporaryDirectory(prefix="llm_stages_bench_") as tmp:
@@ -210,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         print(f"preparing {args.model} checkpoint and data in {workdir}", flush=True)
         checkpoints = save_checkpoints(args.model, workdir / "model", args.seed)
+        parameters = count_parameters(checkpoints["causal"])
         # SFT has ~0.77 conversations per demo problem; twice the records the largest workload needs is plenty.
-        problems = max(500, 2 * max(records_needed(w, args.warmup + timed[w.name]) for w in workloads))
-        if problems > 19_990:
-            raise SystemExit(f"the demo task has 19,990 distinct problems; {problems} needed: use fewer --steps")
+        # (capped at the demo task's 19,990 distinct problems; prepare_workload says if a run needs more)
+        problems = min(19_990 - 8, max(500, 2 * max(records_needed(w, args.warmup + timed[w.name]) for w in workloads)))
         demo = write_demo_data(workdir / "demo", seed=0, n_train=problems, n_val=8)
         prepared = {w.name: prepare_workload(w, demo=demo, checkpoints=checkpoints, workdir=workdir,
                                              total_steps=args.warmup + timed[w.name], trainer=args.trainer, seed=args.seed)
@@ -251,13 +295,17 @@ def main(argv: list[str] | None = None) -> int:
                                                              f"expected {args.warmup + timed[w.name]}")
                     results[w.name][side].append(result)
 
-    report = {"meta": {**_meta(args, _device(args.trainer)), "timed_steps": timed}, "workloads": {}}
+    peak = args.peak_tflops or (_gpu_peak_tflops() if args.trainer == "gpu" else None)
+    report = {"meta": {**_meta(args, _device(args.trainer)), "timed_steps": timed, "parameters": parameters,
+                       "peak_tflops": peak, "resized": resized}, "workloads": {}}
     failed = False
     for w in workloads:
         entry = {"stage": w.stage, "baseline": w.baseline, "settings": w.settings(), "records": prepared[w.name]["records"],
                  "notes": prepared[w.name]["notes"], "our_overrides": prepared[w.name]["overrides"], "sides": {}}
         for side, runs in results[w.name].items():
             entry["sides"][side] = {"median": _median(runs), "repeats": runs}
+            add_mfu(entry["sides"][side]["median"], params=parameters, flops_per_param_token=w.flops_per_param_token,
+                    peak_tflops=peak)
             failed |= "error" in entry["sides"][side]["median"] or any("error" in r for r in runs)
         ours, base = entry["sides"]["ours"]["median"], entry["sides"][w.baseline]["median"]
         entry["ratio"] = {k: ours[k] / base[k] for k in RATIO_KEYS if ours.get(k) and base.get(k)}

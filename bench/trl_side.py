@@ -118,7 +118,8 @@ def run(spec: dict) -> None:
         gradient_accumulation_steps=1, learning_rate=w["lr"], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=spec["optim"]["weight_decay"], adam_beta1=spec["optim"]["betas"][0],
         adam_beta2=spec["optim"]["betas"][1], adam_epsilon=spec["optim"]["eps"],
-        max_grad_norm=spec["optim"]["max_grad_norm"], optim="adamw_torch", seed=spec["seed"],
+        max_grad_norm=spec["optim"]["max_grad_norm"], seed=spec["seed"],
+        optim="adamw_torch_fused" if spec["optim"]["fused"] else "adamw_torch",
         report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
         # TRL turns (gradient) checkpointing on by default; ours is off unless model.gradient_checkpointing=true.
         activation_checkpointing=False,

@@ -21,6 +21,9 @@ class Workload:
     max_length: int = 256  # tokens per sequence (per packed row)
     options: dict = field(default_factory=dict)  # workload-specific settings, also handed to the baseline
     caveat: str = ""  # what still differs between the sides; printed under the results table
+    # Model FLOPs per parameter and real token of a step, for MFU: 6 for a trained forward + backward,
+    # +2 for a reference forward in the step (DPO ref=copy); None: not reported (RL steps mostly decode).
+    flops_per_param_token: int | None = 6
 
     def settings(self) -> dict:
         return asdict(self)
@@ -41,20 +44,24 @@ WORKLOADS = {w.name: w for w in [
              options={"ref": "precompute", "beta": 0.1},
              caveat="the reference pass is outside the timed steps on both sides: TRL's runs in its constructor, "
                     "ours in the first training step (a warm-up step; with --warmup 0 it would be timed)"),
-    Workload("dpo_copy", "dpo", "pref_train", "trl", batch_size=8, lr=5e-6, steps=20, options={"ref": "copy", "beta": 0.1}),
+    Workload("dpo_copy", "dpo", "pref_train", "trl", batch_size=8, lr=5e-6, steps=20, options={"ref": "copy", "beta": 0.1},
+             flops_per_param_token=8),
     Workload("grpo", "grpo", "rl_train", "trl", batch_size=2, lr=1e-6, steps=10,
              options={"num_generations": 4, "max_new_tokens": 32, "temperature": 1.0},
-             caveat="each side samples its own replies, so reply lengths (tokens/step) differ; compare tokens/s"),
+             caveat="each side samples its own replies, so reply lengths (tokens/step) differ; compare tokens/s",
+             flops_per_param_token=None),
     Workload("ppo", "ppo", "rl_train", "naive", batch_size=4, lr=1e-5, steps=5,
              options={"mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 32, "temperature": 0.7,
                       "kl_coef": 0.05, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
                       "gamma": 1.0, "lam": 0.95, "reward_clip": 10.0},
              caveat="TRL 1.16 has no PPOTrainer: the baseline is bench/naive_ppo.py (no KV cache, one sequence per "
-                    "forward pass); each side samples its own replies"),
+                    "forward pass); each side samples its own replies",
+             flops_per_param_token=None),
 ]}
 
-# The optimiser both sides use: AdamW, constant lr (no warm-up, no decay), as llm_stages' defaults otherwise.
-OPTIM = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0}
+# The optimiser both sides use: AdamW, constant lr (no warm-up, no decay), as llm_stages' defaults otherwise;
+# fused: one kernel per update, llm_stages' default and TRL's (adamw_torch_fused on torch >= 2.8).
+OPTIM = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0, "fused": True}
 
 
 def optimiser_steps(w: Workload, steps: int) -> int:
@@ -78,6 +85,7 @@ def our_overrides(w: Workload, *, checkpoint: str, data_path: str, cache_dir: st
         f"optim.lr={w.lr}", "optim.warmup_steps=0", "optim.scheduler=constant",
         f"optim.betas=[{OPTIM['betas'][0]},{OPTIM['betas'][1]}]", f"optim.eps={OPTIM['eps']}",
         f"optim.weight_decay={OPTIM['weight_decay']}", f"optim.max_grad_norm={OPTIM['max_grad_norm']}",
+        f"optim.fused={str(OPTIM['fused']).lower()}",
         f"datamodule.batch_size={w.batch_size}",
     ]
     o = w.options

@@ -155,9 +155,14 @@ def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None) -> to
                 del model.config.quantization_config
             model.is_quantized = False
     elif cfg.get("init"):
-        config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        init = dict(cfg.init)
+        # The tokenizer's size unless the config pads the vocabulary (as Qwen2.5 does, to 151,936 rows).
+        vocab_size = init.pop("vocab_size", None) or len(tokenizer)
+        if vocab_size < len(tokenizer):
+            raise ConfigError(f"model.init.vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        config = Qwen2Config(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             **dict(cfg.init), **head_kwargs)
+                             **init, **head_kwargs)
         model = fresh_class(config).to(dtype)
     else:
         raise ConfigError("the model config needs one of: path, gguf, hub_id or init")

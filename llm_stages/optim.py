@@ -20,6 +20,9 @@ class OptimConfig:
     scheduler: str = "cosine"
     min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
+    # One fused kernel for the whole update instead of a loop over tensors (11-15% of a CPU step for a
+    # 135M model); the same arithmetic up to rounding. TRL's default too (adamw_torch_fused).
+    fused: bool = True
 
 
 SCHEDULES = {
@@ -45,7 +48,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  fused=True if cfg.fused else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, warmup_steps=cfg.warmup_steps, total_steps=total_steps, scheduler=cfg.scheduler,
         min_lr_ratio=cfg.min_lr_ratio))

@@ -30,13 +30,45 @@ def test_summarise_times_the_window_after_warmup_and_counts_its_steps():
         summarise(steps, warmup=3)
 
 
+def test_mfu_is_model_flops_per_second_over_the_peak_and_gets_a_column_when_the_peak_is_known():
+    from bench.runner import add_mfu, markdown
+
+    sft = {"tokens_per_s": 30_000.0}
+    add_mfu(sft, params=500_000_000, flops_per_param_token=6, peak_tflops=1000.0)
+    assert sft["mfu"] == pytest.approx(6 * 5e8 * 3e4 / 1e15)  # 0.09
+    rl = {"tokens_per_s": 30_000.0}
+    add_mfu(rl, params=500_000_000, flops_per_param_token=None, peak_tflops=1000.0)  # RL: not reported
+    no_peak = {"tokens_per_s": 30_000.0}
+    add_mfu(no_peak, params=500_000_000, flops_per_param_token=6, peak_tflops=None)
+    assert "mfu" not in rl and "mfu" not in no_peak
+
+    meta = {"model": "m", "device": "d", "date": "today", "commit": "c", "warmup": 1, "repeats": 1, "trainer": "gpu",
+            "versions": {"trl": "1.16.0"}, "parameters": 5e8, "peak_tflops": 1000.0}
+    side = {"timed_steps": 2, "tokens_per_step": 10, "steps_per_s": 1.0, "samples_per_s": 1.0, "tokens_per_s": 3e4,
+            "peak_rss_mb": 1.0, "cuda_max_allocated_mb": 2.0, "wall_s": 3.0}
+    report = {"meta": meta, "workloads": {"sft": {"baseline": "trl", "settings": {"caveat": ""}, "notes": [],
+                                                  "sides": {"ours": {"median": {**side, "mfu": 0.09}},
+                                                            "trl": {"median": {**side, "mfu": 0.045}}},
+                                                  "ratio": {"tokens_per_s": 2.0}}}}
+    table = markdown(report)
+    header = next(line for line in table.splitlines() if line.startswith("| workload"))
+    assert "| CUDA max alloc (MB) | MFU |" in header
+    rows = [line for line in table.splitlines() if line.startswith("| sft")]
+    assert "| 9.0% |" in rows[0] and "| 4.5% |" in rows[1]
+    assert all(row.count("|") == header.count("|") for row in rows)
+    meta["peak_tflops"] = None
+    assert "MFU" not in markdown(report)
+
+
 @pytest.mark.slow
 def test_bench_runs_every_workload_against_its_baseline(tmp_path):
     pytest.importorskip("trl")
     from bench.runner import main
     from bench.workloads import WORKLOADS
 
-    assert main(["--model", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    # --peak-tflops: any peak, so the MFU column is computed and written on CPU too
+    assert main(["--model", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1", "--peak-tflops", "1",
+                 "--out-dir", str(tmp_path)]) == 0
 
     [path] = tmp_path.glob("*-tiny.json")
     report = json.loads(path.read_text())
@@ -59,4 +91,6 @@ def test_bench_runs_every_workload_against_its_baseline(tmp_path):
             assert ours["tokens_per_step"] == base["tokens_per_step"], name
     table = path.with_suffix(".md").read_text()
     assert all(f"| {name} | ours |" in table for name in WORKLOADS)
-    assert "| ppo | naive |" in table and "| sft | trl |" in table
+    assert "| ppo | naive |" in table and "| sft | trl |" in table and "| MFU |" in table
+    assert report["workloads"]["sft"]["sides"]["ours"]["median"]["mfu"] > 0
+    assert "mfu" not in report["workloads"]["grpo"]["sides"]["ours"]["median"]

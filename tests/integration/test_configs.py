@@ -77,3 +77,28 @@ def test_cli_cfg_job_prints_composed_config(tmp_path):
     cfg = OmegaConf.create(run.stdout)
     assert cfg.optim.lr == 0.123 and cfg.model.hub_id == "Qwen/Qwen2.5-0.5B-Instruct"
     assert cfg.datamodule._target_ == "llm_stages.data.datamodule.PTDataModule"
+
+
+def test_qwen_0_5b_init_builds_qwen2_5_0_5b_s_architecture_from_config(make_cfg, tokenizer):
+    """model=qwen_0_5b_init: Qwen2.5-0.5B's shapes (494,032,768 parameters, its padded vocabulary) from
+    config alone, no hub; built on the meta device here so the test allocates nothing."""
+    import torch
+
+    from llm_stages.models import load_model
+
+    cfg = make_cfg("model=qwen_0_5b_init")
+    with torch.device("meta"):
+        model = load_model(cfg.model, tokenizer)
+    assert sum(p.numel() for p in model.parameters()) == 494_032_768
+    assert model.get_input_embeddings().num_embeddings == 151_936 > len(tokenizer)
+    assert model.config.tie_word_embeddings and model.config.num_hidden_layers == 24
+
+
+def test_a_fresh_models_vocabulary_may_be_padded_but_never_smaller_than_the_tokenizer(make_cfg, tokenizer):
+    from llm_stages.errors import ConfigError
+    from llm_stages.models import load_model
+
+    model = load_model(make_cfg("+model.init.vocab_size=1280").model, tokenizer)
+    assert model.get_input_embeddings().num_embeddings == 1280 > len(tokenizer)
+    with pytest.raises(ConfigError, match="smaller than the tokenizer"):
+        load_model(make_cfg(f"+model.init.vocab_size={len(tokenizer) - 1}").model, tokenizer)

@@ -29,3 +29,22 @@ def test_logged_configs_never_carry_secrets():
     assert redacted["lr"] == 1e-3
     assert redacted["generation"] == {"max_new_tokens": 64} and redacted["tokenizer"] == "path/tok"
     assert redacted["add_tokens"] == ["<a>"]
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_per_tensor_loop():
+    import torch
+
+    from llm_stages.optim import OptimConfig, build_optimizer
+
+    weights = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
+        optimizer, scheduler = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, warmup_steps=2, fused=fused), 5)
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for step in range(5):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+            model(x).pow(2).mean().backward()
+            optimizer.step(), scheduler.step(), optimizer.zero_grad()
+        weights[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-6, atol=1e-7)
