@@ -97,16 +97,49 @@ def collate_prompts(examples: list[PromptExample], pad_id: int) -> PromptBatch:
     return PromptBatch(input_ids, attention_mask, [e.prompt for e in examples], [e.answer for e in examples])
 
 
+def length_groups(lengths: list[int], max_groups: int, group_cost: int) -> list[list[int]]:
+    """The positions of `lengths` in at most `max_groups` groups of similar length, chosen to
+    minimise the tokens the groups' forward passes compute: each group is padded to its own
+    longest, plus `group_cost` tokens per group for what one more pass costs. Longest group first;
+    positions ascending within a group."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n, inf = len(order), float("inf")
+    # best[g][j]: the cheapest split of the j longest into g groups; a group order[i:j] costs (j - i) * its longest
+    best = [[0.0] + [inf] * n] + [[inf] * (n + 1) for _ in range(max_groups)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    for g in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(g - 1, j):
+                cost = best[g - 1][i] + (j - i) * lengths[order[i]] + group_cost
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    groups, j = min(range(1, max_groups + 1), key=lambda g: (best[g][n], g)), n
+    bounds = []
+    for g in range(groups, 0, -1):
+        bounds.append((cut[g][j], j))
+        j = cut[g][j]
+    return [sorted(order[i:j]) for i, j in reversed(bounds)]
+
+
 class MicroBatches:
     """Collates one optimiser step's examples into `grad_accum` micro-batches, each padded to its
-    own longest sequence (so accumulation never costs extra padding)."""
+    own longest sequence (so accumulation never costs extra padding).
 
-    def __init__(self, collate_one, micro_batch_size: int):
+    With `max_groups` > 1 each micro-batch is further split by length (`length_groups`), so short
+    sequences are not padded to the longest of the batch: the same examples and the same loss
+    (the stages weigh every micro-batch exactly), fewer padded positions through the model."""
+
+    def __init__(self, collate_one, micro_batch_size: int, *, length=None, max_groups: int = 1, group_cost: int = 64):
         self.collate_one, self.micro_batch_size = collate_one, micro_batch_size
+        self.length, self.max_groups, self.group_cost = length, max_groups, group_cost
 
     def __call__(self, examples: list) -> list:
         size = self.micro_batch_size
-        return [self.collate_one(examples[i:i + size]) for i in range(0, len(examples), size)]
+        chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
+        if self.max_groups > 1:
+            chunks = [[chunk[i] for i in group] for chunk in chunks
+                      for group in length_groups([self.length(e) for e in chunk], self.max_groups, self.group_cost)]
+        return [self.collate_one(chunk) for chunk in chunks]
 
 
 class ResumableBatchSampler(Sampler[list[int]]):

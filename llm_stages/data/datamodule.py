@@ -32,9 +32,11 @@ class CausalDataModule(L.LightningDataModule):
     serves training steps as lists of `grad_accum` micro-batches of `batch_size` sequences."""
 
     def __init__(self, data, tokenizer, *, batch_size: int = 8, grad_accum: int = 1, val_batch_size: int = 16,
-                 num_workers: int = 0, seed: int = 1234, group_by_length: bool = False):
+                 num_workers: int = 0, seed: int = 1234, group_by_length: bool = False, length_groups: int = 1,
+                 length_group_cost: int = 64):
         super().__init__()
         self.group_by_length = group_by_length
+        self.length_groups, self.length_group_cost = length_groups, length_group_cost
         self.data, self.tokenizer = data, tokenizer
         self.batch_size, self.grad_accum, self.val_batch_size = batch_size, grad_accum, val_batch_size
         self.num_workers, self.seed = num_workers, seed
@@ -42,8 +44,8 @@ class CausalDataModule(L.LightningDataModule):
         self.val_set: list[Example] = []
         self.stats: dict[str, int] = {}
         self.val_path: Path | None = None
-        if batch_size < 1 or grad_accum < 1:
-            raise ConfigError("datamodule.batch_size and datamodule.grad_accum must be >= 1")
+        if batch_size < 1 or grad_accum < 1 or length_groups < 1:
+            raise ConfigError("datamodule.batch_size, datamodule.grad_accum and datamodule.length_groups must be >= 1")
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token; set one on the model's tokenizer")
 
@@ -137,7 +139,19 @@ class CausalDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
             lengths=[self.example_length(e) for e in self.train_set] if self.group_by_length else None)
         return ResumableDataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                                   collate_fn=MicroBatches(self.collate_one, self.batch_size))
+                                   collate_fn=MicroBatches(self.collate_one, self.batch_size, length=self.example_length,
+                                                           max_groups=self._length_groups(trainer),
+                                                           group_cost=self.length_group_cost))
+
+    def _length_groups(self, trainer) -> int:
+        """Micro-batches split by length, except under sharded strategies (FSDP, ZeRO-3), where
+        every extra forward pass gathers the weights again."""
+        strategy = type(trainer.strategy).__name__ if trainer else ""
+        if self.length_groups > 1 and any(s in strategy for s in ("FSDP", "ModelParallel", "DeepSpeed")):
+            log.info("datamodule.length_groups=%d not used under %s: each micro-batch is one forward pass",
+                     self.length_groups, strategy)
+            return 1
+        return self.length_groups
 
     def val_dataloader(self) -> DataLoader:
         if not self.val_set:
@@ -357,6 +371,8 @@ class PromptDataModule(CausalDataModule):
 
     def __init__(self, data, tokenizer, *, max_prompt_length: int = 256, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
+        if self.length_groups != 1:  # a step's prompts are one rollout batch; generation pads them anyway
+            raise ConfigError("datamodule.length_groups applies to SFT, PT, RM and DPO batches; RL prompts take 1")
         if self.grad_accum != 1:
             raise ConfigError("RL stages take one batch of prompts per rollout: leave datamodule.grad_accum at 1 and "
                               "set module.mini_batch_size / module.micro_batch_size for the updates")

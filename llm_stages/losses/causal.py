@@ -8,6 +8,18 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def labelled_logits(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits from the first position that predicts a label on, and the labels aligned
+    with them, for `token_cross_entropy` / `sequence_logps`. The positions before it (the prompt
+    part every row of the batch shares) never reach the LM head (HF's `logits_to_keep`): with a
+    large vocabulary that head and its float logits are a good part of a step's time and memory.
+    """
+    predicts_label = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    start = int(predicts_label.int().argmax()) if bool(predicts_label.any()) else 0
+    logits = model(**inputs, use_cache=False, logits_to_keep=labels.shape[1] - start).logits
+    return logits, labels[:, start:]
+
+
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and the number of tokens it sums over.
 

@@ -12,16 +12,18 @@ import torch
 
 from llm_stages.data.collate import CausalBatch
 from llm_stages.losses import token_cross_entropy
+from llm_stages.losses.causal import labelled_logits
 from llm_stages.stages.base import Stage
 
 
 class CausalLM(Stage):
-    def forward(self, batch: CausalBatch) -> torch.Tensor:
-        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, use_cache=False).logits
+    def forward(self, batch: CausalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits over the labelled part of the batch, and its labels."""
+        return labelled_logits(self.model, batch.labels, input_ids=batch.input_ids,
+                               attention_mask=batch.attention_mask, position_ids=batch.position_ids)
 
     def loss_sum(self, batch: CausalBatch):
-        loss_sum, _ = token_cross_entropy(self(batch), batch.labels)
+        loss_sum, _ = token_cross_entropy(*self(batch))
         return loss_sum, {}
 
     def loss_weight(self, batch: CausalBatch) -> torch.Tensor:

@@ -22,7 +22,7 @@ from llm_stages.adapters import frozen_reference, reference_of
 from llm_stages.data.collate import PairBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses import dpo_loss, orpo_loss, simpo_loss
-from llm_stages.losses.causal import sequence_logps
+from llm_stages.losses.causal import labelled_logits, sequence_logps
 from llm_stages.losses.preference import add_nll
 from llm_stages.stages.base import Stage
 
@@ -45,8 +45,9 @@ class DPO(Stage):
     @staticmethod
     def score(model, batch: PairBatch):
         """(summed reply log-probs, reply token counts, mean reply logits), each (2 * pairs,)."""
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        return sequence_logps(logits, batch.labels)
+        logits, labels = labelled_logits(model, batch.labels, input_ids=batch.input_ids,
+                                         attention_mask=batch.attention_mask)
+        return sequence_logps(logits, labels)
 
     def reference_scores(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ref_mode == "copy":

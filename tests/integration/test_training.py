@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -45,7 +46,9 @@ def test_grad_accumulation_2x4_equals_1x8_and_a_full_batch_token_mean(make_cfg):
     sampler_batch = datamodule.train_dataloader().batch_sampler.batches(0)[0]
     batch = collate_causal([datamodule.train_set[i] for i in sampler_batch], datamodule.tokenizer.pad_token_id)
     module.model.train()
-    loss_sum, n_tokens = token_cross_entropy(module(batch), batch.labels)
+    logits = module.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, use_cache=False).logits  # every position's logits
+    loss_sum, n_tokens = token_cross_entropy(logits, batch.labels)
     (loss_sum / n_tokens).backward()
     for name, p in module.named_parameters():
         torch.testing.assert_close(grads_accum[name], p.grad, atol=1e-5, rtol=1e-4)
@@ -53,6 +56,19 @@ def test_grad_accumulation_2x4_equals_1x8_and_a_full_batch_token_mean(make_cfg):
     halves = MicroBatches(datamodule.collate_one, 4)([datamodule.train_set[i] for i in sampler_batch])
     counts = [int((b.labels[:, 1:] != -100).sum()) for b in halves]
     assert counts[0] != counts[1]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_micro_batches_split_by_length_give_the_same_step_as_one_padded_batch(make_cfg, stage):
+    common = [f"stage={stage}", "optim.max_grad_norm=null", "datamodule.batch_size=8"]
+    grads_split, _, datamodule = _first_step_grads(make_cfg(*common, "datamodule.length_groups=4",
+                                                            "datamodule.length_group_cost=0"))
+    grads_one, _, _ = _first_step_grads(make_cfg(*common, "datamodule.length_groups=1"))
+    assert grads_split.keys() == grads_one.keys() and grads_one
+    for name in grads_one:
+        torch.testing.assert_close(grads_split[name], grads_one[name], atol=1e-5, rtol=1e-4)
+    step = next(iter(datamodule.train_dataloader()))
+    assert len(step) > 1 and len({b.input_ids.shape[1] for b in step}) > 1  # the batch really was split
 
 
 def test_parameters_change_after_one_step(make_cfg):

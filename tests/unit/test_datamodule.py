@@ -170,3 +170,28 @@ def test_a_global_batch_is_the_same_examples_at_any_world_size(grouped):
         assert all(len(batches) == len(single) == 1003 // 8 for batches in ranks)
         assert [sorted(sum((ranks[r][k] for r in range(world)), [])) for k in range(len(single))] == \
             [sorted(batch) for batch in single]
+
+
+def test_length_groups_minimise_padded_tokens_plus_a_cost_per_group():
+    from llm_stages.data.collate import length_groups
+
+    lengths = [10, 100, 12, 95, 50, 11]
+    # Free passes: every distinct length band its own group (4 at most), nothing padded beyond 12.
+    assert length_groups(lengths, 4, 0) == [[1], [3], [4], [0, 2, 5]]
+    # 64 tokens a pass: {100, 95, 50} + {12, 11, 10} = 3*100 + 3*12 + 2*64 = 464 beats 3 groups (478) and 1 (664).
+    assert length_groups(lengths, 4, 64) == [[1, 3, 4], [0, 2, 5]]
+    assert length_groups(lengths, 1, 0) == [[0, 1, 2, 3, 4, 5]]
+    assert length_groups([30] * 8, 4, 1) == [list(range(8))]  # equal lengths: splitting saves nothing
+
+
+def test_micro_batches_split_by_length_keep_every_example_once(tokenizer):
+    from llm_stages.data.collate import MicroBatches, collate_causal
+    from llm_stages.data.render import Example
+
+    examples = [Example(list(range(1, n + 1)), [-100] + list(range(2, n + 1))) for n in [5, 40, 6, 38, 7, 39, 5, 41]]
+    split = MicroBatches(lambda ex: collate_causal(ex, 0), 4, length=lambda e: len(e.input_ids), max_groups=4,
+                         group_cost=4)(examples)
+    plain = MicroBatches(lambda ex: collate_causal(ex, 0), 4)(examples)
+    assert [b.input_ids.shape for b in plain] == [(4, 40), (4, 41)]
+    assert [b.input_ids.shape for b in split] == [(2, 40), (2, 6), (2, 41), (2, 7)]
+    assert sum(int(b.attention_mask.sum()) for b in split) == sum(int(b.attention_mask.sum()) for b in plain)
