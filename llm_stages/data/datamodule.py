@@ -144,12 +144,12 @@ class CausalDataModule(L.LightningDataModule):
                                                            group_cost=self.length_group_cost))
 
     def _length_groups(self, trainer) -> int:
-        """Micro-batches split by length, except under sharded strategies (FSDP, ZeRO-3), where
-        every extra forward pass gathers the weights again."""
-        strategy = type(trainer.strategy).__name__ if trainer else ""
-        if self.length_groups > 1 and any(s in strategy for s in ("FSDP", "ModelParallel", "DeepSpeed")):
-            log.info("datamodule.length_groups=%d not used under %s: each micro-batch is one forward pass",
-                     self.length_groups, strategy)
+        """Micro-batches split by length in single-process training only: ranks would split their
+        slices into different numbers of passes, and every pass is a collective under DDP (buffer
+        broadcast) and FSDP/ZeRO (weight gathering)."""
+        if self.length_groups > 1 and trainer is not None and trainer.world_size > 1:
+            log.info("datamodule.length_groups=%d not used with %d processes: each micro-batch is one forward pass",
+                     self.length_groups, trainer.world_size)
             return 1
         return self.length_groups
 

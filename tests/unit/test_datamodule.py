@@ -195,3 +195,16 @@ def test_micro_batches_split_by_length_keep_every_example_once(tokenizer):
     assert [b.input_ids.shape for b in plain] == [(4, 40), (4, 41)]
     assert [b.input_ids.shape for b in split] == [(2, 40), (2, 6), (2, 41), (2, 7)]
     assert sum(int(b.attention_mask.sum()) for b in split) == sum(int(b.attention_mask.sum()) for b in plain)
+
+
+def test_length_groups_only_split_in_single_process_training(tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from llm_stages.errors import ConfigError
+
+    dm = SFTDataModule(_data(tmp_path / "x.jsonl"), tokenizer, batch_size=8, length_groups=4)
+    assert dm._length_groups(None) == 4 and dm._length_groups(SimpleNamespace(world_size=1)) == 4
+    # Several processes: each rank would split its slice differently, and each pass is a collective.
+    assert dm._length_groups(SimpleNamespace(world_size=2)) == 1
+    with pytest.raises(ConfigError, match="length_groups"):
+        SFTDataModule(_data(tmp_path / "x.jsonl"), tokenizer, length_groups=0)
