@@ -209,6 +209,12 @@ class Stage(L.LightningModule):
             # gradients, so the global norm needs the FSDP module's own method.
             self.model.clip_grad_norm_(max_norm)
             return
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and getattr(strategy.precision_plugin, "scaler", None) is None:
+            # Lightning refuses to clip for optimizers that can unscale inside step() (fused AdamW)
+            # under mixed precision, for fear of clipping scaled gradients; bf16 scales nothing.
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return
         self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
