@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from llm_stages.data import formats
+from llm_stages.data import formats, sources
 from llm_stages.data.collate import (MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal,
                                      collate_packed, collate_pairs, collate_prompts)
 from llm_stages.data.render import (Example, PairExample, PromptExample, ensure_chat_template, num_trained_tokens,
@@ -56,14 +56,23 @@ class CausalDataModule(L.LightningDataModule):
     def settings(self) -> dict:
         """Everything besides the file and tokenizer that changes the examples (the cache key)."""
         return {"format": self.data.get("format"), "system_prompt": self.data.get("system_prompt"),
-                "on_bad_record": self.data.get("on_bad_record")}
+                "on_bad_record": self.data.get("on_bad_record"), "columns": self._columns(),
+                **{k: self.data.get(k) for k in ("field", "split", "val_split", "subset") if self.data.get(k) is not None}}
+
+    def _columns(self) -> dict | None:
+        columns = self.data.get("columns")
+        if not columns:
+            return None
+        columns = dict(columns)
+        formats.check_columns(columns)
+        return columns
 
     @staticmethod
     def example_from_json(item) -> Example:
         return Example(*item)
 
     # -- tokenization cache ----------------------------------------------------------------------
-    CACHE_VERSION = 1
+    CACHE_VERSION = 2
 
     def cached_examples(self, path: Path, split: str) -> list:
         """`build_examples`, cached as JSON under `data.cache_dir` (null: no cache), keyed by the
@@ -90,9 +99,8 @@ class CausalDataModule(L.LightningDataModule):
         return examples
 
     def _cache_key(self, path: Path) -> str:
-        formats.check_file(path)
         digest = hashlib.sha256()
-        digest.update(path.read_bytes())
+        digest.update(sources.fingerprint(path))
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         vocabulary = backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
         digest.update(vocabulary.encode())
@@ -180,6 +188,8 @@ class CausalDataModule(L.LightningDataModule):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _val_path(self, train_path: Path) -> Path | None:
+        if self.data.get("val_split"):  # another split of the same dataset
+            return train_path
         val = self.data.get("val_path")
         if val in (None, "", "none"):
             return None
@@ -217,22 +227,40 @@ class CausalDataModule(L.LightningDataModule):
         return ([e for i, e in enumerate(examples) if i not in val_ids],
                 [e for i, e in enumerate(examples) if i in val_ids])
 
-    def _read_records(self, path: Path, reader, split: str):
-        """(record, reader(record)) for each record of `path`. A bad record stops the run, or with
-        data.on_bad_record=skip is skipped, counted and (the first few) named in the log."""
+    def _policy(self) -> str:
         policy = self.data.get("on_bad_record") or "error"
         if policy not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_record must be 'error' or 'skip', got {policy!r}")
-        fmt = self.data.get("format") or "auto"
-        for record in formats.read_json_records(path):
+        return policy
+
+    def _records(self, path: Path, split: str) -> list[formats.Record]:
+        """The records at `path` (file, folder or dataset; see sources.py). An unreadable line stops
+        the run, or with data.on_bad_record=skip is skipped, counted and named (the first few)."""
+        policy = self._policy()
+        dataset_split = self.data.get("split") or "train"
+        if split == "val" and self.data.get("val_split"):
+            dataset_split = self.data.get("val_split")
+        return sources.read_records(path, split=dataset_split, subset=self.data.get("subset"),
+                                    field=self.data.get("field"),
+                                    on_bad_line=lambda e: self._bad_record(e, policy, split))
+
+    def _read_records(self, path: Path, reader, split: str):
+        """(record, reader(record, format, columns)) for each record of `path`. A bad record stops the
+        run, or with data.on_bad_record=skip is skipped, counted and (the first few) named in the log."""
+        policy, fmt, columns = self._policy(), self.data.get("format") or "auto", self._columns()
+        for record in self._records(path, split):
             try:
-                yield record, reader(record, fmt)
+                record = formats.prepare(record, columns)
+                yield record, reader(record, fmt, None)
             except DataFormatError as e:
-                if policy == "error":
-                    raise
-                self._count(f"{split}_skipped_bad_record")
-                if self.stats[f"{split}_skipped_bad_record"] <= 3:
-                    log.warning("skipped: %s", e)
+                self._bad_record(e, policy, split)
+
+    def _bad_record(self, error: DataFormatError, policy: str, split: str) -> None:
+        if policy == "error":
+            raise error
+        self._count(f"{split}_skipped_bad_record")
+        if self.stats[f"{split}_skipped_bad_record"] <= 3:
+            log.warning("skipped: %s", error)
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -255,10 +283,10 @@ class PTDataModule(CausalDataModule):
         return {**super().settings(), "block_size": self.block_size, "remainder": self.remainder}
 
     def build_examples(self, path: Path, split: str) -> list[Example]:
-        if path.suffix == ".txt":
+        if path.is_file() and sources.data_suffix(path) in sources.TEXT_SUFFIXES:
             texts = [r.data for r in formats.read_text_documents(path)]
         else:
-            texts = [formats.text_of(r) for r in formats.read_json_records(path)]
+            texts = [text for _, text in self._read_records(path, _text_reader, split)]
         eos = self.tokenizer.eos_token_id
         if eos is None:
             raise ConfigError("the tokenizer has no EOS token, which packing puts between documents")
@@ -298,12 +326,12 @@ class SFTDataModule(CausalDataModule):
 
     def build_examples(self, path: Path, split: str) -> list[Example]:
         examples = []
-        for record, messages in self._read_records(path, formats.read_conversation, split):
+        for record, (messages, tools) in self._read_records(path, formats.read_conversation, split):
             messages = with_system_prompt(messages, self.data.get("system_prompt"))
-            if not any(m["role"] == "assistant" for m in messages):
+            if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
                 self._drop(f"{split}_dropped_no_assistant_turn", record)
                 continue
-            example = render_conversation(self.tokenizer, messages)
+            example = render_conversation(self.tokenizer, messages, tools=tools)
             if len(example.input_ids) > self.max_length:
                 example = truncate(example, self.max_length)
                 self._count(f"{split}_truncated")
@@ -324,6 +352,10 @@ class PairDataModule(CausalDataModule):
     def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        if max_prompt_length >= max_length:  # refused before any data is read: no room left for the replies
+            raise ConfigError(f"datamodule.max_prompt_length={max_prompt_length} leaves no room for the replies within "
+                              f"datamodule.max_length={max_length}; set max_prompt_length below max_length "
+                              f"(e.g. datamodule.max_prompt_length={max_length // 2})")
         ensure_chat_template(tokenizer)
 
     def settings(self) -> dict:
@@ -343,8 +375,12 @@ class PairDataModule(CausalDataModule):
     def build_examples(self, path: Path, split: str) -> list[PairExample]:
         pairs = []
         for record, pair in self._read_records(path, formats.read_pair, split):
+            if pair.chosen == pair.rejected:  # no preference to learn: counted and named, not an error
+                self._drop(f"{split}_dropped_identical_pair", record)
+                continue
             prompt = with_system_prompt(pair.prompt, self.data.get("system_prompt"))
-            example = render_pair(self.tokenizer, prompt, pair.chosen, pair.rejected)._replace(margin=_margin(record))
+            example = render_pair(self.tokenizer, prompt, pair.chosen, pair.rejected,
+                                  tools=pair.tools)._replace(margin=_margin(record))
             example, truncated = truncate_pair(example, self.max_length, self.max_prompt_length)
             if truncated:
                 self._count(f"{split}_truncated")
@@ -388,9 +424,9 @@ class PromptDataModule(CausalDataModule):
 
     def build_examples(self, path: Path, split: str) -> list[PromptExample]:
         examples = []
-        for record, prompt in self._read_records(path, lambda record, fmt: formats.prompt_record(record), split):
+        for record, prompt in self._read_records(path, _prompt_reader, split):
             example = render_prompt(self.tokenizer, with_system_prompt(prompt.messages, self.data.get("system_prompt")),
-                                    prompt.answer)
+                                    prompt.answer, prompt.tools)
             if len(example.input_ids) > self.max_prompt_length:
                 self._drop(f"{split}_dropped_prompt_too_long", record)
                 continue
@@ -401,6 +437,14 @@ class PromptDataModule(CausalDataModule):
 
     def collate_one(self, examples):
         return collate_prompts(examples, self.tokenizer.pad_token_id)
+
+
+def _text_reader(record: formats.Record, fmt: str, columns) -> str:
+    return formats.text_of(formats.prepare(record, columns))
+
+
+def _prompt_reader(record: formats.Record, fmt: str, columns) -> formats.Prompt:
+    return formats.prompt_record(record, columns)
 
 
 def _margin(record: formats.Record) -> float:

@@ -1,93 +1,71 @@
-"""Record readers: files on disk -> plain Python records, with the place each came from.
+"""Records -> the kind of example a stage reads: text, a conversation, a preference pair, unpaired
+feedback, or an RL prompt.
 
-One small function per format. Conversations come out as OpenAI-style messages
-(`[{"role": "system"|"user"|"assistant", "content": str}]`) so everything downstream renders them
-through the tokenizer's chat template; plain text comes out as documents (str).
+Each record first goes through `prepare`: a bare list of messages becomes `{"messages": [...]}` and
+`data.columns` renames the file's fields to the names below (as LLaMA-Factory's `columns`), e.g.
+`data.columns={prompt: problem}`. The schema is then detected from the keys (or named by
+`data.format`); when it cannot be told, the error lists the keys and an override that would work.
+Messages come out in one shape (see `messages.py`) and render through the tokenizer's chat template.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from llm_stages.errors import DataFormatError
+from llm_stages.data.messages import content_and_reasoning, parse_tools, text_value, to_messages
+from llm_stages.data.sources import Record, check_file, read_records, read_text  # noqa: F401  (re-exported)
+from llm_stages.errors import ConfigError, DataFormatError
 
-
-class Record(NamedTuple):
-    path: str
-    line: int  # 1-based line (jsonl/txt) or record number (json array)
-    data: Any
-
-
-def check_file(path: Path) -> None:
-    """A clear DataFormatError for a path that is missing, not a file, or empty."""
-    if not path.exists():
-        raise DataFormatError(path, "file not found")
-    if not path.is_file():
-        raise DataFormatError(path, "not a regular file")
-    if path.stat().st_size == 0:
-        raise DataFormatError(path, "file is empty")
-
-
-TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
-
-
-def read_table_records(path: Path) -> list[Record]:
-    """Rows of a .parquet or .csv file (through HF `datasets`); `line` is the 1-based row number."""
-    import datasets
-
-    try:
-        table = datasets.load_dataset(TABLE_SUFFIXES[path.suffix], data_files=str(path), split="train")
-    except Exception as e:  # pyarrow / pandas parse errors: report them against the file
-        raise DataFormatError(path, f"cannot read as {TABLE_SUFFIXES[path.suffix]}: {e}") from None
-    return [Record(str(path), i + 1, row) for i, row in enumerate(table)]
+# The field names `data.columns` maps onto (the keys every reader below understands).
+ROLE_NAMES = {"text", "messages", "conversations", "system", "tools", "instruction", "input", "output", "history",
+              "source", "target", "prompt", "question", "answer", "chosen", "rejected", "context", "margin",
+              "completion", "label", "response_chosen", "response_rejected"}
 
 
 def read_json_records(path: str | Path) -> list[Record]:
-    """Records of a .jsonl file (one JSON object per line), a .json file (an array of objects), or
-    the rows of a .parquet / .csv table."""
-    path = Path(path)
-    check_file(path)
-    if path.suffix in TABLE_SUFFIXES:
-        records = read_table_records(path)
-        if not records:
-            raise DataFormatError(path, "no records in file")
-        return records
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        try:
-            array = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
-        if not isinstance(array, list):
-            raise DataFormatError(path, "a .json data file must hold an array of records")
-        records = [Record(str(path), i + 1, r) for i, r in enumerate(array)]
-    else:
-        records = []
-        for i, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip():
-                continue
-            try:
-                records.append(Record(str(path), i, json.loads(raw)))
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, f"invalid JSON: {e.msg} (column {e.colno})", line=i) from None
-    if not records:
-        raise DataFormatError(path, "no records in file")
-    for r in records:
-        if not isinstance(r.data, dict):
-            raise DataFormatError(r.path, f"expected a JSON object, got {type(r.data).__name__}", line=r.line)
-    return records
+    """Every record of a file, folder or dataset (see `sources.read_records`)."""
+    return read_records(path)
 
+
+def prepare(record: Record, columns: Mapping | None = None) -> Record:
+    """A record as the readers take it: an object, with `columns` renamed (role -> the file's field)."""
+    data = record.data
+    if isinstance(data, list):  # a bare conversation
+        data = {"messages": data}
+    if not isinstance(data, dict):
+        raise DataFormatError(record.path, f"expected a JSON object (a record), got {type(data).__name__}",
+                              line=record.line)
+    if columns:
+        renamed = dict(data)
+        for role, source in columns.items():
+            if source not in data:
+                raise DataFormatError(record.path, f"data.columns.{role}={source}: no such field (record keys: "
+                                      f"{sorted(data)})", line=record.line)
+            renamed.pop(source, None)
+        for role, source in columns.items():
+            renamed[role] = data[source]
+        data = renamed
+    return Record(record.path, record.line, data)
+
+
+def check_columns(columns: Mapping | None) -> None:
+    """Refuse a `data.columns` key that no reader understands, before any data is read."""
+    unknown = sorted(set(columns or {}) - ROLE_NAMES)
+    if unknown:
+        raise ConfigError(f"data.columns: unknown role(s) {unknown}; the roles are {sorted(ROLE_NAMES)}")
+
+
+# --- text documents ------------------------------------------------------------------------------
 
 def read_text_documents(path: str | Path) -> list[Record]:
-    """Documents of a .txt file, separated by one or more blank lines (a file without blank lines
-    is one document per line, like the seeds' pretraining text)."""
+    """Documents of a text file (compressed too), separated by one or more blank lines (a file
+    without blank lines is one document per line)."""
     path = Path(path)
     check_file(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path).splitlines()
     has_blank_separators = any(not line.strip() for line in lines)
     docs: list[Record] = []
     current: list[str] = []
@@ -111,85 +89,71 @@ def read_text_documents(path: str | Path) -> list[Record]:
     return docs
 
 
-# --- text documents -----------------------------------------------------------------------------
-
 def text_of(record: Record) -> str:
-    """The document text of a `.txt` document or a `{"text": ...}` record."""
+    """The document text of a text-file document or a `{"text": ...}` record."""
     if isinstance(record.data, str):
         return record.data
-    return _field(record, "text", str)
+    if "text" not in record.data:
+        raise _cannot_tell(record, "text", "a 'text' field")
+    return text_value(record, "text", record.data["text"])
 
 
 # --- conversations -------------------------------------------------------------------------------
 
-# Speaker names of sharegpt / OpenAI / ColossalAI / LLaMA-Factory turns -> chat-template roles.
-# function_call is the assistant's (trained) tool call; observation is the tool's reply (not trained).
-ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bot": "assistant",
-    "function_call": "assistant",
-    "system": "system",
-    "observation": "tool", "tool": "tool", "function": "tool",
-}
+class Conversation(NamedTuple):
+    messages: list[dict]
+    tools: list[dict] | None = None  # tool schemas the template shows (in the system turn, for Qwen2.5)
 
 
-def turns_to_messages(record: Record, field: str, turns) -> list[dict]:
-    """A list of `{from|role, value|content}` objects (any of the spellings above) -> messages."""
-    if not isinstance(turns, list):
-        raise DataFormatError(record.path, f"expected a list of turns, got {type(turns).__name__}",
-                              line=record.line, field=field)
-    messages = []
-    for k, turn in enumerate(turns):
-        name = f"{field}[{k}]"
-        if not isinstance(turn, dict):
-            raise DataFormatError(record.path, "expected an object", line=record.line, field=name)
-        speaker = turn.get("from", turn.get("role"))
-        if speaker not in ROLES:
-            raise DataFormatError(record.path, f"unknown speaker {speaker!r} (expected one of {sorted(ROLES)})",
-                                  line=record.line, field=f"{name}.from")
-        key = next((k for k in ("value", "content") if k in turn), "value" if field == "conversations" else "content")
-        messages.append({"role": ROLES[speaker], "content": _as_str(record, f"{name}.{key}", turn.get(key))})
+def _with_system(record: Record, messages: list[dict]) -> list[dict]:
+    """The record's `system` field, when set, as the first turn (unless the turns have one)."""
+    system = record.data.get("system")
+    if system and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": text_value(record, "system", system)}] + messages
     return messages
+
+
+def _tools(record: Record) -> list[dict] | None:
+    return parse_tools(record, record.data.get("tools"))
 
 
 def sharegpt_messages(record: Record) -> list[dict]:
     """`{"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value"}],
-    "system"?: str, "tools"?: str}` (tools are kept in the record for templates that render them)."""
-    messages = turns_to_messages(record, "conversations", _field(record, "conversations", list))
-    system = record.data.get("system")
-    if system and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": _as_str(record, "system", system)})
-    return messages
+    "system"?, "tools"?}`."""
+    return _with_system(record, to_messages(record, "conversations", _field(record, "conversations")))
+
+
+def messages_messages(record: Record) -> list[dict]:
+    """OpenAI `{"messages": [{"role", "content", "tool_calls"?}]}`, ColossalAI `{"messages": [{"from", "content"}]}`."""
+    return _with_system(record, to_messages(record, "messages", _field(record, "messages")))
 
 
 def alpaca_messages(record: Record) -> list[dict]:
-    """`{"instruction": str, "input"?: str, "output": str, "system"?: str, "history"?: [[q, a], ...]}`."""
-    instruction = _field(record, "instruction", str)
-    output = _field(record, "output", str)
-    extra = record.data.get("input") or ""
+    """`{"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}`."""
+    instruction = text_value(record, "instruction", _field(record, "instruction"))
+    output = text_value(record, "output", _field(record, "output"))
+    extra = text_value(record, "input", record.data.get("input"), allow_none=True)
     prompt = f"{instruction}\n{extra}" if extra else instruction
     messages = []
-    if record.data.get("system"):
-        messages.append({"role": "system", "content": _as_str(record, "system", record.data["system"])})
     for k, pair in enumerate(record.data.get("history") or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise DataFormatError(record.path, "expected a [question, answer] pair", line=record.line,
                                   field=f"history[{k}]")
-        messages += [{"role": "user", "content": _as_str(record, f"history[{k}][0]", pair[0])},
-                     {"role": "assistant", "content": _as_str(record, f"history[{k}][1]", pair[1])}]
+        messages += [{"role": "user", "content": text_value(record, f"history[{k}][0]", pair[0])},
+                     {"role": "assistant", "content": text_value(record, f"history[{k}][1]", pair[1])}]
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return messages
-
-
-def messages_messages(record: Record) -> list[dict]:
-    """OpenAI `{"messages": [{"role", "content"}]}` and ColossalAI `{"messages": [{"from", "content"}]}`."""
-    return turns_to_messages(record, "messages", _field(record, "messages", list))
+    return _with_system(record, messages)
 
 
 def colossal_single_messages(record: Record) -> list[dict]:
-    """ColossalAI single turn `{"source", "target", "category"?}`: source is the prompt, target the reply."""
-    return [{"role": "user", "content": _field(record, "source", str)},
-            {"role": "assistant", "content": _field(record, "target", str)}]
+    """ColossalAI single turn `{"source", "target"}`: source is the prompt, target the reply."""
+    return _with_system(record, [{"role": "user", "content": text_value(record, "source", _field(record, "source"))},
+                                 {"role": "assistant", "content": text_value(record, "target", _field(record, "target"))}])
+
+
+def prompt_completion_messages(record: Record) -> list[dict]:
+    """TRL `{"prompt": str | messages, "completion": str | messages}` (no label: that is unpaired feedback)."""
+    return _prompt_messages(record) + _replies(record, "completion")
 
 
 CONVERSATION_READERS: dict[str, Callable[[Record], list[dict]]] = {
@@ -197,12 +161,14 @@ CONVERSATION_READERS: dict[str, Callable[[Record], list[dict]]] = {
     "alpaca": alpaca_messages,
     "messages": messages_messages,
     "colossal_single": colossal_single_messages,
+    "prompt_completion": prompt_completion_messages,
 }
 
 
 def detect_conversation_format(record: Record) -> str:
-    """The conversation format of a record, from its keys."""
     keys = record.data.keys()
+    if "label" in keys and ("completion" in keys or "messages" in keys):
+        raise _unpaired_elsewhere(record)
     if "conversations" in keys:
         return "sharegpt"
     if "messages" in keys:
@@ -211,65 +177,58 @@ def detect_conversation_format(record: Record) -> str:
         return "alpaca"
     if "source" in keys and "target" in keys:
         return "colossal_single"
-    raise DataFormatError(record.path, f"cannot tell the conversation format from keys {sorted(keys)}; "
-                          "expected 'conversations' (sharegpt), 'messages', 'instruction'+'output' "
-                          "(alpaca) or 'source'+'target' (ColossalAI), or set data.format", line=record.line)
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    raise _cannot_tell(record, "conversation", "'conversations' (sharegpt), 'messages', 'instruction' + 'output' "
+                       "(alpaca), 'prompt' + 'completion' or 'source' + 'target'")
 
 
-def read_conversation(record: Record, fmt: str = "auto") -> list[dict]:
-    return _read(record, fmt, CONVERSATION_READERS, detect_conversation_format, "conversation")
+def read_conversation(record: Record, fmt: str = "auto", columns: Mapping | None = None) -> Conversation:
+    record = prepare(record, columns)
+    return Conversation(_read(record, fmt, CONVERSATION_READERS, detect_conversation_format, "conversation"),
+                        _tools(record))
 
 
-def iter_conversations(records: list[Record], fmt: str = "auto") -> Iterator[tuple[Record, list[dict]]]:
+def iter_conversations(records: list[Record], fmt: str = "auto") -> Iterator[tuple[Record, Conversation]]:
     return ((record, read_conversation(record, fmt)) for record in records)
-
-
-def _read(record: Record, fmt: str, readers: dict, detect: Callable[[Record], str], kind: str):
-    """reader(record), the reader named by `fmt` or detected from the record's keys."""
-    name = detect(record) if fmt == "auto" else fmt
-    if name not in readers:
-        raise DataFormatError(record.path, f"unknown {kind} format {name!r}; known: {sorted(readers)}")
-    return readers[name](record)
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-def _field(record: Record, name: str, kind: type):
-    if name not in record.data:
-        raise DataFormatError(record.path, f"missing (record keys: {sorted(record.data)})",
-                              line=record.line, field=name)
-    value = record.data[name]
-    if not isinstance(value, kind):
-        raise DataFormatError(record.path, f"expected {kind.__name__}, got {type(value).__name__}",
-                              line=record.line, field=name)
-    return value
-
-
-def _as_str(record: Record, field: str, value) -> str:
-    if not isinstance(value, str):
-        raise DataFormatError(record.path, f"expected a string, got {type(value).__name__}",
-                              line=record.line, field=field)
-    return value
 
 
 # --- preference pairs ----------------------------------------------------------------------------
 
 class Pair(NamedTuple):
     prompt: list[dict]  # messages before the compared reply
-    chosen: str
-    rejected: str
+    chosen: dict  # the preferred assistant message (content, and reasoning / tool calls when given)
+    rejected: dict
+    tools: list[dict] | None = None
 
 
-def _reply(record: Record, name: str) -> str:
-    """A reply given as a string, a {from/role, value/content} object, or a message list ending in it."""
+def _replies(record: Record, name: str) -> list[dict]:
+    """A reply given as a string, a message object, or a list of messages (all assistant/tool turns)."""
     value = record.data.get(name)
-    if isinstance(value, list) and value:
-        value = value[-1]
-    if isinstance(value, dict):
-        value = value.get("value", value.get("content"))
     if value is None:
         raise DataFormatError(record.path, f"missing (record keys: {sorted(record.data)})", line=record.line, field=name)
-    return _as_str(record, name, value)
+    if isinstance(value, (list, dict)) and not (isinstance(value, list) and value and not isinstance(value[0], dict)):
+        messages = to_messages(record, name, value)
+        if not messages or messages[-1]["role"] != "assistant":
+            raise DataFormatError(record.path, "expected the reply to end with an assistant turn", line=record.line,
+                                  field=name)
+        return messages
+    content, reasoning = content_and_reasoning(record, name, value)
+    return [{"role": "assistant", "content": content, **({"reasoning_content": reasoning} if reasoning else {})}]
+
+
+def _reply(record: Record, name: str) -> dict:
+    replies = _replies(record, name)
+    if len(replies) > 1:
+        raise DataFormatError(record.path, "expected one assistant reply, got several turns", line=record.line, field=name)
+    return replies[0]
+
+
+def _prompt_messages(record: Record) -> list[dict]:
+    prompt = _field(record, "prompt")
+    if isinstance(prompt, (list, dict)):
+        return _with_system(record, to_messages(record, "prompt", prompt))
+    return _with_system(record, [{"role": "user", "content": text_value(record, "prompt", prompt)}])
 
 
 def sharegpt_pair(record: Record) -> Pair:
@@ -279,37 +238,32 @@ def sharegpt_pair(record: Record) -> Pair:
 
 def prompt_pair(record: Record) -> Pair:
     """TRL: `{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`."""
-    prompt = record.data["prompt"]
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = turns_to_messages(record, "prompt", prompt)
-    return Pair(messages, _reply(record, "chosen"), _reply(record, "rejected"))
+    return Pair(_prompt_messages(record), _reply(record, "chosen"), _reply(record, "rejected"))
 
 
 def colossal_pair(record: Record) -> Pair:
     """ColossalAI: `{"context": [messages], "chosen": [messages], "rejected": [messages]}`."""
-    return Pair(turns_to_messages(record, "context", _field(record, "context", list)),
+    return Pair(_with_system(record, to_messages(record, "context", _field(record, "context"))),
                 _reply(record, "chosen"), _reply(record, "rejected"))
 
 
 def implicit_prompt_pair(record: Record) -> Pair:
-    """TRL implicit prompt: `{"chosen": [messages], "rejected": [messages]}`, two whole
-    conversations sharing every turn but the final assistant reply."""
-    chosen = turns_to_messages(record, "chosen", record.data["chosen"])
-    rejected = turns_to_messages(record, "rejected", record.data["rejected"])
+    """Two whole conversations under `chosen` / `rejected` (TRL's implicit prompt; any names through
+    `data.columns`) sharing every turn but the final assistant reply."""
+    chosen = to_messages(record, "chosen", _field(record, "chosen"))
+    rejected = to_messages(record, "rejected", _field(record, "rejected"))
     last_roles = {chosen[-1]["role"], rejected[-1]["role"]} if chosen and rejected else set()
     if len(chosen) < 2 or chosen[:-1] != rejected[:-1] or last_roles != {"assistant"}:
         raise DataFormatError(record.path, "chosen and rejected conversations must share every turn but a final "
                               "assistant reply", line=record.line, field="chosen")
-    return Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
+    return Pair(_with_system(record, chosen[:-1]), chosen[-1], rejected[-1])
 
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
 def _hh_turns(record: Record, field: str) -> list[dict]:
-    text = _field(record, field, str)
+    text = text_value(record, field, _field(record, field))
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         raise DataFormatError(record.path, "expected a transcript of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns",
@@ -320,17 +274,17 @@ def _hh_turns(record: Record, field: str) -> list[dict]:
 
 def hh_rlhf_pair(record: Record) -> Pair:
     """Anthropic hh-rlhf: `{"chosen": transcript, "rejected": transcript}`; the prompt is the shared
-    prefix up to the final Assistant turn, the replies are the two final Assistant turns."""
+    prefix up to the final Assistant turn, the replies are the two final Assistant turns (either may be empty)."""
     chosen, rejected = _hh_turns(record, "chosen"), _hh_turns(record, "rejected")
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
         raise DataFormatError(record.path, "the two transcripts must differ only in their final Assistant turn",
                               line=record.line, field="rejected")
-    return Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
+    return Pair(chosen[:-1], chosen[-1], rejected[-1])
 
 
 def medicalgpt_original_pair(record: Record) -> Pair:
     """MedicalGPT original: `{"system"?, "history"?: [[q, a]], "question", "response_chosen", "response_rejected"}`."""
-    as_alpaca = Record(record.path, record.line, {"instruction": _field(record, "question", str), "output": "",
+    as_alpaca = Record(record.path, record.line, {"instruction": _field(record, "question"), "output": "",
                                                   "system": record.data.get("system"), "history": record.data.get("history")})
     messages = alpaca_messages(as_alpaca)[:-1]  # drop the empty placeholder reply
     return Pair(messages, _reply(record, "response_chosen"), _reply(record, "response_rejected"))
@@ -350,10 +304,8 @@ def detect_pair_format(record: Record) -> str:
     keys = record.data.keys()
     if "response_chosen" in keys:
         return "medicalgpt_original"
-    if "completion" in keys and "label" in keys:
-        raise DataFormatError(record.path, "KTO-style unpaired data ({prompt, completion, label}) is not supported by "
-                              "the pairwise stages (rm, dpo): they need a chosen and a rejected reply per prompt",
-                              line=record.line)
+    if "label" in keys and ("completion" in keys or "messages" in keys):
+        raise _unpaired_elsewhere(record)
     if "chosen" in keys and "rejected" in keys:
         if "conversations" in keys:
             return "sharegpt_pair"
@@ -363,26 +315,81 @@ def detect_pair_format(record: Record) -> str:
             return "colossal_pair"
         if isinstance(record.data["chosen"], list):
             return "implicit_prompt"
-        if isinstance(record.data["chosen"], str) and "\n\nHuman: " in record.data["chosen"]:
+        if isinstance(record.data["chosen"], str) and "\n\nHuman:" in record.data["chosen"]:
             return "hh_rlhf"
-    raise DataFormatError(record.path, f"cannot tell the preference format from keys {sorted(keys)}; expected "
-                          "'conversations'|'prompt'|'context' + 'chosen' + 'rejected', 'question' + "
-                          "'response_chosen' + 'response_rejected', or hh-rlhf transcripts, or set data.format",
-                          line=record.line)
+    raise _cannot_tell(record, "preference", "'conversations'|'prompt'|'context' + 'chosen' + 'rejected', two "
+                       "conversations under 'chosen' + 'rejected', 'question' + 'response_chosen' + "
+                       "'response_rejected', or hh-rlhf transcripts")
 
 
-def read_pair(record: Record, fmt: str = "auto") -> Pair:
+def read_pair(record: Record, fmt: str = "auto", columns: Mapping | None = None) -> Pair:
+    """A preference pair. Empty replies are valid (the end-of-turn token is what is scored); whether
+    the two replies are identical is the DataModule's to count and skip."""
+    record = prepare(record, columns)
     pair = _read(record, fmt, PAIR_READERS, detect_pair_format, "preference")
-    for name in ("chosen", "rejected"):
-        if not getattr(pair, name).strip():
-            raise DataFormatError(record.path, "empty reply", line=record.line, field=name)
-    if pair.chosen == pair.rejected:
-        raise DataFormatError(record.path, "chosen and rejected are identical", line=record.line, field="rejected")
-    return pair
+    return pair._replace(tools=_tools(record))
 
 
 def iter_pairs(records: list[Record], fmt: str = "auto") -> Iterator[tuple[Record, Pair]]:
     return ((record, read_pair(record, fmt)) for record in records)
+
+
+# --- unpaired feedback (KTO) ---------------------------------------------------------------------
+
+class Unpaired(NamedTuple):
+    prompt: list[dict]
+    completion: dict  # the assistant reply the label judges
+    label: bool  # True: desirable
+    tools: list[dict] | None = None
+
+
+def prompt_completion_label(record: Record) -> Unpaired:
+    """TRL KTO: `{"prompt": str | messages, "completion": str | messages, "label": bool}`."""
+    return Unpaired(_prompt_messages(record), _reply(record, "completion"), _label(record))
+
+
+def messages_label(record: Record) -> Unpaired:
+    """`{"messages": [... , final assistant reply], "label": bool}`."""
+    messages = messages_messages(record)
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise DataFormatError(record.path, "expected the conversation to end with the judged assistant reply",
+                              line=record.line, field="messages")
+    return Unpaired(messages[:-1], messages[-1], _label(record))
+
+
+UNPAIRED_READERS: dict[str, Callable[[Record], Unpaired]] = {
+    "prompt_completion_label": prompt_completion_label,
+    "messages_label": messages_label,
+}
+
+
+def detect_unpaired_format(record: Record) -> str:
+    keys = record.data.keys()
+    if "label" in keys and "completion" in keys:
+        return "prompt_completion_label"
+    if "label" in keys and "messages" in keys:
+        return "messages_label"
+    raise _cannot_tell(record, "unpaired feedback", "'prompt' + 'completion' + 'label' or 'messages' + 'label'")
+
+
+def read_unpaired(record: Record, fmt: str = "auto", columns: Mapping | None = None) -> Unpaired:
+    record = prepare(record, columns)
+    return _read(record, fmt, UNPAIRED_READERS, detect_unpaired_format, "unpaired feedback")._replace(tools=_tools(record))
+
+
+def _label(record: Record) -> bool:
+    value = _field(record, "label")
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise DataFormatError(record.path, f"expected true/false (or 1/0), got {value!r:.40}", line=record.line, field="label")
+
+
+def _unpaired_elsewhere(record: Record) -> DataFormatError:
+    return DataFormatError(record.path, "unpaired feedback ({prompt, completion, label} or messages + label) is read by "
+                           "the KTO stage, which is not built yet; rm and dpo need a chosen and a rejected reply per "
+                           "prompt, sft trains on conversations without a label", line=record.line)
 
 
 # --- RL prompts ----------------------------------------------------------------------------------
@@ -391,38 +398,115 @@ class Prompt(NamedTuple):
     messages: list[dict]  # the conversation to continue
     answer: str | None  # reference answer for rule rewards, when the data has one
     fields: dict  # the whole record, for reward functions that need more
+    tools: list[dict] | None = None
 
+
+PROMPT_KEYS = ("prompt", "question", "problem", "query", "instruction")
+ANSWER_KEYS = ("answer", "reference", "gt_answer", "ground_truth", "final_answer", "solution", "output", "target")
 
 _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$")
 
 
+def boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        return None
+    depth = 0
+    for i in range(brace, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[brace + 1:i].strip()
+    return None
+
+
 def reference_answer(answer) -> str | None:
-    """The reference answer: gsm8k-style solutions ending in `#### 42` give "42" (commas dropped)."""
+    """The final answer of a reference: gsm8k solutions ending in `#### 42` give "42" (commas
+    dropped), MATH-style worked solutions their last `\\boxed{...}`; anything else as given."""
     if answer is None:
         return None
     text = str(answer)
     match = _GSM8K_ANSWER.search(text)
-    return match.group(1).replace(",", "") if match else text.strip()
+    if match:
+        return match.group(1).replace(",", "")
+    return boxed(text) or text.strip()
 
 
-def prompt_record(record: Record) -> Prompt:
-    """`{"prompt": str | messages}`, `{"question", "answer"?}`, `{"messages" | "conversations"}`
-    (a final assistant turn, if any, is the reference answer), plus any other fields."""
+def prompt_record(record: Record, columns: Mapping | None = None) -> Prompt:
+    """`{"prompt": str | messages}`, `{"question" | "problem" | "query" | "instruction", ...}`, or
+    `{"messages" | "conversations"}` (a final assistant turn, if any, is the reference answer); the
+    answer from the first of `ANSWER_KEYS` present (a worked solution gives its final answer)."""
+    record = prepare(record, columns)
     data = record.data
-    answer = data.get("answer", data.get("reference", data.get("solution")))
-    if "prompt" in data:
-        prompt = data["prompt"]
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else turns_to_messages(record, "prompt", prompt)
-    elif "question" in data:
-        messages = [{"role": "user", "content": _field(record, "question", str)}]
+    answer = next((data[k] for k in ANSWER_KEYS if data.get(k) is not None), None)
+    key = next((k for k in PROMPT_KEYS if k in data), None)
+    if key is not None:
+        prompt = data[key]
+        if isinstance(prompt, (list, dict)):
+            messages = to_messages(record, key, prompt)
+        else:
+            text = text_value(record, key, prompt)
+            extra = data.get("input") if key == "instruction" else None
+            messages = [{"role": "user", "content": f"{text}\n{extra}" if extra else text}]
+        messages = _with_system(record, messages)
     elif "messages" in data or "conversations" in data:
         messages = messages_messages(record) if "messages" in data else sharegpt_messages(record)
         if messages and messages[-1]["role"] == "assistant":
             answer = answer if answer is not None else messages[-1]["content"]
             messages = messages[:-1]
     else:
-        raise DataFormatError(record.path, f"cannot find a prompt in keys {sorted(data)}; expected 'prompt', "
-                              "'question', 'messages' or 'conversations'", line=record.line)
+        raise _cannot_tell(record, "prompt", f"one of {list(PROMPT_KEYS)}, 'messages' or 'conversations'",
+                           roles=("prompt", "answer"))
     if not messages or messages[-1]["role"] != "user":
         raise DataFormatError(record.path, "the prompt must end with a user turn", line=record.line)
-    return Prompt(messages, reference_answer(answer), dict(data))
+    return Prompt(messages, reference_answer(answer), dict(data), _tools(record))
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _read(record: Record, fmt: str, readers: dict, detect: Callable[[Record], str], kind: str):
+    """reader(record), the reader named by `fmt` or detected from the record's keys."""
+    name = detect(record) if fmt in (None, "auto") else fmt
+    if name not in readers:
+        raise DataFormatError(record.path, f"unknown {kind} format {name!r} (data.format); known: {sorted(readers)}")
+    return readers[name](record)
+
+
+def _field(record: Record, name: str):
+    if name not in record.data or record.data[name] is None:
+        raise DataFormatError(record.path, f"missing (record keys: {sorted(record.data)})", line=record.line, field=name)
+    return record.data[name]
+
+
+# For the override an error suggests: which of a file's fields most likely plays each role.
+_SYNONYMS = {
+    "prompt": ("problem", "query", "instruction", "input", "question", "prompt_text", "user", "context"),
+    "answer": ("answer", "solution", "gt_answer", "ground_truth", "target", "output", "label"),
+    "messages": ("dialog", "dialogue", "conversation", "chat", "turns", "messages_list"),
+    "chosen": ("chosen_messages", "preferred", "chosen_response", "better", "positive", "accepted", "win"),
+    "rejected": ("rejected_messages", "dispreferred", "rejected_response", "worse", "negative", "lose"),
+    "text": ("content", "document", "body", "raw_text", "passage"),
+}
+_KIND_ROLES = {"conversation": ("messages",), "preference": ("chosen", "rejected"), "prompt": ("prompt",),
+               "text": ("text",), "unpaired feedback": ("prompt", "completion", "label")}
+
+
+def _cannot_tell(record: Record, kind: str, expected: str, roles: tuple[str, ...] | None = None) -> DataFormatError:
+    """'Cannot tell', with the record's keys and the `data.columns` override that would read it."""
+    keys = sorted(record.data)
+    suggestion = {}
+    for role in roles or _KIND_ROLES.get(kind, ()):
+        candidates = [k for k in _SYNONYMS.get(role, ()) if k in record.data and k not in suggestion.values()]
+        candidates += [k for k in keys if role in k.lower() and k not in suggestion.values()]
+        if not candidates and not suggestion:  # the first text field, for the first role
+            candidates = [k for k in keys if isinstance(record.data[k], str)]
+        if candidates:
+            suggestion[role] = candidates[0]
+    hint = (" — e.g. data.columns='{" + ", ".join(f"{r}: {k}" for r, k in suggestion.items()) + "}'"
+            if suggestion else "")
+    alternative = "" if kind in ("prompt", "text") else ", or set data.format"
+    return DataFormatError(record.path, f"cannot tell the {kind} format from keys {keys}; expected {expected}; "
+                           f"map your fields with data.columns{hint}{alternative}", line=record.line)

@@ -1,8 +1,8 @@
 """Records -> token ids and labels.
 
-SFT: a conversation is rendered with the tokenizer's chat template one turn at a time, so every
-token is known to come from a prompt segment (label -100) or an assistant reply (label = token,
-up to and including the end-of-turn/EOS token; the template's newline after it stays masked).
+SFT: a conversation is rendered with the tokenizer's chat template (any template: see template.py)
+and every token is known to come from a prompt segment (label -100) or an assistant reply (label =
+token, up to and including the end-of-turn token; the template's newline after it stays masked).
 PT: documents are tokenized, EOS appended to each, concatenated and cut into fixed blocks.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+from llm_stages.data.template import render_text, reply_spans, template_messages
 from llm_stages.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,33 +52,32 @@ class Example(NamedTuple):
     labels: list[int]  # aligned with input_ids; the next-token shift happens in the loss
 
 
-def render_conversation(tokenizer, messages: list[dict], *, train_last_only: bool = False) -> Example:
-    """Token ids of `messages` through the chat template, with only assistant replies trained
-    (only the final reply with `train_last_only`, as preference stages score it alone).
+def render_conversation(tokenizer, messages: list[dict], *, tools: list[dict] | None = None,
+                        train_last_only: bool = False) -> Example:
+    """Token ids of `messages` through the chat template, with only assistant replies trained (only
+    the final reply with `train_last_only`, as preference stages score it alone; never a turn
+    marked `train: False`). Turns after the last assistant reply are not rendered.
 
-    Turns after the last assistant reply are not rendered: there is nothing to learn from them.
-    Needs a template whose rendering of a conversation prefix is a prefix of the whole rendering
-    (true of ChatML/Qwen/Llama/SmolLM templates); others are refused with a clear error.
+    The conversation is rendered once, as the template renders it (so templates that are not
+    prefix-stable, like Qwen3's, train on what they show); `template.reply_spans` finds each reply
+    in that text, and the text is tokenized piece by piece at the span edges, as generation would
+    see it: the prompt up to the assistant header, then the reply.
     """
+    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    messages = messages[: last_reply + 1]
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)
+               and (not train_last_only or i == last_reply)]
+    text, spans = reply_spans(tokenizer, messages, tools, trained)
     input_ids: list[int] = []
     labels: list[int] = []
-    rendered = ""
-    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or (train_last_only and i != last_reply):
-            continue
-        prompt = _apply_template(tokenizer, messages[:i], add_generation_prompt=True)
-        full = _apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not prompt.startswith(rendered) or not full.startswith(prompt):
-            raise ConfigError(
-                "the tokenizer's chat template does not render conversations prefix-stably, so "
-                "assistant tokens cannot be located; set a ChatML-style template on the tokenizer")
-        prompt_ids = _encode(tokenizer, prompt[len(rendered):])
-        reply_ids = _encode(tokenizer, full[len(prompt):])
+    position = 0
+    for start, end in spans:
+        prompt_ids, reply_ids = _encode(tokenizer, text[position:start]), _encode(tokenizer, text[start:end])
         input_ids += prompt_ids + reply_ids
-        labels += [IGNORE_INDEX] * len(prompt_ids) + _reply_labels(reply_ids, tokenizer.eos_token_id)
-        rendered = full
-    return Example(input_ids, labels)
+        labels += [IGNORE_INDEX] * len(prompt_ids) + reply_ids
+        position = end
+    tail = _encode(tokenizer, text[position:])
+    return Example(input_ids + tail, labels + [IGNORE_INDEX] * len(tail))
 
 
 class PairExample(NamedTuple):
@@ -87,9 +87,12 @@ class PairExample(NamedTuple):
     margin: float = 0.0  # how much better chosen is, when the data says (reward-model margin)
 
 
-def render_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str) -> PairExample:
-    def render(reply: str) -> Example:
-        return render_conversation(tokenizer, prompt + [{"role": "assistant", "content": reply}], train_last_only=True)
+def render_pair(tokenizer, prompt: list[dict], chosen: dict | str, rejected: dict | str,
+                tools: list[dict] | None = None) -> PairExample:
+    """Prompt + each reply (an assistant message, or its text), only the reply trained."""
+    def render(reply) -> Example:
+        message = reply if isinstance(reply, dict) else {"role": "assistant", "content": reply}
+        return render_conversation(tokenizer, prompt + [message], tools=tools, train_last_only=True)
 
     return PairExample(render(chosen), render(rejected))
 
@@ -114,20 +117,6 @@ def truncate_pair(pair: PairExample, max_length: int, max_prompt_length: int) ->
     return pair._replace(chosen=cut(pair.chosen), rejected=cut(pair.rejected)), True
 
 
-def _reply_labels(reply_ids: list[int], eos_id: int | None) -> list[int]:
-    """Train the reply up to and including its last EOS; template text after it stays masked."""
-    if eos_id is None or eos_id not in reply_ids:
-        return list(reply_ids)
-    end = len(reply_ids) - reply_ids[::-1].index(eos_id)
-    return list(reply_ids[:end]) + [IGNORE_INDEX] * (len(reply_ids) - end)
-
-
-def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    if not messages and not add_generation_prompt:
-        return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
@@ -145,8 +134,8 @@ class PromptExample(NamedTuple):
     answer: str | None  # reference answer, when the data has one
 
 
-def render_prompt(tokenizer, messages: list[dict], answer: str | None) -> PromptExample:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render_prompt(tokenizer, messages: list[dict], answer: str | None, tools: list[dict] | None = None) -> PromptExample:
+    text = render_text(tokenizer, *template_messages(tokenizer, messages, tools), add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return PromptExample(ids, messages[-1]["content"], answer)
 

@@ -77,12 +77,13 @@ def test_on_bad_record_skip_counts_and_error_names_the_record(tmp_path, tokenize
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from llm_stages.data.datamodule import PairDataModule
 
-    with pytest.raises(DataFormatError) as e:
+    with pytest.raises(DataFormatError, match="unpaired feedback") as e:
         PairDataModule(_data(path), tokenizer, batch_size=1).setup()
-    assert (e.value.line, e.value.field) == (2, "rejected")
+    assert e.value.line == 3  # the identical pair on line 2 is skipped, not an error
     dm = PairDataModule(_data(path, on_bad_record="skip"), tokenizer, batch_size=1)
     dm.setup()
-    assert len(dm.train_set) == 2 and dm.stats == {"train_skipped_bad_record": 2}
+    assert len(dm.train_set) == 2
+    assert dm.stats == {"train_dropped_identical_pair": 1, "train_skipped_bad_record": 1}
 
 
 def test_group_by_length_cuts_padding_and_keeps_every_example_once():
@@ -151,7 +152,7 @@ def test_rl_prompts_are_left_padded_and_bad_records_named(tmp_path, tokenizer):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "ok?"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:2.*cannot find a prompt"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2.*cannot tell the prompt format.*data.columns='\{prompt: text\}'"):
         PromptDataModule(_data(bad), tokenizer, batch_size=1).setup()
     with pytest.raises(ConfigError, match="grad_accum"):
         PromptDataModule(_data(path), tokenizer, batch_size=1, grad_accum=2)

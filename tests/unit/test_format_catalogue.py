@@ -37,8 +37,8 @@ def _records(tmp_path, *rows):
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_conversation_formats_render_exact_text_and_masks(name, tmp_path, tokenizer):
-    [(_, messages)] = list(iter_conversations(_records(tmp_path, CONVERSATIONS[name])))
-    assert messages == MULTI_TURN
+    [(_, (messages, tools))] = list(iter_conversations(_records(tmp_path, CONVERSATIONS[name])))
+    assert messages == MULTI_TURN and tools is None
     example = render_conversation(tokenizer, messages)
     assert tokenizer.decode(example.input_ids) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n"
@@ -48,13 +48,15 @@ def test_conversation_formats_render_exact_text_and_masks(name, tmp_path, tokeni
 
 
 def test_colossal_single_turn_and_tool_turns(tmp_path):
-    [(_, single)] = list(iter_conversations(_records(tmp_path, {"source": "Q", "target": "A", "category": "x"})))
+    [(_, (single, _))] = list(iter_conversations(_records(tmp_path, {"source": "Q", "target": "A", "category": "x"})))
     assert single == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
-    tools = {"conversations": [{"from": "human", "value": "weather?"}, {"from": "function_call", "value": "{\"f\": 1}"},
+    tools = {"conversations": [{"from": "human", "value": "weather?"},
+                               {"from": "function_call", "value": "{\"name\": \"f\", \"arguments\": {\"x\": 1}}"},
                                {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}],
              "tools": "[]"}
-    [(_, messages)] = list(iter_conversations(_records(tmp_path, tools)))
-    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    [(_, (messages, schemas))] = list(iter_conversations(_records(tmp_path, tools)))
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"] and schemas is None
+    assert messages[1]["tool_calls"] == [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]
 
 
 PAIR = ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
@@ -79,13 +81,12 @@ PAIRS = {
 @pytest.mark.parametrize("name", sorted(PAIRS))
 def test_multi_turn_pair_formats_read_to_the_same_pair(name, tmp_path):
     [(_, pair)] = list(iter_pairs(_records(tmp_path, PAIRS[name])))
-    assert (pair.prompt, pair.chosen, pair.rejected) == PAIR
+    assert (pair.prompt, pair.chosen["content"], pair.rejected["content"]) == PAIR
 
 
 @pytest.mark.parametrize("record,field,message", [
-    ({"prompt": "q", "completion": "a", "label": True}, None, "KTO-style unpaired data"),
-    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "rejected", "identical"),
-    ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "chosen", "empty reply"),
+    ({"prompt": "q", "completion": "a", "label": True}, None, "unpaired feedback .* is read by the KTO stage"),
+    ({"prompt": "q", "chosen": None, "rejected": "b"}, "chosen", "missing"),
     ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: other\n\nAssistant: c"}, "rejected", "differ only"),
 ])
 def test_bad_pairs_name_line_and_field(record, field, message, tmp_path):
@@ -102,7 +103,7 @@ def test_rl_prompt_formats_and_gsm8k_answers():
     m = prompt_record(rec({"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]}))
     assert m.messages == [{"role": "user", "content": "2+2"}] and m.answer == "4"
     assert reference_answer("so #### 1,234") == "1234" and reference_answer(7) == "7"
-    with pytest.raises(DataFormatError, match="cannot find a prompt"):
+    with pytest.raises(DataFormatError, match="cannot tell the prompt format"):
         prompt_record(rec({"text": "x"}))
 
 
@@ -114,10 +115,10 @@ def test_parquet_and_csv_tables_read_through_datasets(tmp_path):
     datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "a.csv"), index=False)
     for name in ("a.parquet", "a.csv"):
         records = read_json_records(tmp_path / name)
-        assert [r.line for r in records] == [1, 2]
-        assert [m[-1]["content"] for _, m in iter_conversations(records)] == ["3", "hi"]
+        assert [r.line for r in records] == ([1, 2] if name.endswith("parquet") else [2, 3])  # CSV: the file's line
+        assert [c.messages[-1]["content"] for _, c in iter_conversations(records)] == ["3", "hi"]
 
 
 def test_unknown_explicit_format_is_named(tmp_path):
-    with pytest.raises(DataFormatError, match=r"unknown conversation format 'vicuna'; known: \['alpaca'"):
+    with pytest.raises(DataFormatError, match=r"unknown conversation format 'vicuna' \(data.format\); known: \['alpaca'"):
         list(iter_conversations(_records(tmp_path, {"instruction": "a", "output": "b"}), "vicuna"))

@@ -49,7 +49,7 @@ def test_unknown_keys_are_reported(tmp_path):
 def test_alpaca_with_input_and_history(tmp_path):
     rec = {"instruction": "Add", "input": "2 and 3", "output": "5", "system": "S", "history": [["q0", "a0"]]}
     path = _write(tmp_path, "a.json", json.dumps([rec]))
-    [(_, messages)] = list(iter_conversations(read_json_records(path)))
+    [(_, (messages, _))] = list(iter_conversations(read_json_records(path)))
     assert messages == [{"role": "system", "content": "S"}, {"role": "user", "content": "q0"},
                         {"role": "assistant", "content": "a0"}, {"role": "user", "content": "Add\n2 and 3"},
                         {"role": "assistant", "content": "5"}]

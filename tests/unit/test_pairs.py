@@ -24,7 +24,7 @@ def test_every_pair_format_reads_to_the_same_pair(tmp_path, record, name):
     path.write_text(json.dumps(record) + "\n")
     [(_, pair)] = list(iter_pairs(read_json_records(path)))
     assert pair.prompt == [{"role": "user", "content": "Q?"}]
-    assert (pair.chosen, pair.rejected) == ("good", "bad")
+    assert (pair.chosen, pair.rejected) == ({"role": "assistant", "content": "good"}, {"role": "assistant", "content": "bad"})
 
 
 def test_pair_without_rejected_names_the_field(tmp_path):
