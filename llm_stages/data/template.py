@@ -107,14 +107,18 @@ def _reply_end(text: str, start: int, end: int, terminator: str) -> int:
 
 
 def _marker_region(tokenizer, messages, tools, text: str, i: int) -> tuple[int, int]:
-    """Where message `i` lies in `text`: render again with a marker in its place and diff."""
-    probe = render_text(tokenizer, messages[:i] + [{"role": "assistant", "content": MARKER}] + messages[i + 1:], tools)
-    prefix = _common_prefix(text, probe)
-    suffix = min(_common_prefix(text[::-1], probe[::-1]), len(probe) - prefix, len(text) - prefix)
-    if probe[prefix:len(probe) - suffix] != MARKER:
-        raise ConfigError(f"the chat template does not render assistant message {i} as a unit of text, so its "
-                          "reply tokens cannot be located; use a template with {% generation %} blocks")
-    return prefix, len(text) - suffix
+    """Where message `i` lies in `text`: render again with a marker in place of its text (keeping its
+    reasoning, which templates write before the text; then without it) and diff the two renderings.
+    Tool calls are left out of the marker message, so their markup falls inside the difference."""
+    kept = {k: v for k, v in messages[i].items() if k != "tool_calls"}
+    for marker_message in ({**kept, "content": MARKER}, {"role": "assistant", "content": MARKER}):
+        probe = render_text(tokenizer, messages[:i] + [marker_message] + messages[i + 1:], tools)
+        prefix = _common_prefix(text, probe)
+        suffix = min(_common_prefix(text[::-1], probe[::-1]), len(probe) - prefix, len(text) - prefix)
+        if probe[prefix:len(probe) - suffix] == MARKER:
+            return prefix, len(text) - suffix
+    raise ConfigError(f"the chat template does not render assistant message {i} as a unit of text, so its "
+                      "reply tokens cannot be located; use a template with {% generation %} blocks")
 
 
 def _generation_regions(tokenizer, messages, tools, text: str, trained: list[int]) -> dict[int, tuple[int, int]] | None:
