@@ -30,7 +30,7 @@ def run(mode: str, args, workdir: str) -> dict:
     # A small slice of the demo pairs keeps the precompute pass short; the memory gap does not depend on it.
     paths = write_demo_data(f"{workdir}/data", n_train=args.pairs, n_val=8)
     overrides = [f"stage=dpo", f"model={args.model}", "data=file", f"data.path={paths['pref_train']}", f"module.ref={mode}", f"trainer.max_steps={args.steps}",
-                 f"datamodule.batch_size={args.batch_size}", "datamodule.max_length=128", "logger=none",
+                 f"datamodule.batch_size={args.batch_size}", "datamodule.max_length=128", "datamodule.max_prompt_length=64", "logger=none",
                  "callbacks=none", "export.enabled=false", "validate_before_fit=false", "trainer.limit_val_batches=0",
                  "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"paths.log_dir={workdir}/runs",
                  "optim.max_grad_norm=null"]

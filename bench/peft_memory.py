@@ -63,6 +63,8 @@ def run(stage: str, method: str, args, workdir: str, paths: dict) -> dict:
                  "validate_before_fit=false", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false", f"paths.log_dir={workdir}/runs",
                  f"+callbacks.timer={{_target_: bench.peft_memory.StepTimer, path: {out}.json}}"]
+    if stage != "sft":  # pairs: prompts take at most half of max_length
+        overrides.append(f"datamodule.max_prompt_length={args.max_length // 2}")
     if stage == "dpo":
         overrides.append("module.ref=copy")  # the reference as a model: a full copy, or the disabled adapter
     proc = subprocess.Popen([sys.executable, "-c", CHILD, out, *overrides], stdout=subprocess.PIPE,

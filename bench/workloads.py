@@ -91,11 +91,12 @@ def our_overrides(w: Workload, *, checkpoint: str, data_path: str, cache_dir: st
     o = w.options
     if w.stage == "sft":
         overrides += [f"datamodule.max_length={w.max_length}", f"datamodule.packing={str(o.get('packing', False)).lower()}"]
-    elif w.stage == "rm":
-        overrides += [f"datamodule.max_length={w.max_length}"]
+    elif w.stage == "rm":  # prompts take at most half (demo prompts are far shorter: nothing is cut)
+        overrides += [f"datamodule.max_length={w.max_length}", f"datamodule.max_prompt_length={w.max_length // 2}"]
     elif w.stage == "dpo":
         # The precompute pass scores in batches of val_batch_size; TRL's in precompute_ref_batch_size (set equal).
-        overrides += [f"datamodule.max_length={w.max_length}", f"datamodule.val_batch_size={w.batch_size}",
+        overrides += [f"datamodule.max_length={w.max_length}", f"datamodule.max_prompt_length={w.max_length // 2}",
+                      f"datamodule.val_batch_size={w.batch_size}",
                       f"module.ref={o['ref']}", "module.loss.type=sigmoid", f"module.loss.beta={o['beta']}"]
     elif w.stage == "grpo":
         overrides += [f"module.num_generations={o['num_generations']}",

@@ -458,8 +458,7 @@ def prompt_record(record: Record, columns: Mapping | None = None) -> Prompt:
             answer = answer if answer is not None else messages[-1]["content"]
             messages = messages[:-1]
     else:
-        raise _cannot_tell(record, "prompt", f"one of {list(PROMPT_KEYS)}, 'messages' or 'conversations'",
-                           roles=("prompt", "answer"))
+        raise _cannot_tell(record, "prompt", f"one of {list(PROMPT_KEYS)}, 'messages' or 'conversations'")
     if not messages or messages[-1]["role"] != "user":
         raise DataFormatError(record.path, "the prompt must end with a user turn", line=record.line)
     return Prompt(messages, reference_answer(answer), dict(data), _tools(record))
@@ -483,30 +482,43 @@ def _field(record: Record, name: str):
 
 # For the override an error suggests: which of a file's fields most likely plays each role.
 _SYNONYMS = {
-    "prompt": ("problem", "query", "instruction", "input", "question", "prompt_text", "user", "context"),
-    "answer": ("answer", "solution", "gt_answer", "ground_truth", "target", "output", "label"),
-    "messages": ("dialog", "dialogue", "conversation", "chat", "turns", "messages_list"),
-    "chosen": ("chosen_messages", "preferred", "chosen_response", "better", "positive", "accepted", "win"),
-    "rejected": ("rejected_messages", "dispreferred", "rejected_response", "worse", "negative", "lose"),
+    "prompt": ("problem", "query", "instruction", "question", "input", "prompt_text", "context", "user"),
+    "completion": ("response", "solution", "output", "answer", "target", "reply", "assistant"),
+    "answer": ("answer", "gt_answer", "ground_truth", "final_answer", "solution", "target", "output"),
+    "messages": ("dialog", "dialogue", "conversation", "chat", "turns", "history"),
+    "chosen": ("chosen_messages", "preferred", "chosen_response", "better", "good", "positive", "accepted", "win"),
+    "rejected": ("rejected_messages", "dispreferred", "rejected_response", "worse", "bad", "negative", "lose"),
     "text": ("content", "document", "body", "raw_text", "passage"),
+    "label": ("kto_tag", "desirable", "is_good", "thumbs_up", "rating"),
 }
-_KIND_ROLES = {"conversation": ("messages",), "preference": ("chosen", "rejected"), "prompt": ("prompt",),
-               "text": ("text",), "unpaired feedback": ("prompt", "completion", "label")}
+_KIND_ROLES = {"conversation": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"),
+               "prompt": ("prompt", "answer"), "text": ("text",), "unpaired feedback": ("prompt", "completion", "label")}
+_REQUIRED = {"prompt", "text", "chosen", "rejected", "completion", "label"}
 
 
-def _cannot_tell(record: Record, kind: str, expected: str, roles: tuple[str, ...] | None = None) -> DataFormatError:
+def _cannot_tell(record: Record, kind: str, expected: str) -> DataFormatError:
     """'Cannot tell', with the record's keys and the `data.columns` override that would read it."""
-    keys = sorted(record.data)
-    suggestion = {}
-    for role in roles or _KIND_ROLES.get(kind, ()):
-        candidates = [k for k in _SYNONYMS.get(role, ()) if k in record.data and k not in suggestion.values()]
-        candidates += [k for k in keys if role in k.lower() and k not in suggestion.values()]
-        if not candidates and not suggestion:  # the first text field, for the first role
-            candidates = [k for k in keys if isinstance(record.data[k], str)]
+    data, keys = record.data, sorted(record.data)
+    roles = _KIND_ROLES.get(kind, ())
+    lists = [k for k in keys if isinstance(data[k], list)]
+    if kind == "conversation" and lists:
+        roles = ("messages",)
+    if kind == "preference" and any(k in lists for k in ("chosen_messages", "chosen_conversation")) or (
+            kind == "preference" and len(lists) >= 2 and not any(k in data for k in _SYNONYMS["prompt"])):
+        roles = ("chosen", "rejected")  # two whole conversations: the prompt is what they share
+    suggestion: dict[str, str] = {}
+    for role in roles:
+        used = set(suggestion.values())
+        candidates = [k for k in _SYNONYMS.get(role, ()) if k in data and k not in used]
+        candidates += [k for k in keys if role in k.lower() and k not in used]
+        if role == "messages":
+            candidates = [k for k in candidates if k in lists] or lists
+        if not candidates and role in _REQUIRED and not suggestion:  # the first text field, for the first role
+            candidates = [k for k in keys if isinstance(data[k], str) and k not in used]
         if candidates:
             suggestion[role] = candidates[0]
     hint = (" — e.g. data.columns='{" + ", ".join(f"{r}: {k}" for r, k in suggestion.items()) + "}'"
-            if suggestion else "")
+            if any(r in _REQUIRED or r == "messages" for r in suggestion) else "")
     alternative = "" if kind in ("prompt", "text") else ", or set data.format"
     return DataFormatError(record.path, f"cannot tell the {kind} format from keys {keys}; expected {expected}; "
                            f"map your fields with data.columns{hint}{alternative}", line=record.line)

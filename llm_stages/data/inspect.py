@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from llm_stages.data import formats
+from llm_stages.data.sources import TEXT_SUFFIXES, data_suffix, raise_error, read_records
 from llm_stages.errors import ConfigError, DataFormatError
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
@@ -71,7 +72,7 @@ def inspect_data(cfg: DictConfig) -> InspectReport:
 
     # Read the training file(s) first: a malformed file fails here, before the slow imports.
     train_paths = [Path(str(s["path"])) for s in sources] if sources else [Path(str(data.path))]
-    files = [_file_entry("source" if sources else "train", p) for p in train_paths]
+    files = [_file_entry("source" if sources else "train", p, data) for p in train_paths]
 
     from hydra.utils import instantiate
 
@@ -84,7 +85,7 @@ def inspect_data(cfg: DictConfig) -> InspectReport:
     dm.setup()
 
     if dm.val_path is not None:
-        files.append(_file_entry("val", dm.val_path))
+        files.append(_file_entry("val", dm.val_path, data))
         val_from = "file"
     elif dm.val_set:
         val_from = f"held out (data.val_ratio={data.get('val_ratio')})"
@@ -188,10 +189,16 @@ def render_report(report: InspectReport) -> str:
     return "\n".join(lines)
 
 
-def _file_entry(split: str, path: Path) -> dict:
-    if path.suffix == ".txt":
+def _file_entry(split: str, path: Path, data) -> dict:
+    if path.is_file() and data_suffix(path) in TEXT_SUFFIXES:
         return {"split": split, "path": str(path), "records": len(formats.read_text_documents(path)), "unit": "documents"}
-    return {"split": split, "path": str(path), "records": len(formats.read_json_records(path)), "unit": "records"}
+    return {"split": split, "path": str(path), "records": len(_records(path, data)), "unit": "records"}
+
+
+def _records(path: Path, data) -> list[formats.Record]:
+    skip = data.get("on_bad_record") == "skip"
+    return read_records(path, split=data.get("split") or "train", subset=data.get("subset"), field=data.get("field"),
+                        on_bad_line=(lambda e: None) if skip else raise_error)
 
 
 def _record_format(path: Path, detect, data) -> tuple[str, str]:
@@ -200,10 +207,11 @@ def _record_format(path: Path, detect, data) -> tuple[str, str]:
     fmt = data.get("format")
     if fmt and fmt != "auto":
         return str(fmt), "data.format"
+    columns = dict(data.get("columns") or {}) or None
     first_error = None
-    for record in formats.read_json_records(path):
+    for record in _records(path, data):
         try:
-            return detect(record), "detected"
+            return detect(formats.prepare(record, columns)), "detected"
         except DataFormatError as e:
             if data.get("on_bad_record") != "skip":
                 raise
@@ -215,7 +223,7 @@ def _prompt_format(record: formats.Record) -> str:
     """Which RL prompt layout a record has (as `formats.prompt_record` reads it)."""
     formats.prompt_record(record)  # raises the clear error for a record without a prompt
     keys = record.data
-    return "prompt" if "prompt" in keys else "question" if "question" in keys else "messages" if "messages" in keys else "sharegpt"
+    return next((k for k in formats.PROMPT_KEYS if k in keys), "messages" if "messages" in keys else "sharegpt")
 
 
 def _ids_labels(example) -> tuple[list[int], list[int]]:

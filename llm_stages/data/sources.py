@@ -41,7 +41,7 @@ class Record(NamedTuple):
 OnBadLine = Callable[[DataFormatError], None]
 
 
-def _raise(error: DataFormatError) -> None:
+def raise_error(error: DataFormatError) -> None:
     raise error
 
 
@@ -119,7 +119,7 @@ def check_file(path: Path) -> None:
 
 # -- files ----------------------------------------------------------------------------------------
 
-def read_json_file(path: Path, *, field: str | None = None, on_bad_line: OnBadLine = _raise) -> list[Record]:
+def read_json_file(path: Path, *, field: str | None = None, on_bad_line: OnBadLine = raise_error) -> list[Record]:
     """A JSON array of records, or JSON Lines (objects or arrays), whichever the text holds."""
     text = read_text(path)
     body = text.lstrip()
@@ -216,7 +216,7 @@ def read_text_lines(path: Path) -> list[Record]:
             if line.strip()]
 
 
-def read_file(path: Path, *, field: str | None = None, on_bad_line: OnBadLine = _raise) -> list[Record]:
+def read_file(path: Path, *, field: str | None = None, on_bad_line: OnBadLine = raise_error) -> list[Record]:
     check_file(path)
     suffix = data_suffix(path)
     if suffix == ".csv":
@@ -266,7 +266,7 @@ def _canonical_split(split: str) -> str:
 
 
 def read_records(path: str | Path, *, split: str = "train", subset: str | None = None, field: str | None = None,
-                 on_bad_line: OnBadLine = _raise) -> list[Record]:
+                 on_bad_line: OnBadLine = raise_error) -> list[Record]:
     """Every record at `path` (a file, a folder, or a dataset name), in order."""
     path = Path(str(path))
     if path.is_file():

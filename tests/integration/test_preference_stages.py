@@ -68,5 +68,5 @@ def test_dpo_loss_variants_train(make_cfg, tmp_path, loss_type):
 def test_real_preference_data_trains_a_few_steps(make_cfg, tmp_path, stage, data):
     metrics = train(make_cfg(f"stage={stage}", f"data={data}", f"paths.shared_data_dir={SHARED_DATA}",
                              "trainer.max_steps=2", "datamodule.batch_size=2", "datamodule.max_length=256",
-                             "export.enabled=false", "validate_before_fit=false", output_dir=tmp_path / f"{stage}_{data}"))
+                             "datamodule.max_prompt_length=128", "export.enabled=false", "validate_before_fit=false", output_dir=tmp_path / f"{stage}_{data}"))
     assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["train/loss"]))
