@@ -43,9 +43,11 @@ def build(cfg: DictConfig):
     """The stage's LightningModule (holding model and tokenizer) and its DataModule."""
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.model)
+    # The DataModule first: settings that cannot work are refused before the weights are loaded
+    # (it reads no data until setup(), after the model has added its tokens to the tokenizer).
+    datamodule = _instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
     model = load_trainable_model(cfg.model, tokenizer, head=cfg.stage.get("model_head", "causal_lm"),
                                  peft_cfg=cfg.get("peft"))
-    datamodule = _instantiate(cfg.datamodule, data=cfg.data, tokenizer=tokenizer, seed=cfg.seed, _recursive_=False)
     module = _instantiate(cfg.module, model=model, tokenizer=tokenizer, optim=instantiate(cfg.optim))
     return module, datamodule
 

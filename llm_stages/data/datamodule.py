@@ -48,6 +48,7 @@ class CausalDataModule(L.LightningDataModule):
             raise ConfigError("datamodule.batch_size, datamodule.grad_accum and datamodule.length_groups must be >= 1")
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token; set one on the model's tokenizer")
+        self._columns(), self._policy()  # data settings that cannot work are refused before anything is read
 
     # -- subclasses ------------------------------------------------------------------------------
     def build_examples(self, path: Path, split: str) -> list[Example]:
