@@ -283,10 +283,21 @@ class PTDataModule(CausalDataModule):
     def settings(self) -> dict:
         return {**super().settings(), "block_size": self.block_size, "remainder": self.remainder}
 
-    def build_examples(self, path: Path, split: str) -> list[Example]:
-        if path.is_file() and sources.data_suffix(path) in sources.TEXT_SUFFIXES:
-            texts = [r.data for r in formats.read_text_documents(path)]
+    def _text_files(self, path: Path) -> list[Path]:
+        """`path` as plain-text files (a text file, or a folder of data files that are all text), else []."""
+        if path.is_file():
+            files = [path]
+        elif path.is_dir() and not (path / "state.json").exists() and not (path / "dataset_dict.json").exists():
+            files = sources.data_files(path, self.data.get("split") or "train")
         else:
+            return []
+        return files if all(sources.data_suffix(f) in sources.TEXT_SUFFIXES for f in files) else []
+
+    def build_examples(self, path: Path, split: str) -> list[Example]:
+        text_files = self._text_files(path)
+        if text_files:  # documents separated by blank lines, file by file
+            texts = [r.data for f in text_files for r in formats.read_text_documents(f)]
+        else:  # records with a text field
             texts = [text for _, text in self._read_records(path, _text_reader, split)]
         eos = self.tokenizer.eos_token_id
         if eos is None:

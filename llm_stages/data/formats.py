@@ -237,7 +237,12 @@ def sharegpt_pair(record: Record) -> Pair:
 
 
 def prompt_pair(record: Record) -> Pair:
-    """TRL: `{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`."""
+    """TRL: `{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}`. Replies
+    that are whole conversations (UltraFeedback's binarized layout repeats the prompt in them) are
+    read as two conversations sharing every turn but the last."""
+    chosen, rejected = _replies(record, "chosen"), _replies(record, "rejected")
+    if (len(chosen) > 1 or len(rejected) > 1) and any(m["role"] == "user" for m in chosen):
+        return implicit_prompt_pair(record)
     return Pair(_prompt_messages(record), _reply(record, "chosen"), _reply(record, "rejected"))
 
 

@@ -61,6 +61,13 @@ def test_two_conversations_under_other_names_via_columns():
     assert pair.prompt == conversation and (pair.chosen["content"], pair.rejected["content"]) == ("4", "5")
 
 
+def test_ultrafeedback_binarized_replies_that_repeat_the_prompt():
+    prompt = [{"role": "user", "content": "2+2?"}]
+    pair = read_pair(rec({"prompt": "2+2?", "chosen": prompt + [{"role": "assistant", "content": "4"}],
+                          "rejected": prompt + [{"role": "assistant", "content": "5"}], "score_chosen": 9.0}))
+    assert pair.prompt == prompt and (pair.chosen["content"], pair.rejected["content"]) == ("4", "5")
+
+
 def test_columns_name_missing_fields_and_unknown_roles(tmp_path, tokenizer):
     with pytest.raises(DataFormatError, match=r"f.jsonl:1: data.columns.messages=dialog: no such field \(record keys: \['turns'\]\)"):
         read_conversation(rec({"turns": []}), columns={"messages": "dialog"})
@@ -207,3 +214,23 @@ def test_skip_covers_malformed_lines_in_every_stage(tmp_path, tokenizer):
         dm = module(_data(path, on_bad_record="skip"), tokenizer, batch_size=1, **kwargs)
         dm.setup()
         assert dm.stats.get("train_skipped_bad_record") == 2, module.__name__
+
+
+def test_folders_of_text_and_a_validation_split(tmp_path, tokenizer):
+    from llm_stages.data.datamodule import PTDataModule, SFTDataModule
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("first document " * 30 + "\n\nsecond document " * 30)
+    (corpus / "b.txt.gz").write_bytes(__import__("gzip").compress(("third document " * 30).encode()))
+    dm = PTDataModule(_data(corpus), tokenizer, batch_size=1, block_size=16)
+    dm.setup()
+    assert len(dm.train_set) >= 10
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    row = {"instruction": "q", "output": "a"}
+    (repo / "train.jsonl").write_text((json.dumps(row) + "\n") * 4)
+    (repo / "test.jsonl").write_text(json.dumps({"instruction": "t", "output": "u"}) + "\n")
+    dm = SFTDataModule(_data(repo, val_split="test", cache_dir=str(tmp_path / "cache")), tokenizer, batch_size=1)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set)) == (4, 1) and _trained(tokenizer, dm.val_set[0]) == "u<|im_end|>"
