@@ -45,7 +45,7 @@ def template_messages(tokenizer, messages: list[dict], tools: list[dict] | None)
             message["content"] = f"{message['content']}\n{calls}" if message["content"] else calls
         if message.get("reasoning_content") and not reads["reasoning_content"]:
             message["content"] = f"<think>\n{message.pop('reasoning_content')}\n</think>\n\n{message['content']}"
-        if message["role"] == "tool" and not reads["tools"] and "tool" not in source:
+        if message["role"] == "tool" and "tool" not in source:
             message["role"] = "user"  # a template without a tool role would drop or refuse the output
         out.append(message)
     if tools and not reads["tools"]:
@@ -83,10 +83,11 @@ def reply_spans(tokenizer, messages: list[dict], tools: list[dict] | None,
     spans, previous_end = [], 0
     for i in trained:
         region_start, region_end = regions[i] if regions else _marker_region(tokenizer, messages, tools, text, i)
-        prompt = render_text(tokenizer, messages[:i], tools, add_generation_prompt=True)
+        prompt = render_text(tokenizer, messages[:i], tools, add_generation_prompt=True) if i else ""
         # The reply starts where the generation prompt ends, when the conversation so far renders
         # as a prefix of the whole (else at the reply's own text).
-        start = len(prompt) if text.startswith(prompt) and previous_end <= len(prompt) <= region_end else region_start
+        start = len(prompt) if prompt and text.startswith(prompt) and previous_end <= len(prompt) <= region_end \
+            else region_start
         spans.append((start, _reply_end(text, start, region_end, terminator)))
         previous_end = spans[-1][1]
     return text, spans
