@@ -10,12 +10,13 @@ Messages come out in one shape (see `messages.py`) and render through the tokeni
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from llm_stages.data.messages import content_and_reasoning, parse_tools, text_value, to_messages
+from llm_stages.data.messages import content_parts, parse_tools, text_value, to_messages
 from llm_stages.data.sources import Record, check_file, read_records, read_text  # noqa: F401  (re-exported)
 from llm_stages.errors import ConfigError, DataFormatError
 
@@ -207,14 +208,21 @@ def _replies(record: Record, name: str) -> list[dict]:
     value = record.data.get(name)
     if value is None:
         raise DataFormatError(record.path, f"missing (record keys: {sorted(record.data)})", line=record.line, field=name)
-    if isinstance(value, (list, dict)) and not (isinstance(value, list) and value and not isinstance(value[0], dict)):
+    is_parts = isinstance(value, list) and all(isinstance(p, str) or isinstance(p, dict) and "type" in p
+                                               and "role" not in p and "from" not in p for p in value)
+    if isinstance(value, dict) or isinstance(value, list) and not is_parts:  # a message, or a list of them
         messages = to_messages(record, name, value)
         if not messages or messages[-1]["role"] != "assistant":
             raise DataFormatError(record.path, "expected the reply to end with an assistant turn", line=record.line,
                                   field=name)
         return messages
-    content, reasoning = content_and_reasoning(record, name, value)
-    return [{"role": "assistant", "content": content, **({"reasoning_content": reasoning} if reasoning else {})}]
+    content = content_parts(record, name, value)
+    message = {"role": "assistant", "content": content.text}
+    if content.reasoning:
+        message["reasoning_content"] = content.reasoning
+    if content.tool_calls:
+        message["tool_calls"] = content.tool_calls
+    return [message]
 
 
 def _reply(record: Record, name: str) -> dict:
@@ -265,10 +273,10 @@ def implicit_prompt_pair(record: Record) -> Pair:
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+_HH_ASSISTANT = "\n\nAssistant:"
 
 
-def _hh_turns(record: Record, field: str) -> list[dict]:
-    text = text_value(record, field, _field(record, field))
+def _hh_turns(record: Record, field: str, text: str) -> list[dict]:
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         raise DataFormatError(record.path, "expected a transcript of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns",
@@ -278,13 +286,24 @@ def _hh_turns(record: Record, field: str) -> list[dict]:
 
 
 def hh_rlhf_pair(record: Record) -> Pair:
-    """Anthropic hh-rlhf: `{"chosen": transcript, "rejected": transcript}`; the prompt is the shared
-    prefix up to the final Assistant turn, the replies are the two final Assistant turns (either may be empty)."""
-    chosen, rejected = _hh_turns(record, "chosen"), _hh_turns(record, "rejected")
-    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
-        raise DataFormatError(record.path, "the two transcripts must differ only in their final Assistant turn",
+    """Anthropic hh-rlhf: `{"chosen": transcript, "rejected": transcript}`. The prompt is the
+    transcript up to the last `Assistant:` the two share; each reply is the rest of its transcript
+    (normally the final Assistant turn, possibly empty; a few records diverge a turn earlier, and
+    then the reply runs on through the later turns, as the rated continuation)."""
+    chosen = text_value(record, "chosen", _field(record, "chosen"))
+    rejected = text_value(record, "rejected", _field(record, "rejected"))
+    start = os.path.commonprefix([chosen, rejected]).rfind(_HH_ASSISTANT)
+    if start < 0:
+        raise DataFormatError(record.path, "the two transcripts share no turn up to an 'Assistant:'",
                               line=record.line, field="rejected")
-    return Pair(chosen[:-1], chosen[-1], rejected[-1])
+    end = start + len(_HH_ASSISTANT)
+    if chosen[end:end + 1] == " " and rejected[end:end + 1] == " ":
+        end += 1
+    prompt = _hh_turns(record, "chosen", chosen[:start])
+    if prompt[-1]["role"] != "user":
+        raise DataFormatError(record.path, "the shared transcript must end with a Human turn", line=record.line,
+                              field="chosen")
+    return Pair(prompt, {"role": "assistant", "content": chosen[end:]}, {"role": "assistant", "content": rejected[end:]})
 
 
 def medicalgpt_original_pair(record: Record) -> Pair:

@@ -5,14 +5,15 @@ data has them, `reasoning_content` (thinking text), `tool_calls` (OpenAI shape, 
 `tool_call_id` / `name` on tool replies, and `train: False` for an assistant turn not to be trained.
 
 In: sharegpt `{from, value}` and OpenAI/ColossalAI `{role|from, content}` turns; content as a string,
-a number, or a list of parts (`{"type": "text", "text"|"value"}`, reasoning parts; image/audio parts
-are refused); sharegpt `function_call` / `observation` turns and OpenAI `tool_calls` / `role: "tool"`;
+a number, or a list of parts (`{"type": "text", "text"|"value"}`, reasoning and tool_call parts;
+image/audio parts are refused); sharegpt `function_call` / `observation` turns and OpenAI `tool_calls` / `role: "tool"`;
 per-turn `loss_weight` / `train` / `weight` flags (0 or false: that turn is not trained).
 """
 
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 from llm_stages.errors import DataFormatError
 
@@ -27,6 +28,7 @@ ROLES = {
 }
 TEXT_PARTS = {"text", "input_text", "output_text"}
 REASONING_PARTS = {"reasoning", "thinking", "reasoning_content"}
+TOOL_CALL_PARTS = {"tool_call", "function_call"}
 MEDIA_PARTS = {"image", "image_url", "input_image", "audio", "input_audio", "video", "file", "image_file"}
 TRAIN_FLAGS = ("loss_weight", "train", "weight")
 
@@ -42,11 +44,17 @@ def text_value(record, field: str, value, *, allow_none: bool = False) -> str:
     raise DataFormatError(record.path, f"expected a string, got {type(value).__name__}", line=record.line, field=field)
 
 
-def content_and_reasoning(record, field: str, content) -> tuple[str, str | None]:
-    """A message's content as (text, reasoning text or None); a list of parts is joined by newlines."""
+class Content(NamedTuple):
+    text: str
+    reasoning: str | None = None  # reasoning / thinking parts
+    tool_calls: list | None = None  # tool_call parts (LLaMA-Factory's `{"type": "tool_call", "value": json}`)
+
+
+def content_parts(record, field: str, content) -> Content:
+    """A message's content: a string (or number), or a list of parts joined by newlines."""
     if not isinstance(content, list):
-        return text_value(record, field, content, allow_none=True), None
-    texts, reasoning = [], []
+        return Content(text_value(record, field, content, allow_none=True))
+    texts, reasoning, calls = [], [], []
     for k, part in enumerate(content):
         name = f"{field}[{k}]"
         if isinstance(part, str):
@@ -60,11 +68,16 @@ def content_and_reasoning(record, field: str, content) -> tuple[str, str | None]
             raise DataFormatError(record.path, f"a {kind!r} part: the stages train text-only models; drop the part "
                                   "or the record (data.on_bad_record=skip)", line=record.line, field=name)
         key = next((k for k in ("text", "value", kind, "content") if k in part), None)
+        if kind in TOOL_CALL_PARTS and key is not None:
+            value = part[key]
+            for call in (value if isinstance(value, list) else [value]):
+                calls.append(tool_call(record, f"{name}.{key}", call))
+            continue
         if kind not in TEXT_PARTS | REASONING_PARTS or key is None:
             raise DataFormatError(record.path, f"unknown content part {part!r:.80}; expected "
                                   "{'type': 'text', 'text': ...} (or 'value')", line=record.line, field=name)
         (reasoning if kind in REASONING_PARTS else texts).append(text_value(record, f"{name}.{key}", part[key]))
-    return "\n".join(texts), ("\n".join(reasoning) if reasoning else None)
+    return Content("\n".join(texts), "\n".join(reasoning) if reasoning else None, calls or None)
 
 
 def tool_call(record, field: str, call) -> dict:
@@ -131,13 +144,15 @@ def to_message(record, name: str, turn) -> dict:
         calls = calls if isinstance(calls, list) else [calls]
         message.update(content="", tool_calls=[tool_call(record, f"{name}.{key}", c) for c in calls])
     else:
-        content, reasoning = content_and_reasoning(record, f"{name}.{key}", turn.get(key))
-        message["content"] = content
-        reasoning = reasoning or next((turn[k] for k in ("reasoning_content", "reasoning", "thinking")
-                                       if isinstance(turn.get(k), str) and turn[k]), None)
+        content = content_parts(record, f"{name}.{key}", turn.get(key))
+        message["content"] = content.text
+        reasoning = content.reasoning or next((turn[k] for k in ("reasoning_content", "reasoning", "thinking")
+                                               if isinstance(turn.get(k), str) and turn[k]), None)
         if reasoning:
             message["reasoning_content"] = reasoning
-        if turn.get("tool_calls"):
+        if content.tool_calls:
+            message["tool_calls"] = content.tool_calls
+        elif turn.get("tool_calls"):
             calls = turn["tool_calls"]
             if not isinstance(calls, list):
                 raise DataFormatError(record.path, "expected a list of tool calls", line=record.line,

@@ -87,7 +87,7 @@ def test_multi_turn_pair_formats_read_to_the_same_pair(name, tmp_path):
 @pytest.mark.parametrize("record,field,message", [
     ({"prompt": "q", "completion": "a", "label": True}, None, "unpaired feedback .* is read by the KTO stage"),
     ({"prompt": "q", "chosen": None, "rejected": "b"}, "chosen", "missing"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: other\n\nAssistant: c"}, "rejected", "differ only"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: other\n\nAssistant: c"}, "rejected", "share no turn"),
 ])
 def test_bad_pairs_name_line_and_field(record, field, message, tmp_path):
     with pytest.raises(DataFormatError, match=message) as e:

@@ -171,6 +171,16 @@ def test_hh_rlhf_empty_replies_are_valid_and_identical_pairs_skipped(tmp_path, t
     assert _trained(tokenizer, dm.train_set[2].chosen) == "<|im_end|>"
 
 
+def test_hh_rlhf_transcripts_that_diverge_before_the_final_turn():
+    """harmless-base/test has 5 such records (a turn written without its blank line before 'Human:')."""
+    shared = "\n\nHuman: Are drag queens men?\n\nAssistant: No.\n\nHuman: Isn't that drag kings?\n\nAssistant: "
+    pair = read_pair(rec({"chosen": shared + "No, men who...  Human: Then how?\n\nAssistant:  I think",
+                          "rejected": shared + "A drag king is the opposite."}))
+    assert [m["content"] for m in pair.prompt] == ["Are drag queens men?", "No.", "Isn't that drag kings?"]
+    assert pair.chosen["content"] == "No, men who...  Human: Then how?\n\nAssistant:  I think"
+    assert pair.rejected["content"] == "A drag king is the opposite."
+
+
 def test_a_prompt_budget_that_leaves_no_room_for_replies_is_refused_before_reading(tmp_path, tokenizer):
     from llm_stages.data.datamodule import PairDataModule
 
