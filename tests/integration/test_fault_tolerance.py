@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 STEPS = 120
 COMMON = ["stage=sft", *TEST_MODEL, "logger=csv", "callbacks.generation_samples=null", f"trainer.max_steps={STEPS}",
           "trainer.val_check_interval=40", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-          "datamodule.batch_size=4", "callbacks.model_checkpoint.every_n_train_steps=10"]
+          "datamodule.batch_size=4", "callbacks.periodic_checkpoint.every_n_train_steps=10"]
 
 
 def _start(run_dir: Path, cwd: Path, *extra: str) -> subprocess.Popen:
