@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+from llm_stages.data.reward_sequence import reply_end, reward_sequence
 from llm_stages.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,14 @@ class PairExample(NamedTuple):
 
 
 def render_pair(tokenizer, prompt: list[dict], chosen: str, rejected: str) -> PairExample:
+    end = reply_end(tokenizer)
+
     def render(reply: str) -> Example:
-        return render_conversation(tokenizer, prompt + [{"role": "assistant", "content": reply}], train_last_only=True)
+        example = render_conversation(tokenizer, prompt + [{"role": "assistant", "content": reply}], train_last_only=True)
+        # The row a reward model trains on is the sequence RL scores (llm_stages.data.reward_sequence).
+        start = next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+        ids = reward_sequence(example.input_ids[:start], example.input_ids[start:], end)
+        return Example(ids, (example.labels + [IGNORE_INDEX] * len(ids))[:len(ids)])
 
     return PairExample(render(chosen), render(rejected))
 
