@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 # truncate it). generate() would take anything else (repetition_penalty, no_repeat_ngram_size, ...)
 # from the checkpoint's generation_config.json, and the ratio would compare different distributions.
 SAMPLING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample")
-TOKEN_SETTINGS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version")
+NOT_SAMPLING = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+                "max_length", "use_cache")
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,7 @@ class RLStage(Stage):
     @staticmethod
     def _log_ignored_generation_settings(model) -> None:
         settings = model.generation_config.to_diff_dict() if getattr(model, "generation_config", None) else {}
-        ignored = {k: v for k, v in settings.items() if k not in (*SAMPLING_SETTINGS, *TOKEN_SETTINGS, "max_length")}
+        ignored = {k: v for k, v in settings.items() if k not in (*SAMPLING_SETTINGS, *NOT_SAMPLING)}
         if ignored:
             log.warning("RL sampling ignores the checkpoint's generation_config %s: the loss models only %s "
                         "(module.generation)", ignored, ", ".join(SAMPLING_SETTINGS))
@@ -201,7 +202,7 @@ class RLStage(Stage):
             # The sequence the RM was trained on: prompt, reply, and the template's text after its EOS.
             rows = [reward_sequence(q[qm.bool()].tolist(), r[rm.bool()].tolist(), self.reply_end)
                     for q, qm, r, rm in zip(query, query_mask, response, response_mask)]
-            batch = collate_causal([Example(row, row) for row in rows], self.tokenizer.pad_token_id)
+            batch = collate_causal([Example(row, row) for row in rows], self.tokenizer.pad_token_id)  # right-padded
             values = reward_scores(self.reward_model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
             components["reward_model"] = values
             total += self.reward_model_weight * values
