@@ -33,6 +33,9 @@ _EQUATION_RESULT = re.compile(rf".*=\s*({_PLAIN})")  # "43 + 91 = 134": the resu
 # A trailing remark in parentheses that holds words, such as "(Step 3 of 3)", is not part of the answer.
 _REMARK = re.compile(r"\s*\((?=[^()]*[A-Za-z]{2})[^()]*\)\s*$")
 _WORD = re.compile(r"(?<!\\)\b[A-Za-z]{2,}")  # a word outside LaTeX commands: the text is prose, not a formula
+# Arithmetic left to do ("43 + 91", "5-3", "3 \\times 4"): restating a question is not answering it,
+# so it never matches a plain-number reference (else a policy learns to copy the question).
+_ARITHMETIC = re.compile(r"[\d)}]\s*(?:[-+*\u00d7]|\\times|\\cdot)\s*[\d({\\]")
 _DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-"})  # unicode minus and dashes
 
 
@@ -89,17 +92,20 @@ def _math(answer: str) -> list:
 def same_answer(predicted: str | None, reference: str | None) -> bool:
     """Whether two final answers (see `final_answer`) are equal: plain numbers by exact decimal
     value ("1,000" == "1000.0", ".5" == "0.5"; big integers exactly), anything else by value with
-    math-verify ("1/2" == "\\frac{1}{2}", "(3, 4)" == "(3,4)" != "34", "\\{1,2\\}" == "\\{2,1\\}")."""
+    math-verify ("1/2" == "\\frac{1}{2}", "(3, 4)" == "(3,4)" != "34", "\\{1,2\\}" == "\\{2,1\\}"),
+    except that arithmetic left undone ("43 + 91") never equals a number."""
     if predicted is None or reference is None:
         return False
     number, reference_number = _plain_number(predicted), _plain_number(reference)
     if number is not None and reference_number is not None:
         return number == reference_number
-    gold = _math(reference)
+    gold, target = _math(reference), _math(predicted)
     if not gold:
         return predicted.strip() == reference.strip()
+    if reference_number is not None and any(isinstance(t, str) and _ARITHMETIC.search(t) for t in target):
+        return False
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    return bool(verify(gold, _math(predicted), timeout_seconds=timeout))
+    return bool(verify(gold, target, timeout_seconds=timeout))
 
 
 def answer_match(completions: list[str], answers: list[str | None], **_) -> list[float]:
@@ -109,14 +115,17 @@ def answer_match(completions: list[str], answers: list[str | None], **_) -> list
 
 
 def numeric_answer(text) -> float | None:
-    """The final answer of `text` as a number, or None when it is not one."""
+    """The final answer of `text` as a number, or None when it is not one (nor arithmetic left undone)."""
     answer = final_answer(text)
     if answer is None:
         return None
     number = _plain_number(answer)
     if number is not None:
         return float(number)
-    for value in _math(answer):
+    parsed = _math(answer)
+    if any(isinstance(t, str) and _ARITHMETIC.search(t) for t in parsed):
+        return None
+    for value in parsed:
         try:
             return float(value)
         except (TypeError, ValueError):

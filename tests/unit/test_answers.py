@@ -1,6 +1,6 @@
 """Final answers of math replies against reference answers: the verdict a careful grader gives.
 
-Each row: (reply, reference, verdict). Today's main misread many of these: "(3,4)" as 34,
+Each row: (reply, reference, verdict). The main branch before issue 16 misread many of these: "(3,4)" as 34,
 "1,2,3" as 123, "5-3" as -3, "1/2" and "\\frac{1}{2}" as 2, ".5" as 5, a unicode minus as
 nothing, "42. (Step 3 of 3)" as 3, and 20-digit integers compared as floats.
 """
@@ -21,7 +21,11 @@ GRADER = [
     ("(1,2)", "[1,2]", False),
     # expressions are evaluated, not cut into numbers
     ("5-3", "-3", False),
-    ("5-3", "2", True),
+    ("5-3", "2", False),  # arithmetic left undone: restating "43 + 91" must not earn the reward for 134
+    ("43 + 91", "134", False),
+    ("43 + 91 =", "134", False),
+    ("So it is 7 - 2 = 5.", "5", True),
+    ("x^2+2x+1", "(x+1)^2", True),  # expressions are compared as expressions
     ("1/2", "2", False),
     ("1/2", "0.5", True),
     (r"\frac{1}{2}", "2", False),
@@ -81,5 +85,5 @@ def test_final_answer_of_reference_solutions():
 def test_numeric_answers_and_closeness():
     assert numeric_answer("12 + 30 = 41") == 41.0
     assert numeric_answer(r"\boxed{\frac{1}{4}}") == 0.25
-    assert numeric_answer("(3,4)") is None and numeric_answer("no number") is None
+    assert numeric_answer("(3,4)") is None and numeric_answer("no number") is None and numeric_answer("43 + 91") is None
     assert answer_closeness(["12 + 30 = 41", "(3,4)", r"\frac{69}{2}"], answers=["42", "34", "#### 34"]) == [0.9, 0.0, 0.95]
