@@ -18,6 +18,7 @@ tuples, sets, intervals, expressions) by value with the `math-verify` library.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from decimal import Decimal, InvalidOperation
@@ -78,6 +79,7 @@ def _plain_number(answer: str) -> Decimal | None:
         return None
 
 
+@functools.lru_cache(maxsize=8192)  # replies and references repeat within and across rollouts
 def _math(answer: str) -> list:
     """math-verify's reading of an answer: a formula ("(3,4)", "\\frac{1}{2}", "1,2,3") is read
     as LaTeX; prose ("the answer is 7 apples") has its answer extracted."""
