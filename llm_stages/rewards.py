@@ -23,7 +23,6 @@ import re
 import threading
 from decimal import Decimal, InvalidOperation
 
-from math_verify import parse, verify
 
 _GSM8K = re.compile(r"####\s*([^\n]*)")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -83,6 +82,8 @@ def _plain_number(answer: str) -> Decimal | None:
 def _math(answer: str) -> list:
     """math-verify's reading of an answer: a formula ("(3,4)", "\\frac{1}{2}", "1,2,3") is read
     as LaTeX; prose ("the answer is 7 apples") has its answer extracted."""
+    from math_verify import parse  # imports sympy: only when an answer is not a plain number
+
     # signal.alarm, math-verify's timeout, only works in the main thread.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     if _WORD.search(answer):
@@ -106,6 +107,8 @@ def same_answer(predicted: str | None, reference: str | None) -> bool:
         return predicted.strip() == reference.strip()
     if reference_number is not None and any(isinstance(t, str) and _ARITHMETIC.search(t) for t in target):
         return False
+    from math_verify import verify
+
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     return bool(verify(gold, target, timeout_seconds=timeout))
 
