@@ -101,12 +101,15 @@ class SampledLogprobs(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self._read(input_ids[:, -1])
-        self.previous = torch.log_softmax(scores.float() / self.temperature, -1)
+        # The scores themselves (generate's processors do not change them in place) and their
+        # normaliser: no (rows x vocabulary) copy is kept from one step to the next.
+        self.previous = scores, torch.logsumexp(scores.float() / self.temperature, -1)
         return scores
 
     def _read(self, tokens: torch.Tensor) -> None:
         if self.previous is not None:
-            self.steps.append(self.previous.gather(-1, tokens[:, None]).squeeze(-1))
+            scores, normaliser = self.previous
+            self.steps.append(scores.gather(-1, tokens[:, None]).squeeze(-1).float() / self.temperature - normaliser)
             self.previous = None
 
     def finish(self, response: torch.Tensor) -> torch.Tensor:
