@@ -92,9 +92,9 @@ class DPO(Stage):
         if self.reference_logps and self.reference_fingerprint is not None:
             current = pairs_fingerprint(self.trainer.datamodule)
             if current != self.reference_fingerprint:
-                raise ConfigError(f"the checkpoint's cached reference log-probs (module.ref=precompute) belong to other data "
-                                  f"or tokenization (fingerprint {self.reference_fingerprint} != {current} now): resume "
-                                  "with the data and tokenizer settings it was trained on, or start a new run")
+                raise ConfigError(f"the checkpoint's cached reference log-probs (module.ref=precompute) belong to other "
+                                  f"data or tokenization (fingerprint {self.reference_fingerprint} != {current} now): "
+                                  "resume with the data and tokenizer settings it was trained on, or start a new run")
 
     # -- loss ------------------------------------------------------------------------------------
     def loss_sum(self, batch: PairBatch):

@@ -149,8 +149,9 @@ class RLStage(Stage):
             torch.manual_seed(seed)
             for start in range(0, query.shape[0], chunk):
                 recorder = SampledLogprobs(config.temperature if config.do_sample else 1.0)
-                out = self.model.generate(input_ids=query[start:start + chunk], attention_mask=query_mask[start:start + chunk],
-                                          generation_config=config, logits_processor=[recorder], use_cache=True)
+                rows = slice(start, start + chunk)
+                out = self.model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=config,
+                                          logits_processor=[recorder], use_cache=True)
                 responses.append(out[:, query.shape[1]:])
                 logprobs.append(recorder.finish(responses[-1]))
         self.model.train(was_training)
