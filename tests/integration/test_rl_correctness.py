@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 
-import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
