@@ -29,7 +29,7 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A plain number: digits with optional thousands separators in groups of three, optional decimals.
 _PLAIN = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+"
 _PLAIN_NUMBER = re.compile(rf"\$?\s*({_PLAIN})\s*\$?")
-_EQUATION_RESULT = re.compile(rf".*=\s*({_PLAIN})")  # "43 + 91 = 134": the result of a worked equation
+_EQUATION_RESULT = re.compile(rf".*=\s*({_PLAIN})", re.DOTALL)  # "43 + 91 = 134": the result of a worked equation
 # A trailing remark in parentheses that holds words, such as "(Step 3 of 3)", is not part of the answer.
 _REMARK = re.compile(r"\s*\((?=[^()]*[A-Za-z]{2})[^()]*\)\s*$")
 _WORD = re.compile(r"(?<!\\)\b[A-Za-z]{2,}")  # a word outside LaTeX commands: the text is prose, not a formula

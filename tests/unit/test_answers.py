@@ -50,6 +50,7 @@ GRADER = [
     ("42. (Step 3 of 3)", "42", True),
     ("42. (Step 3 of 3)", "3", False),
     ("43 + 91 = 134", "134", True),
+    ("Adding the tens first:\n40 + 90 = 130, then 3 + 1 = 4,\nso 43 + 91 = 134", "134", True),
     ("x = 5", "5", True),
     ("The answer is 7 apples", "7", True),
     ("I think 7, no wait, 8", "8", True),
