@@ -40,10 +40,10 @@ class LightningClock(L.Callback):
             original = pl_module.sample
 
             def sample(*args, **kwargs):
-                query, query_mask, response, response_mask = out = original(*args, **kwargs)
+                out = original(*args, **kwargs)
                 if pl_module.training:
-                    self._rollout = {"prompt_tokens": int(query_mask.sum()), "generated_tokens": int(response_mask.sum()),
-                                     "rows": int(query.shape[0])}
+                    self._rollout = {"prompt_tokens": int(out.query_mask.sum()), "generated_tokens": int(out.response_mask.sum()),
+                                     "rows": int(out.query.shape[0])}
                 return out
 
             pl_module.sample = sample

@@ -9,43 +9,133 @@ with the decoded replies, the last user message of each prompt, each prompt's re
 ignore the rest (`**_`). Configure extra arguments with `_partial_: true`, e.g.
 
     format: {weight: 0.2, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '...'}}
+
+Math answers: `final_answer` takes the final answer out of a reply or a reference solution
+(gsm8k `#### 42`, MATH `\\boxed{...}`), and `same_answer` compares two of them: plain numbers
+exactly (the fast path, also for big integers), anything else (fractions, LaTeX, percentages,
+tuples, sets, intervals, expressions) by value with the `math-verify` library.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import re
-
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
-_GSM8K = re.compile(rf"####\s*({_NUMBER})")
-_BOXED = re.compile(rf"\\boxed\{{\s*({_NUMBER})\s*\}}")
-_ANY_NUMBER = re.compile(_NUMBER)
+import threading
+from decimal import Decimal, InvalidOperation
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a reply: after `#### `, else inside `\\boxed{}`, else its last number."""
-    for pattern in (_GSM8K, _BOXED):
-        found = pattern.findall(text)
-        if found:
-            return found[-1].replace(",", "")
-    numbers = _ANY_NUMBER.findall(text)
-    return numbers[-1].replace(",", "") if numbers else None
+_GSM8K = re.compile(r"####\s*([^\n]*)")
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# A plain number: digits with optional thousands separators in groups of three, optional decimals.
+_PLAIN = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+"
+_PLAIN_NUMBER = re.compile(rf"\$?\s*({_PLAIN})\s*\$?")
+_EQUATION_RESULT = re.compile(rf".*=\s*({_PLAIN})", re.DOTALL)  # "43 + 91 = 134": the result of a worked equation
+# A trailing remark in parentheses that holds words, such as "(Step 3 of 3)", is not part of the answer.
+_REMARK = re.compile(r"\s*\((?=[^()]*[A-Za-z]{2})[^()]*\)\s*$")
+_WORD = re.compile(r"(?<!\\)\b[A-Za-z]{2,}")  # a word outside LaTeX commands: the text is prose, not a formula
+# Arithmetic left to do ("43 + 91", "5-3", "3 \\times 4"): restating a question is not answering it,
+# so it never matches a plain-number reference (else a policy learns to copy the question).
+_ARITHMETIC = re.compile(r"[\d)}]\s*(?:[-+*\u00d7]|\\times|\\cdot)\s*[\d({\\]")
+_DASHES = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-"})  # unicode minus and dashes
+
+
+def _boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}`, braces balanced."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    depth, start = 1, starts[-1]
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return None
+
+
+def final_answer(text) -> str | None:
+    """The final answer of a reply or of a reference solution: after the last `####` (gsm8k), else
+    inside the last `\\boxed{}` (MATH), else the whole text; stripped, with unicode minus signs as
+    "-", and a trailing remark in parentheses ("(Step 3 of 3)") and full stop dropped. None when empty."""
+    if text is None:
+        return None
+    text = str(text).translate(_DASHES).strip()
+    marked = _GSM8K.findall(text)
+    answer = marked[-1] if marked else _boxed(text)
+    answer = (answer if answer is not None else text).strip()
+    answer = _REMARK.sub("", answer).strip().removesuffix(".").strip()
+    return answer or None
+
+
+def _plain_number(answer: str) -> Decimal | None:
+    """The value of a plain number ("1,234", "-0.5", ".5", "$3$"), or of an equation's result
+    ("12 + 30 = 42"); None for anything else."""
+    match = _PLAIN_NUMBER.fullmatch(answer) or _EQUATION_RESULT.fullmatch(answer)
+    if match is None:
+        return None
+    try:
+        return Decimal(match.group(1).replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+@functools.lru_cache(maxsize=8192)  # replies and references repeat within and across rollouts
+def _math(answer: str) -> list:
+    """math-verify's reading of an answer: a formula ("(3,4)", "\\frac{1}{2}", "1,2,3") is read
+    as LaTeX; prose ("the answer is 7 apples") has its answer extracted."""
+    from math_verify import parse  # imports sympy: only when an answer is not a plain number
+
+    # signal.alarm, math-verify's timeout, only works in the main thread.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    if _WORD.search(answer):
+        return parse(answer, parsing_timeout=timeout)
+    latex = re.sub(r"(?<!\\)%", r"\\%", answer.strip("$"))
+    return parse(f"${latex}$", parsing_timeout=timeout)
 
 
 def same_answer(predicted: str | None, reference: str | None) -> bool:
-    """Numbers compare by value ("1,000" == "1000.0"; commas are thousands separators); other text exactly."""
+    """Whether two final answers (see `final_answer`) are equal: plain numbers by exact decimal
+    value ("1,000" == "1000.0", ".5" == "0.5"; big integers exactly), anything else by value with
+    math-verify ("1/2" == "\\frac{1}{2}", "(3, 4)" == "(3,4)" != "34", "\\{1,2\\}" == "\\{2,1\\}"),
+    except that arithmetic left undone ("43 + 91") never equals a number."""
     if predicted is None or reference is None:
         return False
-    predicted, reference = predicted.strip().replace(",", ""), reference.strip().replace(",", "")
-    try:
-        return math.isclose(float(predicted), float(reference), rel_tol=0, abs_tol=1e-6)
-    except ValueError:
-        return predicted == reference
+    number, reference_number = _plain_number(predicted), _plain_number(reference)
+    if number is not None and reference_number is not None:
+        return number == reference_number
+    gold, target = _math(reference), _math(predicted)
+    if not gold:
+        return predicted.strip() == reference.strip()
+    if reference_number is not None and any(isinstance(t, str) and _ARITHMETIC.search(t) for t in target):
+        return False
+    from math_verify import verify
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    return bool(verify(gold, target, timeout_seconds=timeout))
 
 
 def answer_match(completions: list[str], answers: list[str | None], **_) -> list[float]:
-    """1.0 where the reply's final answer (`#### N`, `\\boxed{N}` or last number) equals the reference."""
-    return [float(same_answer(extract_answer(c), a)) for c, a in zip(completions, answers)]
+    """1.0 where the reply's final answer equals the reference's (see `same_answer`); the
+    reference may be a whole worked solution (gsm8k `#### N`, MATH `\\boxed{...}`)."""
+    return [float(same_answer(final_answer(c), final_answer(a))) for c, a in zip(completions, answers)]
+
+
+def numeric_answer(text) -> float | None:
+    """The final answer of `text` as a number, or None when it is not one (nor arithmetic left undone)."""
+    answer = final_answer(text)
+    if answer is None:
+        return None
+    number = _plain_number(answer)
+    if number is not None:
+        return float(number)
+    parsed = _math(answer)
+    if any(isinstance(t, str) and _ARITHMETIC.search(t) for t in parsed):
+        return None
+    for value in parsed:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 def answer_closeness(completions: list[str], answers: list[str | None], scale: float = 10.0, **_) -> list[float]:
@@ -54,13 +144,11 @@ def answer_closeness(completions: list[str], answers: list[str | None], scale: f
     still approximately right, e.g. off by a few units."""
     scores = []
     for completion, answer in zip(completions, answers):
-        predicted = extract_answer(completion)
-        try:
-            distance = abs(float(predicted) - float(str(answer).replace(",", "")))
-        except (TypeError, ValueError):
+        predicted, reference = numeric_answer(completion), numeric_answer(answer)
+        if predicted is None or reference is None:
             scores.append(0.0)
             continue
-        scores.append(max(0.0, 1.0 - distance / scale))
+        scores.append(max(0.0, 1.0 - abs(predicted - reference) / scale))
     return scores
 
 

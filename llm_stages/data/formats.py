@@ -19,6 +19,7 @@ from typing import NamedTuple
 from llm_stages.data.messages import content_parts, parse_tools, text_value, to_messages
 from llm_stages.data.sources import Record, check_file, read_records, read_text  # noqa: F401  (re-exported)
 from llm_stages.errors import ConfigError, DataFormatError
+from llm_stages.rewards import final_answer
 
 # The field names `data.columns` maps onto (the keys every reader below understands).
 ROLE_NAMES = {"text", "messages", "conversations", "system", "tools", "instruction", "input", "output", "history",
@@ -428,35 +429,14 @@ class Prompt(NamedTuple):
 PROMPT_KEYS = ("prompt", "question", "problem", "query", "instruction")
 ANSWER_KEYS = ("answer", "reference", "gt_answer", "ground_truth", "final_answer", "solution", "output", "target")
 
-_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$")
-
-
-def boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
-    depth = 0
-    for i in range(brace, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[brace + 1:i].strip()
-    return None
+_THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
 
 
 def reference_answer(answer) -> str | None:
-    """The final answer of a reference: gsm8k solutions ending in `#### 42` give "42" (commas
-    dropped), MATH-style worked solutions their last `\\boxed{...}`; anything else as given."""
-    if answer is None:
-        return None
-    text = str(answer)
-    match = _GSM8K_ANSWER.search(text)
-    if match:
-        return match.group(1).replace(",", "")
-    return boxed(text) or text.strip()
+    """The final answer of a reference (`rewards.final_answer`: gsm8k's `#### 42`, a MATH
+    solution's last `\\boxed{...}`, else the text), thousands separators dropped from a plain number."""
+    final = final_answer(answer)
+    return final.replace(",", "") if final and _THOUSANDS.fullmatch(final) else final
 
 
 def prompt_record(record: Record, columns: Mapping | None = None) -> Prompt:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+from llm_stages.data.reward_sequence import reply_end, reward_sequence
 from llm_stages.data.template import render_text, reply_spans, template_messages
 from llm_stages.errors import ConfigError
 
@@ -89,10 +90,16 @@ class PairExample(NamedTuple):
 
 def render_pair(tokenizer, prompt: list[dict], chosen: dict | str, rejected: dict | str,
                 tools: list[dict] | None = None) -> PairExample:
-    """Prompt + each reply (an assistant message, or its text), only the reply trained."""
+    """Prompt + each reply (an assistant message, or its text), only the reply trained; each row is
+    the sequence a reward model scores (llm_stages.data.reward_sequence), as RL scores its replies."""
+    end = reply_end(tokenizer)
+
     def render(reply) -> Example:
         message = reply if isinstance(reply, dict) else {"role": "assistant", "content": reply}
-        return render_conversation(tokenizer, prompt + [message], tools=tools, train_last_only=True)
+        example = render_conversation(tokenizer, prompt + [message], tools=tools, train_last_only=True)
+        start = next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+        ids = reward_sequence(example.input_ids[:start], example.input_ids[start:], end)
+        return Example(ids, (example.labels + [IGNORE_INDEX] * len(ids))[:len(ids)])
 
     return PairExample(render(chosen), render(rejected))
 

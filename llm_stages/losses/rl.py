@@ -45,11 +45,16 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce:
     return out * mask
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1",
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy (Schulman's k1, k2, k3).
     k1 = log p - log q (unbiased, can be negative); k2 = (log p - log q)^2 / 2;
-    k3 = q/p - 1 - log(q/p) (unbiased, always >= 0, lower variance)."""
+    k3 = q/p - 1 - log(q/p) (unbiased, always >= 0, lower variance).
+    With `mask`, padding positions are 0: masked before the exponential, because a padded
+    log-prob of -100 would make k3 = exp(100) = inf there, and inf * 0 is NaN (in the gradient too)."""
     log_ratio = logprobs - ref_logprobs
+    if mask is not None:
+        log_ratio = torch.where(mask.bool(), log_ratio, torch.zeros_like(log_ratio))
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
@@ -128,15 +133,58 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return 1 - var_residual / var_returns.clamp(min=1e-8)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO: each completion's reward relative to the other completions of its prompt,
-    (r - mean_group) / (std_group + eps), std unbiased as in TRL; `scale=False` skips the division
-    (Dr. GRPO). `rewards` holds the groups consecutively: (prompts * group_size,)."""
+SCALE_REWARDS = ("none", "group", "batch")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     reduce: Reduce = _identity) -> torch.Tensor:
+    """GRPO: each completion's reward relative to the other completions of its prompt, r - mean_group,
+    divided by (std + eps) as TRL's `scale_rewards` says: `group` the std of its group (the
+    original GRPO), `batch` the std of all rewards on all ranks (`reduce`), `none` not divided
+    (Dr. GRPO). Stds are unbiased, as in TRL. `rewards` holds the groups consecutively: (prompts * group_size,)."""
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale!r}")
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(1, keepdim=True)
-    if scale:
+    if scale == "group":
         centred = centred / (grouped.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        _, variance = masked_mean_var(rewards, torch.ones_like(rewards), reduce)
+        centred = centred / (variance.sqrt() + eps)
     return centred.reshape(-1)
+
+
+GRPO_LOSS_TYPES = ("token_mean", "sequence_mean", "dr_grpo")
+
+
+def grpo_per_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, *, epsilon: float, epsilon_high: float | None = None, beta: float = 0.0,
+                        ref_logprobs: torch.Tensor | None = None):
+    """GRPO's per-token loss: the clipped ratio objective, plus `beta` * k3 KL to the reference when
+    beta > 0 (0 on padding, see `kl_penalty`). Returns (loss, policy loss, clip flags, kl or None), each (N, R)."""
+    policy_loss, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, epsilon, epsilon_high)
+    if not beta:
+        return policy_loss, policy_loss, clipped, None
+    kl = kl_penalty(logprobs, ref_logprobs, "k3", mask)
+    return policy_loss + beta * kl, policy_loss, clipped, kl
+
+
+def grpo_loss_sum(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str,
+                  max_completion_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, weight) of a micro-batch: the loss of a minibatch is sum / weight, both summed over its
+    micro-batches (and ranks). `token_mean` (DAPO; TRL's bnpo on one micro-batch): every token weighs
+    the same; `sequence_mean` (the original GRPO, TRL's grpo): the mean over each reply's tokens, then
+    over replies; `dr_grpo` (Dr. GRPO): the token sum / (replies x max_completion_length), a constant
+    normaliser that does not favour short or long replies."""
+    mask = mask.to(per_token.dtype)
+    rows = torch.tensor(float(per_token.shape[0]), device=per_token.device)
+    if loss_type == "token_mean":
+        return (per_token * mask).sum(), mask.sum()
+    if loss_type == "sequence_mean":
+        return masked_mean(per_token, mask, dim=1).sum(), rows
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum(), rows * max_completion_length
+    raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
 
 
 class KLController:

@@ -6,8 +6,10 @@ the registry in llm_stages.losses.preference by `loss.type`.
 
 Reference log-probs come from
 - `ref=precompute` (default): one pass of the initial policy over the train and validation pairs
-  before the first update, cached per pair (and saved in checkpoints). No second model is held
-  during training; since the reference *is* the initial policy, nothing else needs loading.
+  before the first update, cached per pair (and saved in checkpoints with a fingerprint of the
+  pairs' tokens, so a resume on changed data or tokenization is refused rather than trained
+  against another pair's log-probs). No second model is held during training; since the
+  reference *is* the initial policy, nothing else needs loading.
 - `ref=copy`: a frozen copy of the initial policy, run next to it at every step; under LoRA/QLoRA
   the policy with its adapter switched off, so no copy is held either.
 Reference-free losses (`simpo`, `orpo`) use neither.
@@ -15,6 +17,9 @@ Reference-free losses (`simpo`, `orpo`) use neither.
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -40,6 +45,7 @@ class DPO(Stage):
         self.ref_mode = None if self.loss_type in REFERENCE_FREE else ref
         self.reference = frozen_reference(model) if self.ref_mode == "copy" else None
         self.reference_logps: dict[str, torch.Tensor] = {}  # split -> (pairs, 2) for ref=precompute
+        self.reference_fingerprint: str | None = None  # of the pairs they were computed on
 
     # -- scoring ---------------------------------------------------------------------------------
     @staticmethod
@@ -71,15 +77,24 @@ class DPO(Stage):
                 logps = self.score(self.model, batch)[0]
                 chunks.append(torch.stack([logps[:batch.num_pairs], logps[batch.num_pairs:]], 1).cpu())
             self.reference_logps[split] = torch.cat(chunks) if chunks else torch.zeros(0, 2)
+        self.reference_fingerprint = pairs_fingerprint(datamodule)
         self.model.train(was_training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["reference_logps"] = self.reference_logps  # a resumed run must not re-score with a trained policy
+        checkpoint["reference_fingerprint"] = self.reference_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.reference_logps = checkpoint.get("reference_logps", {})
+        self.reference_fingerprint = checkpoint.get("reference_fingerprint")
+        if self.reference_logps and self.reference_fingerprint is not None:
+            current = pairs_fingerprint(self.trainer.datamodule)
+            if current != self.reference_fingerprint:
+                raise ConfigError(f"the checkpoint's cached reference log-probs (module.ref=precompute) belong to other "
+                                  f"data or tokenization (fingerprint {self.reference_fingerprint} != {current} now): "
+                                  "resume with the data and tokenizer settings it was trained on, or start a new run")
 
     # -- loss ------------------------------------------------------------------------------------
     def loss_sum(self, batch: PairBatch):
@@ -112,3 +127,15 @@ class DPO(Stage):
 
     def loss_weight(self, batch: PairBatch) -> torch.Tensor:
         return torch.tensor(batch.num_pairs, device=self.device)
+
+
+def pairs_fingerprint(datamodule) -> str:
+    """A hash of every pair's token ids and labels in both splits, in order: what the cached
+    reference log-probs of `ref=precompute` are a function of (data, template, tokenizer, truncation)."""
+    digest = hashlib.sha256()
+    for split, pairs in (("train", datamodule.train_set), ("val", datamodule.val_set)):
+        digest.update(f"{split}:{len(pairs)}".encode())
+        for pair in pairs:
+            for row in (pair.chosen.input_ids, pair.chosen.labels, pair.rejected.input_ids, pair.rejected.labels):
+                digest.update(len(row).to_bytes(8, "little") + np.asarray(row, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]

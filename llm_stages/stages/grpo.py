@@ -5,14 +5,15 @@ Each training step is one iteration:
 
 1. rollout    `num_generations` sampled replies per prompt (KV cache, no grad);
 2. score      weighted sum of rule rewards (e.g. correctness + format) and/or a reward model;
-3. advantages (r - mean_group) / (std_group + eps), the same for every token of a reply
-              (`scale_rewards=false`: not divided by the std, as Dr. GRPO);
+3. advantages r - mean_group, divided by the std as `scale_rewards` says (TRL's options: `group`,
+              `batch`, `none` as Dr. GRPO), the same for every token of a reply;
 4. update     clipped ratio objective (+ beta * k3 KL to the reference when beta > 0),
               aggregated per `loss_type`, for `ppo_epochs` passes of shuffled minibatches.
 
-`loss_type`: `token_mean` (DAPO: every token of the minibatch weighs the same) or
-`sequence_mean` (the original GRPO: mean over each reply's tokens, then over replies).
-Defaults follow TRL's GRPOTrainer (beta 0, epsilon 0.2, one pass, scaled rewards).
+`loss_type`: `token_mean` (DAPO: every token of the minibatch weighs the same), `sequence_mean`
+(the original GRPO: mean over each reply's tokens, then over replies) or `dr_grpo` (Dr. GRPO:
+token sum / (replies x max_new_tokens)); each equals TRL 1.16's loss on the same tensors.
+Defaults follow TRL's GRPOTrainer (beta 0, epsilon 0.2, one pass, rewards scaled by the group std).
 """
 
 from __future__ import annotations
@@ -21,18 +22,20 @@ import torch
 
 from llm_stages.data.collate import PromptBatch
 from llm_stages.errors import ConfigError
-from llm_stages.losses.rl import clipped_policy_loss, group_advantages, kl_penalty, masked_mean
+from llm_stages.losses.rl import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss_sum, grpo_per_token_loss
 from llm_stages.rollout import RolloutBuffer, Trajectory
 from llm_stages.stages.rl import RLStage
-
-LOSS_TYPES = ("token_mean", "sequence_mean")
 
 
 class GRPO(RLStage):
     def __init__(self, model, tokenizer, optim, *, num_generations: int = 8, beta: float = 0.0, epsilon: float = 0.2,
-                 epsilon_high: float | None = None, scale_rewards: bool = True, loss_type: str = "token_mean", **kwargs):
-        if loss_type not in LOSS_TYPES:
-            raise ConfigError(f"module.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+                 epsilon_high: float | None = None, scale_rewards: str | bool = "group", loss_type: str = "token_mean",
+                 **kwargs):
+        if loss_type not in GRPO_LOSS_TYPES:
+            raise ConfigError(f"module.loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+        scale_rewards = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)  # TRL's older booleans
+        if scale_rewards not in SCALE_REWARDS:
+            raise ConfigError(f"module.scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
         if num_generations < 2:
             raise ConfigError("module.num_generations must be >= 2: advantages compare replies within a group")
         # Without a KL term no reference model is needed, nor held in memory.
@@ -45,10 +48,10 @@ class GRPO(RLStage):
         prompts = batch[0]
         group = self.num_generations
         # 1. Rollout: `group` replies per prompt, consecutive.
-        query, query_mask, response, mask = self.sample(prompts, repeats=group, generation=self.generation,
-                                                        seed=self._seed(self.global_step))
+        query, query_mask, response, mask, sampled = self.sample(prompts, repeats=group, generation=self.generation,
+                                                                 seed=self._seed(self.global_step))
         zeros = torch.zeros(response.shape, device=self.device)
-        trajectory = Trajectory(query, query_mask, response, mask, *([zeros] * 6), scores=zeros[:, 0])
+        trajectory = Trajectory(query, query_mask, response, mask, sampled, *([zeros] * 6), scores=zeros[:, 0])
 
         # 2. Score every reply; old and reference log-probs only where the loss needs them.
         repeated = lambda items: [x for x in items for _ in range(group)]  # noqa: E731
@@ -60,9 +63,11 @@ class GRPO(RLStage):
         with torch.no_grad():
             logprobs = self.response_logprobs(self.model, trajectory)[0] * mask if self.reuses_rollout else zeros
             ref_logprobs = self.reference_logprobs(trajectory) * mask if self.beta else zeros
+        if self.reuses_rollout:
+            self.track_logprob_diff(sampled, logprobs, mask)  # else in grpo_loss, from the update's own forward
 
         # 3. Advantages: relative to the group, one value per reply, on each of its tokens.
-        advantages = group_advantages(scores, group, scale=self.scale_rewards)[:, None] * mask
+        advantages = group_advantages(scores, group, scale=self.scale_rewards, reduce=self._all_reduce)[:, None] * mask
         trajectory = trajectory._replace(logprobs=logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
                                          scores=scores)
 
@@ -76,20 +81,22 @@ class GRPO(RLStage):
         return stats["loss"]
 
     def loss_weight_of(self, mb: Trajectory) -> torch.Tensor:
-        return mb.response_mask.sum() if self.loss_type == "token_mean" else torch.tensor(mb.response_mask.shape[0], device=self.device)
+        return self._loss_sum(mb.response_mask, mb.response_mask)[1]
 
-    def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Summed over the micro-batch in `loss_type`'s units (the update divides by their count)."""
-        return (per_token * mask).sum() if self.loss_type == "token_mean" else masked_mean(per_token, mask, dim=1).sum()
+    def _loss_sum(self, per_token: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grpo_loss_sum(per_token.float(), mask, self.loss_type, self.generation["max_new_tokens"])
 
     def grpo_loss(self, mb: Trajectory):
-        mask = mb.response_mask.float()
+        mask = mb.response_mask
         logprobs = self.response_logprobs(self.model, mb)[0]
+        if not self.reuses_rollout:
+            self.track_logprob_diff(mb.sampled_logprobs, logprobs, mask)
         old = mb.logprobs if self.reuses_rollout else logprobs.detach()
-        per_token, clipped = clipped_policy_loss(logprobs, old, mb.advantages, self.epsilon, self.epsilon_high)
-        stats = {"policy_loss": self._aggregate(per_token.detach(), mask), "clipfrac": self._aggregate(clipped, mask)}
-        if self.beta:
-            kl = kl_penalty(logprobs, mb.ref_logprobs, "k3")
-            per_token = per_token + self.beta * kl
-            stats["kl"] = self._aggregate(kl.detach(), mask)
-        return self._aggregate(per_token, mask), stats
+        per_token, policy_loss, clipped, kl = grpo_per_token_loss(
+            logprobs, old, mb.advantages, mask, epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
+            ref_logprobs=mb.ref_logprobs)
+        # Stats in the loss's units (the update divides them by the same weight).
+        stats = {"policy_loss": self._loss_sum(policy_loss.detach(), mask)[0], "clipfrac": self._loss_sum(clipped, mask)[0]}
+        if kl is not None:
+            stats["kl"] = self._loss_sum(kl.detach(), mask)[0]
+        return self._loss_sum(per_token, mask)[0], stats

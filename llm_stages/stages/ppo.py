@@ -29,7 +29,7 @@ from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import (KLController, approx_kl, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
                                   kl_penalty, masked_mean, shaped_rewards, whiten)
 from llm_stages.models import load_tokenizer
-from llm_stages.rollout import RolloutBuffer, Trajectory
+from llm_stages.rollout import RolloutBuffer, Trajectory, disable_dropout
 from llm_stages.stages.rl import RLStage, position_ids
 
 
@@ -65,6 +65,7 @@ class PPO(RLStage):
             self.critic = load_critic(critic_cfg, tokenizer, peft)
         else:
             self.critic = critic_from_actor(model)
+        disable_dropout(self.critic)  # its values at rollout and in the update come from the same function
         self.kl_ctl = KLController(kl_coef, kl_target, kl_horizon)
         self.kl_estimator, self.reward_clip = kl_estimator, reward_clip
         self.cliprange, self.cliprange_value, self.vf_coef, self.ent_coef = cliprange, cliprange_value, vf_coef, ent_coef
@@ -94,9 +95,10 @@ class PPO(RLStage):
     def training_step(self, batch: list[PromptBatch], batch_idx: int) -> torch.Tensor:
         prompts = batch[0]
         # 1. Rollout: sample replies with the current actor.
-        query, query_mask, response, mask = self.sample(prompts, generation=self.generation, seed=self._seed(self.global_step))
+        query, query_mask, response, mask, sampled = self.sample(prompts, generation=self.generation,
+                                                                 seed=self._seed(self.global_step))
         zeros = torch.zeros(response.shape, device=self.device)
-        trajectory = Trajectory(query, query_mask, response, mask, *([zeros] * 6), scores=zeros[:, 0])
+        trajectory = Trajectory(query, query_mask, response, mask, sampled, *([zeros] * 6), scores=zeros[:, 0])
 
         # 2. Score: sequence rewards, and what the update compares against (all without grad).
         scores, components, completions = self.score(prompts.prompts, prompts.answers, query, query_mask, response, mask)
@@ -104,6 +106,7 @@ class PPO(RLStage):
             logprobs = self.response_logprobs(self.model, trajectory)[0] * mask
             ref_logprobs = self.reference_logprobs(trajectory) * mask
             values = self.values(trajectory) * mask
+        self.track_logprob_diff(sampled, logprobs, mask)
 
         # 3. Advantages: KL-penalised per-token rewards, the clipped score on the last reply token; GAE.
         kl = kl_penalty(logprobs, ref_logprobs, self.kl_estimator) * mask

@@ -19,6 +19,13 @@ from llm_stages.stages.base import Stage
 log = logging.getLogger(__name__)
 
 
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A reward model's score of each right-padded row (N,): the export's own forward, which reads
+    the score at the last token that is not padding. RM training and validation and RL scoring all
+    score rows built by llm_stages.data.reward_sequence with it."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1).float()
+
+
 class RewardPairwise(Stage):
     def __init__(self, model, tokenizer, optim, *, margin: float = 0.0, center_rewards_coefficient: float = 0.0,
                  calibration_bins: int = 10):
@@ -28,8 +35,7 @@ class RewardPairwise(Stage):
         self.calibration_bins = calibration_bins
 
     def rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        scores = scores.squeeze(-1).float()
+        scores = reward_scores(self.model, batch.input_ids, batch.attention_mask)
         return scores[:batch.num_pairs], scores[batch.num_pairs:]
 
     def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, data_margin: torch.Tensor):

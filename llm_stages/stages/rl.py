@@ -18,17 +18,28 @@ import time
 
 import torch
 from omegaconf import OmegaConf
+from transformers import GenerationConfig
 
 from callbacks.generation_samples import record_table
 from llm_stages.adapters import frozen_reference, reference_of
-from llm_stages.data.collate import PromptBatch
+from llm_stages.data.collate import PromptBatch, collate_causal
+from llm_stages.data.render import Example
+from llm_stages.data.reward_sequence import reply_end, reward_sequence
 from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import entropy_from_logits
 from llm_stages.models import load_model, load_tokenizer
-from llm_stages.rollout import RolloutBuffer, Trajectory
+from llm_stages.rollout import RolloutBuffer, Sample, SampledLogprobs, Trajectory, disable_dropout, generation_defaults
 from llm_stages.stages.base import Stage
+from llm_stages.stages.reward import reward_scores
 
 log = logging.getLogger(__name__)
+
+# What the loss's log-probs model of sampling (softmax of logits / temperature; top_k and top_p
+# truncate it). generate() would take anything else (repetition_penalty, no_repeat_ngram_size, ...)
+# from the checkpoint's generation_config.json, and the ratio would compare different distributions.
+SAMPLING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample")
+NOT_SAMPLING = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+                "max_length", "use_cache")
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -62,6 +73,11 @@ class RLStage(Stage):
         super().__init__(model, tokenizer, optim)
         self.generation = dict(generation)
         self.val_generation = {**self.generation, **dict(val_generation or {})}
+        for name in {**self.generation, **self.val_generation}:
+            if name not in (*SAMPLING_SETTINGS, "batch_size"):
+                raise ConfigError(f"module.generation.{name}: RL sampling takes only {', '.join(SAMPLING_SETTINGS)} and "
+                                  "batch_size, the settings the loss's log-probs model")
+        disable_dropout(model)
         self.reward_fns = {name: _reward_fn(name, spec) for name, spec in (rewards or {}).items()}
         self.reward_model, self.reward_model_weight = None, 0.0
         if reward_model and reward_model.get("path"):
@@ -82,8 +98,11 @@ class RLStage(Stage):
         # (Under LoRA, the policy with its adapter switched off: see reference_logprobs.)
         self.reference = frozen_reference(model) if reference else None
         self.eos_ids = self._eos_ids(model, tokenizer)
+        self.reply_end = reply_end(tokenizer, self.eos_ids)
+        self._log_ignored_generation_settings(model)
         self.generation_seconds = self.update_seconds = float("nan")
         self._sample_rows: list[list] = []
+        self._logprob_diffs: list[torch.Tensor] = []
 
     @staticmethod
     def _eos_ids(model, tokenizer) -> list[int]:
@@ -92,6 +111,23 @@ class RLStage(Stage):
         ids.update(configured if isinstance(configured, list) else [configured])
         return sorted(i for i in ids if i is not None)
 
+    @staticmethod
+    def _log_ignored_generation_settings(model) -> None:
+        settings = model.generation_config.to_diff_dict() if getattr(model, "generation_config", None) else {}
+        ignored = {k: v for k, v in settings.items() if k not in (*SAMPLING_SETTINGS, *NOT_SAMPLING)}
+        if ignored:
+            log.warning("RL sampling ignores the checkpoint's generation_config %s: the loss models only %s "
+                        "(module.generation)", ignored, ", ".join(SAMPLING_SETTINGS))
+
+    def generation_config(self, generation: dict) -> GenerationConfig:
+        """Exactly the sampling the loss models: `generation`'s settings, and nothing from the checkpoint."""
+        sample = generation.get("do_sample", True)
+        settings = {"temperature": generation.get("temperature") or 1.0, "top_p": generation.get("top_p") or 1.0,
+                    "top_k": generation.get("top_k") or 0} if sample else {}
+        return GenerationConfig(max_new_tokens=generation["max_new_tokens"], do_sample=sample, **settings,
+                                eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                bos_token_id=self.tokenizer.bos_token_id)
+
     # -- rollout ---------------------------------------------------------------------------------
     def _seed(self, *parts: int) -> int:
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -99,35 +135,35 @@ class RLStage(Stage):
 
     @torch.no_grad()
     def sample(self, prompts: PromptBatch, *, repeats: int = 1, generation: dict, seed: int):
-        """Replies to each prompt (`repeats` per prompt, consecutive): (query, query_mask, response,
-        response_mask); the mask covers each reply up to and including its first EOS."""
+        """Replies to each prompt (`repeats` per prompt, consecutive), with the sampling-time log-prob
+        of each reply token (see SampledLogprobs); the mask covers each reply through its first EOS."""
         query = prompts.input_ids.repeat_interleave(repeats, 0)
         query_mask = prompts.attention_mask.repeat_interleave(repeats, 0)
-        settings = dict(generation)
-        chunk = settings.pop("batch_size", None) or query.shape[0]
-        greedy = not settings.get("do_sample", True)
-        if greedy:
-            settings = {"max_new_tokens": settings["max_new_tokens"], "do_sample": False}
+        chunk = generation.get("batch_size") or query.shape[0]
+        config = self.generation_config(generation)
         was_training, started = self.model.training, time.perf_counter()
         self.model.eval()  # also turns gradient checkpointing off, so generation uses the KV cache
-        responses = []
+        responses, logprobs = [], []
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), generation_defaults(self.model, config):
             torch.manual_seed(seed)
             for start in range(0, query.shape[0], chunk):
-                out = self.model.generate(
-                    input_ids=query[start:start + chunk], attention_mask=query_mask[start:start + chunk],
-                    use_cache=True, eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, **settings)
+                recorder = SampledLogprobs(config.temperature if config.do_sample else 1.0)
+                rows = slice(start, start + chunk)
+                out = self.model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=config,
+                                          logits_processor=[recorder], use_cache=True)
                 responses.append(out[:, query.shape[1]:])
+                logprobs.append(recorder.finish(responses[-1]))
         self.model.train(was_training)
         self.generation_seconds = time.perf_counter() - started
         width = max(r.shape[1] for r in responses)
-        response = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=self.tokenizer.pad_token_id)
-                              for r in responses])
+        pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)  # noqa: E731
+        response = torch.cat([pad(r, self.tokenizer.pad_token_id) for r in responses])
         is_eos = torch.isin(response, torch.tensor(self.eos_ids, device=response.device))
         response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # through the first EOS
         response = response.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
-        return query, query_mask, response, response_mask
+        sampled = torch.where(response_mask.bool(), torch.cat([pad(lp, 0.0) for lp in logprobs]), 0.0)
+        return Sample(query, query_mask, response, response_mask, sampled)
 
     @torch.no_grad()
     def reference_logprobs(self, trajectory: Trajectory) -> torch.Tensor:
@@ -164,10 +200,11 @@ class RLStage(Stage):
             components[name] = values
             total += weight * values
         if self.reward_model is not None:
-            ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
-            # The RM reads its score at the last token that is not padding, as in RM training.
-            values = self.reward_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                                       use_cache=False).logits.squeeze(-1).float()
+            # The sequence the RM was trained on: prompt, reply, and the template's text after its EOS.
+            rows = [reward_sequence(q[qm.bool()].tolist(), r[rm.bool()].tolist(), self.reply_end)
+                    for q, qm, r, rm in zip(query, query_mask, response, response_mask)]
+            batch = collate_causal([Example(row, row) for row in rows], self.tokenizer.pad_token_id)  # right-padded
+            values = reward_scores(self.reward_model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
             components["reward_model"] = values
             total += self.reward_model_weight * values
         if self.missing_eos_penalty:
@@ -195,6 +232,11 @@ class RLStage(Stage):
         self.update_seconds = time.perf_counter() - started
         return {k: v / steps for k, v in totals.items()}
 
+    def track_logprob_diff(self, sampled: torch.Tensor, trained: torch.Tensor, mask: torch.Tensor) -> None:
+        """Notes |sampling-time - training-time log-prob| of reply tokens, logged per iteration as
+        rollout/logprob_diff_max and _mean: near 1e-6 when sampling draws from the distribution the loss assumes."""
+        self._logprob_diffs.append((sampled - trained.detach()).abs()[mask.bool()].float())
+
     # -- logging ---------------------------------------------------------------------------------
     def log_rollout(self, prefix: str, stats: dict[str, torch.Tensor], scores, components, response_mask) -> None:
         """Per-iteration statistics, averaged over ranks."""
@@ -206,6 +248,12 @@ class RLStage(Stage):
                        "perf/generation_seconds": torch.tensor(self.generation_seconds),
                        "perf/update_seconds": torch.tensor(self.update_seconds)})
         self.log_dict({k: v.float() for k, v in logged.items()}, sync_dist=True)
+        if self._logprob_diffs:
+            diffs, self._logprob_diffs = torch.cat(self._logprob_diffs), []
+            count, total = self._all_reduce(diffs.new_tensor(float(diffs.numel()))), self._all_reduce(diffs.sum())
+            self.log("rollout/logprob_diff_mean", total / count.clamp(min=1), sync_dist=True)
+            self.log("rollout/logprob_diff_max", diffs.max() if diffs.numel() else diffs.new_zeros(()),
+                     sync_dist=True, reduce_fx="max")
         self.log("train/loss", stats["loss"], prog_bar=True, sync_dist=True)
         self.log("train/reward", scores.mean(), prog_bar=True, sync_dist=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
@@ -220,8 +268,8 @@ class RLStage(Stage):
 
     # -- validation: mean reward of the policy's replies to held-out prompts ---------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        query, query_mask, response, response_mask = self.sample(batch, generation=self.val_generation,
-                                                                 seed=self._seed(-1, batch_idx))
+        query, query_mask, response, response_mask, _ = self.sample(batch, generation=self.val_generation,
+                                                                    seed=self._seed(-1, batch_idx))
         scores, components, _ = self.score(batch.prompts, batch.answers, query, query_mask, response, response_mask)
         stats = {"reward": scores.sum(), "response_length": response_mask.sum().float(),
                  **{f"reward/{k}": v.sum() for k, v in components.items()}}

@@ -106,7 +106,7 @@ def test_rl_generation_uses_the_kv_cache_under_gradient_checkpointing(make_cfg):
             seen.append((kwargs["input_ids"].shape[1], cache.get_seq_length() if cache is not None else 0))
 
         module.model.model.register_forward_hook(record, with_kwargs=True)
-        query, _, response, _ = module.sample(prompts, generation={"max_new_tokens": 8, "do_sample": False}, seed=0)
+        response = module.sample(prompts, generation={"max_new_tokens": 8, "do_sample": False}, seed=0).response
         assert module.model.training  # sample() restored training mode
         assert len(seen) == response.shape[1] >= 2
         assert seen == [(width, width)] + [(1, width + k) for k in range(1, len(seen))], seen
@@ -114,7 +114,7 @@ def test_rl_generation_uses_the_kv_cache_under_gradient_checkpointing(make_cfg):
 
         if on:  # the failure this guards against: in training mode the layers drop the cache
             seen.clear()
-            module.model.generate(input_ids=query[:1], attention_mask=prompts.attention_mask[:1], max_new_tokens=2,
+            module.model.generate(input_ids=prompts.input_ids[:1], attention_mask=prompts.attention_mask[:1], max_new_tokens=2,
                                   do_sample=False, use_cache=True, pad_token_id=module.tokenizer.pad_token_id)
             assert seen[0][1] == 0
     assert torch.equal(replies[True], replies[False])

@@ -68,8 +68,9 @@ def test_ppo_logs_every_statistic(make_cfg):
     _fit(module, datamodule, cfg, [Capture()])
     for name in ["ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/clipfrac", "ppo/entropy",
                  "ppo/explained_variance", "ppo/kl", "env/reward_mean", "env/reward_std", "env/response_length",
-                 "env/reward/equation"]:
+                 "env/reward/equation", "rollout/logprob_diff_max", "rollout/logprob_diff_mean"]:
         assert name in seen and seen[name] == seen[name], name  # present and not NaN
+    assert seen["rollout/logprob_diff_max"] < 1e-4  # sampling drew from the distribution the loss assumes
 
 
 def test_ppo_with_reward_model_and_critic_from_it(make_cfg, reward_model_dir):
@@ -104,8 +105,9 @@ def test_grpo_trains(make_cfg, loss_type, beta):
     _fit(module, datamodule, cfg, [Capture()])
     assert any(not torch.equal(p, before[n]) for n, p in module.model.named_parameters())
     for name in ["grpo/policy_loss", "grpo/clipfrac", "grpo/frac_reward_zero_std", "env/reward_mean",
-                 "env/reward/correct", "env/reward/digit"] + (["grpo/kl"] if beta else []):
+                 "env/reward/correct", "env/reward/digit", "rollout/logprob_diff_max"] + (["grpo/kl"] if beta else []):
         assert name in seen, name
+    assert seen["rollout/logprob_diff_max"] < 1e-4
 
 
 def _fit(module, datamodule, cfg, callbacks, ckpt_path=None):

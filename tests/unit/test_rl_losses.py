@@ -105,7 +105,7 @@ def test_group_advantages():
     # group 1: mean 0.25, unbiased std sqrt((0.5625 + 3 * 0.0625) / 3) = 0.5; group 2: all equal -> 0
     expected = t([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]) / t([0.5001] * 4 + [1.0001] * 4)
     torch.testing.assert_close(group_advantages(rewards, 4), expected)
-    torch.testing.assert_close(group_advantages(rewards, 4, scale=False), t([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+    torch.testing.assert_close(group_advantages(rewards, 4, scale="none"), t([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
 
 
 def test_masked_mean_entropy_explained_variance():

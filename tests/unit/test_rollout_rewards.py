@@ -2,14 +2,14 @@
 
 import torch
 
-from llm_stages.rewards import answer_match, demo_equation, extract_answer, format_match
+from llm_stages.rewards import answer_match, demo_equation, final_answer, format_match
 from llm_stages.rollout import RolloutBuffer, Trajectory
 
 
 def trajectory(n: int, width: int = 3) -> Trajectory:
     ids = torch.arange(n)[:, None].expand(n, width).clone()  # row i holds i everywhere: identifies the experience
     ones = torch.ones(n, width)
-    return Trajectory(ids, ones.long(), ids, ones.long(), ones, ones, ones, ones, ones, ones, torch.arange(n).float())
+    return Trajectory(ids, ones.long(), ids, ones.long(), ones, ones, ones, ones, ones, ones, ones, torch.arange(n).float())
 
 
 def test_minibatches_cover_every_experience_once_per_epoch():
@@ -38,12 +38,10 @@ def test_buffer_state_round_trip_and_uneven_split():
         raise AssertionError("6 experiences must not split into minibatches of 4")
 
 
-def test_extract_answer():
-    assert extract_answer("She has 3 + 4 = 7 apples.\n#### 1,234") == "1234"
-    assert extract_answer(r"So the answer is \boxed{42}. Check: 41 + 1") == "42"
-    assert extract_answer("first 3, then 7.") == "7"
-    assert extract_answer("-5 is the result") == "-5"
-    assert extract_answer("no numbers here") is None
+def test_final_answer():
+    assert final_answer("She has 3 + 4 = 7 apples.\n#### 1,234") == "1,234"
+    assert final_answer(r"So the answer is \boxed{42}. Check: 41 + 1") == "42"
+    assert final_answer("first 3, then 7.") == "first 3, then 7"  # no marker: the whole reply, read by math-verify
 
 
 def test_answer_match():
