@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,5 +133,7 @@ def test_sigterm_before_the_first_checkpoint_then_a_kill_resume_to_the_newest_st
     assert metrics["steps"] == STEPS and _same_weights(run_dir, uninterrupted)
     assert _train_rows(run_dir) == list(range(STEPS))
     # One W&B run, continued twice: three offline records of the same run id.
-    run_ids = [p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")]
+    # offline-run-<date>_<time>-<id>, and W&B appends "-1" to a directory name taken in the same second
+    run_ids = [re.match(r"offline-run-\d{8}_\d{6}-([^-]+)", p.name).group(1)
+               for p in (run_dir / "wandb").glob("offline-run-*")]
     assert len(run_ids) == 3 and len(set(run_ids)) == 1, run_ids
