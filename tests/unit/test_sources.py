@@ -124,8 +124,15 @@ def test_dataset_repository_folder_through_load_dataset(tmp_path):
 
 
 def test_a_dataset_name_that_is_not_cached_is_one_line(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # Offline as HF_HUB_OFFLINE=1 makes it (read at import, so set on the loaded modules too): no
+    # network attempts and retries in a test.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(DataFormatError) as e:
         read_records("someone/no-such-dataset")
