@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from llm_stages.data.template import MARKER, render_text, turn_terminator
+from llm_stages.data.template import turn_end
 
 
 class ReplyEnd(NamedTuple):
@@ -25,12 +25,12 @@ class ReplyEnd(NamedTuple):
 def reply_end(tokenizer, eos_ids: list[int] | None = None) -> ReplyEnd:
     """How replies end under `tokenizer`'s chat template: the ids that end a reply (default: the
     template's end-of-turn token, else the tokenizer's EOS) and the template's tokens after the
-    end-of-turn token of a final assistant turn, found by rendering a probe."""
-    terminator = turn_terminator(tokenizer) or tokenizer.eos_token or ""
+    end-of-turn token of a final assistant turn (from the template's probe, `template.turn_end`)."""
+    end = turn_end(tokenizer)
+    terminator = end.terminator or tokenizer.eos_token or ""
     if not eos_ids:
         eos_ids = [tokenizer.convert_tokens_to_ids(terminator) if terminator else tokenizer.eos_token_id]
-    text = render_text(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": MARKER}])
-    after = text[text.index(MARKER) + len(MARKER):] if MARKER in text else ""
+    after = end.after
     suffix = after[after.index(terminator) + len(terminator):] if terminator and terminator in after else ""
     return ReplyEnd(tuple(eos_ids), tuple(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else ())
 

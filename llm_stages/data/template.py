@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import NamedTuple
 
 from llm_stages.errors import ConfigError
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "\ue000"  # a private-use character: no real reply contains it
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_terminators: dict[tuple, str] = {}
+_turn_ends: dict[tuple, "TurnEnd"] = {}
 
 
 def template_messages(tokenizer, messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], list | None]:
@@ -79,7 +80,7 @@ def reply_spans(tokenizer, messages: list[dict], tools: list[dict] | None,
     messages, tools = template_messages(tokenizer, messages, tools)
     text = render_text(tokenizer, messages, tools)
     regions = _generation_regions(tokenizer, messages, tools, text, trained)
-    terminator = turn_terminator(tokenizer)
+    terminator = turn_end(tokenizer).terminator
     spans, previous_end = [], 0
     for i in trained:
         region_start, region_end = regions[i] if regions else _marker_region(tokenizer, messages, tools, text, i)
@@ -88,12 +89,12 @@ def reply_spans(tokenizer, messages: list[dict], tools: list[dict] | None,
         # as a prefix of the whole (else at the reply's own text).
         start = len(prompt) if prompt and text.startswith(prompt) and previous_end <= len(prompt) <= region_end \
             else region_start
-        spans.append((start, _reply_end(text, start, region_end, terminator)))
+        spans.append((start, _through_terminator(text, start, region_end, terminator)))
         previous_end = spans[-1][1]
     return text, spans
 
 
-def _reply_end(text: str, start: int, end: int, terminator: str) -> int:
+def _through_terminator(text: str, start: int, end: int, terminator: str) -> int:
     """The end of a reply: through the end-of-turn token right after it, or, when the region already
     holds that token, just after its last one (a template's trailing newline is not generated)."""
     if not terminator:
@@ -143,13 +144,18 @@ def _generation_regions(tokenizer, messages, tools, text: str, trained: list[int
     return dict(zip(assistants, blocks))
 
 
-def turn_terminator(tokenizer) -> str:
-    """The text that ends an assistant turn and that the model writes: the first special token the
-    template puts after a reply (found from a probe conversation); "" when it puts none."""
-    key = (id(tokenizer), str(getattr(tokenizer, "chat_template", "")))
-    if key not in _terminators:
+class TurnEnd(NamedTuple):
+    terminator: str  # the special token that ends an assistant turn, as the model writes it ("" when none)
+    after: str  # all the template writes after a final assistant reply (ChatML: "<|im_end|>\n")
+
+
+def turn_end(tokenizer) -> TurnEnd:
+    """How this template ends an assistant turn, from one probe conversation rendered once per
+    tokenizer and template: the first special token after the reply, and everything after it."""
+    key = (id(tokenizer), len(tokenizer), str(getattr(tokenizer, "chat_template", "")))
+    if key not in _turn_ends:
         try:
-            text = render_text(tokenizer, [{"role": "user", "content": "u"}, {"role": "assistant", "content": MARKER}])
+            text = render_text(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": MARKER}])
             after = text[text.index(MARKER) + len(MARKER):]
         except (ConfigError, ValueError):
             after = tokenizer.eos_token or ""
@@ -160,8 +166,8 @@ def turn_terminator(tokenizer) -> str:
         if not first:
             log.warning("the chat template ends an assistant turn with no special token: replies are trained "
                         "without an end-of-turn token, so generation will not learn when to stop")
-        _terminators[key] = first
-    return _terminators[key]
+        _turn_ends[key] = TurnEnd(first, after)
+    return _turn_ends[key]
 
 
 def _special_tokens(tokenizer) -> list[str]:
