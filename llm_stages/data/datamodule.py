@@ -238,12 +238,8 @@ class CausalDataModule(L.LightningDataModule):
         """The records at `path` (file, folder or dataset; see sources.py). An unreadable line stops
         the run, or with data.on_bad_record=skip is skipped, counted and named (the first few)."""
         policy = self._policy()
-        dataset_split = self.data.get("split") or "train"
-        if split == "val" and self.data.get("val_split"):
-            dataset_split = self.data.get("val_split")
-        return sources.read_records(path, split=dataset_split, subset=self.data.get("subset"),
-                                    field=self.data.get("field"),
-                                    on_bad_line=lambda e: self._bad_record(e, policy, split))
+        return sources.read_configured(path, self.data, val=split == "val",
+                                       on_bad_line=lambda e: self._bad_record(e, policy, split))
 
     def _read_records(self, path: Path, reader, split: str):
         """(record, reader(record, format, columns)) for each record of `path`. A bad record stops the

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from llm_stages.data import formats
-from llm_stages.data.sources import TEXT_SUFFIXES, data_suffix, raise_error, read_records
+from llm_stages.data.sources import TEXT_SUFFIXES, data_suffix, raise_error, read_configured
 from llm_stages.errors import ConfigError, DataFormatError
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
@@ -77,6 +77,7 @@ def inspect_data(cfg: DictConfig) -> InspectReport:
     from hydra.utils import instantiate
 
     from llm_stages.data.datamodule import PairDataModule, PromptDataModule, PTDataModule
+    from llm_stages.data.render import prompt_length
     from llm_stages.models import load_tokenizer, vocabulary_tokens
 
     tokenizer = load_tokenizer(cfg.model)
@@ -118,7 +119,7 @@ def inspect_data(cfg: DictConfig) -> InspectReport:
             report.lengths[f"{side} trained"] = length_stats([_trained(e.labels) for e in examples])
             report.sample[side] = mark_trained(tokenizer, *_ids_labels(getattr(dm.train_set[0], side)))
         first = dm.train_set[0].chosen
-        report.sample_note = (f"prompt {_prompt_length(first.labels)} tokens, chosen {_trained(first.labels)} trained, "
+        report.sample_note = (f"prompt {prompt_length(first.labels)} tokens, chosen {_trained(first.labels)} trained, "
                               f"rejected {_trained(dm.train_set[0].rejected.labels)} trained")
     else:
         report.lengths["sequence"] = length_stats([len(e.input_ids) for e in dm.train_set])
@@ -192,13 +193,12 @@ def render_report(report: InspectReport) -> str:
 def _file_entry(split: str, path: Path, data) -> dict:
     if path.is_file() and data_suffix(path) in TEXT_SUFFIXES:
         return {"split": split, "path": str(path), "records": len(formats.read_text_documents(path)), "unit": "documents"}
-    return {"split": split, "path": str(path), "records": len(_records(path, data)), "unit": "records"}
+    return {"split": split, "path": str(path), "records": len(_records(path, data, val=split == "val")), "unit": "records"}
 
 
-def _records(path: Path, data) -> list[formats.Record]:
+def _records(path: Path, data, val: bool = False) -> list[formats.Record]:
     skip = data.get("on_bad_record") == "skip"
-    return read_records(path, split=data.get("split") or "train", subset=data.get("subset"), field=data.get("field"),
-                        on_bad_line=(lambda e: None) if skip else raise_error)
+    return read_configured(path, data, val=val, on_bad_line=(lambda e: None) if skip else raise_error)
 
 
 def _record_format(path: Path, detect, data) -> tuple[str, str]:
@@ -234,12 +234,6 @@ def _trained(labels) -> int:
     from llm_stages.data.render import num_trained_tokens
 
     return num_trained_tokens(list(labels))
-
-
-def _prompt_length(labels) -> int:
-    from llm_stages.data.render import IGNORE_INDEX
-
-    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
 def _show_path(path: str) -> str:

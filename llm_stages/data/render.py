@@ -97,27 +97,29 @@ def render_pair(tokenizer, prompt: list[dict], chosen: dict | str, rejected: dic
     def render(reply) -> Example:
         message = reply if isinstance(reply, dict) else {"role": "assistant", "content": reply}
         example = render_conversation(tokenizer, prompt + [message], tools=tools, train_last_only=True)
-        start = next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+        start = prompt_length(example.labels)
         ids = reward_sequence(example.input_ids[:start], example.input_ids[start:], end)
         return Example(ids, (example.labels + [IGNORE_INDEX] * len(ids))[:len(ids)])
 
     return PairExample(render(chosen), render(rejected))
 
 
+def prompt_length(labels) -> int:
+    """Tokens before the first labelled one (a pair's shared prompt)."""
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
 def truncate_pair(pair: PairExample, max_length: int, max_prompt_length: int) -> tuple[PairExample, bool]:
     """Fit both sequences in `max_length`: the shared prompt is cut from the left to
     `max_prompt_length` (keeping its last turns), then replies from the right."""
-    def split(e: Example) -> int:  # prompt length: tokens before the first labelled one
-        return next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
-
-    n_prompt = split(pair.chosen)
+    n_prompt = prompt_length(pair.chosen.labels)
     longest = max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
     if longest <= max_length:
         return pair, False
     keep_prompt = min(n_prompt, max_prompt_length)
 
     def cut(e: Example) -> Example:
-        p = split(e)
+        p = prompt_length(e.labels)
         ids, labels = e.input_ids[p - keep_prompt:], e.labels[p - keep_prompt:]
         return Example(ids[:max_length], labels[:max_length])
 

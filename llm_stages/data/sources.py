@@ -287,6 +287,13 @@ def read_records(path: str | Path, *, split: str = "train", subset: str | None =
     return records
 
 
+def read_configured(path: str | Path, data, *, val: bool = False, on_bad_line: OnBadLine = raise_error) -> list[Record]:
+    """The records at `path` as the data config selects them: `data.split` (`data.val_split`, when
+    set, for validation), `data.subset`, `data.field`."""
+    split = (data.get("val_split") if val else None) or data.get("split") or "train"
+    return read_records(path, split=split, subset=data.get("subset"), field=data.get("field"), on_bad_line=on_bad_line)
+
+
 def _is_dataset_repo(folder: Path) -> bool:
     readme = folder / "README.md"
     return (folder / "dataset_infos.json").is_file() or (
