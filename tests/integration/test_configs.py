@@ -44,6 +44,22 @@ def test_every_trainer_config_composes_with_every_stage(trainer, make_cfg):
             assert instantiate(strategy) is not None
 
 
+def test_every_preference_loss_has_a_config_with_its_declared_parameters(make_cfg):
+    """conf/loss/<name>.yaml for every loss the DPO stage can run, composing with stage=dpo into
+    module.loss with exactly the parameters (and defaults) its function declares."""
+    from llm_stages.losses.preference import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, loss_parameters, loss_settings
+
+    names = sorted([*PREFERENCE_LOSSES, *REFERENCE_FREE_LOSSES])
+    assert sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml")) == names
+    for name in names:
+        module = OmegaConf.to_container(make_cfg("stage=dpo", f"loss={name}").module, resolve=True)
+        assert module["loss"] == {"name": name, **loss_parameters(name)}
+        assert loss_settings(module["loss"]) == (name, loss_parameters(name))
+    assert make_cfg("stage=dpo").module.loss == {"name": "sigmoid", "beta": 0.1, "label_smoothing": 0.0}
+    assert make_cfg("stage=dpo", "loss=simpo").module.loss.beta == 2.0  # SimPO's own, not DPO's 0.1
+    assert make_cfg("stage=dpo", "loss=ipo", "loss.beta=0.5").module.loss == {"name": "ipo", "beta": 0.5}
+
+
 @pytest.mark.parametrize("data", DATA)
 def test_every_data_config_composes_with_every_stage(data, make_cfg):
     for stage in STAGES:

@@ -56,7 +56,7 @@ def test_dpo_initial_loss_is_log2_and_training_separates_rewards(make_cfg, tmp_p
 
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge", "simpo", "orpo"])
 def test_dpo_loss_variants_train(make_cfg, tmp_path, loss_type):
-    metrics = train(make_cfg("stage=dpo", f"module.loss.type={loss_type}", "trainer.max_steps=3", "export.enabled=false",
+    metrics = train(make_cfg("stage=dpo", f"loss={loss_type}", "trainer.max_steps=3", "export.enabled=false",
                              "validate_before_fit=false", output_dir=tmp_path / loss_type))
     assert metrics["steps"] == 3 and torch.isfinite(torch.tensor(metrics["train/loss"]))
 
