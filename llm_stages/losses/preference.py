@@ -328,6 +328,8 @@ def simpo_loss(
     repo's `gamma_beta_ratio` is gamma / beta). The loss is
     -log sigmoid(beta * (chosen - rejected) - gamma), label-smoothed like cDPO, exactly TRL's
     `CPOTrainer.cpo_loss` with loss_type="simpo" and alpha=0 (its CPO NLL term is `add_nll`).
+    beta defaults to 2.0, the SimPO paper's; TRL's CPOConfig shares one beta (0.1) among its losses,
+    and its cpo_alpha (1.0: CPO-SimPO) is the DPO stage's rpo_alpha here (off: plain SimPO).
 
     Returns (losses, chosen_rewards, rejected_rewards); rewards = beta * logps, detached.
     """
@@ -400,6 +402,8 @@ def loss_settings(loss: Mapping | None) -> tuple[str, dict]:
     for key, value in params.items():
         if value is inspect.Parameter.empty:
             raise ConfigError(f"loss.{key} is not set; loss={name} needs it")
+        if isinstance(declared[key], float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"loss.{key}={value}: expected a number")
     return name, params
 
 
