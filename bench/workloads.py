@@ -97,7 +97,7 @@ def our_overrides(w: Workload, *, checkpoint: str, data_path: str, cache_dir: st
         # The precompute pass scores in batches of val_batch_size; TRL's in precompute_ref_batch_size (set equal).
         overrides += [f"datamodule.max_length={w.max_length}", f"datamodule.max_prompt_length={w.max_length // 2}",
                       f"datamodule.val_batch_size={w.batch_size}",
-                      f"module.ref={o['ref']}", "module.loss.type=sigmoid", f"module.loss.beta={o['beta']}"]
+                      f"module.ref={o['ref']}", "loss=sigmoid", f"loss.beta={o['beta']}"]
     elif w.stage == "grpo":
         overrides += [f"module.num_generations={o['num_generations']}",
                       f"module.mini_batch_size={w.batch_size * o['num_generations']}", "module.ppo_epochs=1",

@@ -110,6 +110,13 @@ def check_config(cfg) -> None:
     elif model.get("hub_id") and not model.get("gguf"):
         check_hub_model(model.hub_id)
     module = cfg.get("module") or {}
+    if cfg.get("loss") is not None:
+        if "loss" not in module:
+            raise ConfigError(f"loss={cfg.loss.get('name')} selects a preference loss, which stage={cfg.stage.name} "
+                              "does not take: only stage=dpo does (drop loss=, or put it in the DPO stage's overrides)")
+        from llm_stages.losses.preference import loss_settings
+
+        loss_settings(cfg.loss)  # an unknown key or value: one line naming the loss's parameters
     reward_model = module.get("reward_model") or {}
     for key, path in (("module.reward_model.path", reward_model.get("path")), ("module.critic_path", module.get("critic_path"))):
         if path:

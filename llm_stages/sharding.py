@@ -7,7 +7,7 @@ Three ways a model can be sharded here, one per trainer config:
   on the model. Parameters become DTensors.
 - `trainer=fsdp`: Lightning's FSDPStrategy (FSDP1); `Stage.configure_model` wraps the model with
   the strategy's settings (`wrap_fsdp1`), decoder layers as their own units by `DecoderLayerPolicy`.
-- `trainer=deepspeed_zero3`: DeepSpeed partitions every parameter (they carry a `ds_id`).
+- `trainer=deepspeed` at ZeRO stage 3: DeepSpeed partitions every parameter (they carry a `ds_id`).
 """
 
 from __future__ import annotations

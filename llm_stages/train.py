@@ -15,13 +15,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.throughput import peak_memory_gb
+
 from llm_stages.adapters import exportable, load_trainable_model
 from llm_stages.config import check_config
 from llm_stages.errors import ConfigError, DataFormatError, TrainingInterrupted
 from llm_stages.export import export_hf
 from llm_stages.loggers import build_loggers
 from llm_stages.models import load_tokenizer
+from llm_stages.perf import peak_memory_gb
 from llm_stages.redact import redact_secrets
 from llm_stages.run_dir import AtomicCheckpointIO, remove_stale_temporaries, resolve_checkpoint
 

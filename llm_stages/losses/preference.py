@@ -4,12 +4,15 @@ Every DPO-family loss is one function registered by name in `PREFERENCE_LOSSES`,
 signature
 
     fn(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-       beta, label_smoothing, <its own hyperparameters with defaults>, **_) -> losses
+       beta=0.1, <its own hyperparameters with their defaults>) -> losses
 
 taking per-example (batch,) float32 sequence log-probabilities (summed over the completion unless
-a docstring says otherwise) and returning per-example (batch,) losses. `**_` swallows the
-hyperparameters of the other losses, so `dpo_loss` can forward one set of keyword arguments to
-whichever function the name selects. Call them through `dpo_loss`, which casts to float32 first.
+a docstring says otherwise) and returning per-example (batch,) losses. The keyword-only arguments
+are the loss's declaration: `loss_parameters(name)` reads them (less the completion lengths
+`chosen_lengths`/`rejected_lengths`, which are batch data, not settings), `loss_settings` checks
+a `loss=` config against them, and an argument a loss does not declare is an error, not ignored.
+Call them through `dpo_loss`, which casts to float32 first. The reference-free `simpo_loss` and
+`orpo_loss` (`REFERENCE_FREE_LOSSES`) take other inputs and declare their parameters the same way.
 
 The names, formulas and defaults follow TRL 1.16 (`DPOTrainer._compute_loss`,
 `experimental.cpo.CPOTrainer.cpo_loss`, `experimental.orpo.ORPOTrainer.odds_ratio_loss`);
@@ -18,18 +21,25 @@ where they differ from TRL the docstring says so.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llm_stages.errors import ConfigError
+
 PREFERENCE_LOSSES: dict[str, Callable[..., Tensor]] = {}
+# Batch data a length-normalised loss takes next to the log-probs: completion token counts.
+LENGTH_INPUTS = ("chosen_lengths", "rejected_lengths")
 
 
 def register(*names: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Decorator adding a loss to `PREFERENCE_LOSSES` under one or more names (aliases)."""
+    """Decorator adding a loss to `PREFERENCE_LOSSES` under one or more names (aliases). Its
+    keyword-only arguments and their defaults declare its hyperparameters (`loss_parameters`);
+    a `loss=<name>` config needs conf/loss/<name>.yaml with the same keys."""
 
     def decorator(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         for name in names:
@@ -59,7 +69,7 @@ def _smoothed_sigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
 
 
 @register("sigmoid")
-def sigmoid(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, label_smoothing=0.0, **_):
+def sigmoid(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, label_smoothing=0.0):
     """DPO, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model";
     with label_smoothing > 0 it is cDPO ("A note on DPO with noisy preferences", Mitchell 2023).
 
@@ -77,10 +87,9 @@ def sigmoid_norm(
     ref_chosen_logps,
     ref_rejected_logps,
     *,
-    beta,
+    beta=0.1,
     chosen_lengths=None,
     rejected_lengths=None,
-    **_,
 ):
     """Length-normalised DPO ("Tülu 3: Pushing Frontiers in Open Language Model Post-Training").
 
@@ -93,7 +102,7 @@ def sigmoid_norm(
 
 
 @register("robust")
-def robust(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, label_smoothing=0.0, **_):
+def robust(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, label_smoothing=0.0):
     """Robust DPO ("Provably Robust DPO: Aligning Language Models with Noisy Feedback").
 
     label_smoothing is the label-flip rate and must lie in [0, 0.5): at 0.5 the unbiased estimator
@@ -109,7 +118,7 @@ def robust(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *
 
 
 @register("hinge")
-def hinge(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, **_):
+def hinge(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1):
     """SLiC hinge loss ("SLiC-HF: Sequence Likelihood Calibration with Human Feedback"), on the
     DPO log-ratio margin with margin 1/beta."""
     chosen, rejected = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -123,10 +132,9 @@ def ipo(
     ref_chosen_logps,
     ref_rejected_logps,
     *,
-    beta,
+    beta=0.1,
     chosen_lengths=None,
     rejected_lengths=None,
-    **_,
 ):
     """IPO, Eq. 17 of "A General Theoretical Paradigm to Understand Learning from Human
     Preferences"; beta is the paper's tau.
@@ -141,11 +149,12 @@ def ipo(
 
 
 @register("exo_pair")
-def exo_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, label_smoothing=0.0, **_):
+def exo_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, label_smoothing=1e-3):
     """EXO-pref, Eq. 16 of "Towards Efficient Exact Optimization of Language Model Alignment":
     KL(p_theta || p_label) over {chosen, rejected} with p_label = [1 - eps, eps], eps = label_smoothing.
 
-    eps must be > 0 (the KL to a one-hot target is infinite); the paper recommends 1e-3.
+    eps must be > 0 (the KL to a one-hot target is infinite); the default is the paper's
+    recommended 1e-3 (TRL 1.16 shares DPO's 0.0 and refuses it for exo_pair).
     """
     if label_smoothing <= 0.0:
         raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
@@ -158,7 +167,7 @@ def exo_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 
 @register("nca_pair")
-def nca_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, **_):
+def nca_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1):
     """NCA ("Noise Contrastive Alignment of Language Models with Explicit Rewards"): scores each
     reward on its own, so the chosen likelihood is pushed up, not only the margin."""
     chosen, rejected = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -168,7 +177,7 @@ def nca_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 @register("bco_pair")
 def bco_pair(
-    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, bco_delta=0.0, **_
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, bco_delta=0.0
 ):
     """BCO on pairs ("Binary Classifier Optimization for Large Language Model Alignment"): chosen
     and rejected are classified separately around the reward shift `bco_delta`.
@@ -181,7 +190,7 @@ def bco_pair(
 
 
 @register("sppo_hard")
-def sppo_hard(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, **_):
+def sppo_hard(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1):
     """SPPO with hard win probabilities ("Self-Play Preference Optimization for Language Model
     Alignment", Eq. 4.7 with P = 1 for the winner and 0 for the loser)."""
     chosen, rejected = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -189,7 +198,7 @@ def sppo_hard(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
 
 
 @register("aot")
-def aot(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, label_smoothing=0.0, **_):
+def aot(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, label_smoothing=0.0):
     """AOT, paired ("Distributional Preference Alignment of LLMs via Optimal Transport").
 
     Sorting across the batch makes this a distributional loss: the i-th output is the loss of the
@@ -201,7 +210,7 @@ def aot(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, b
 
 
 @register("aot_pair", "aot_unpaired")
-def aot_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, label_smoothing=0.0, **_):
+def aot_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, label_smoothing=0.0):
     """AOT, unpaired ("Distributional Preference Alignment of LLMs via Optimal Transport"):
     the chosen and rejected log-ratio distributions are sorted independently.
 
@@ -215,7 +224,7 @@ def aot_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 
 @register("apo_zero")
-def apo_zero(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, **_):
+def apo_zero(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1):
     """APO-zero, Eq. 7 of "Anchored Preference Optimization and Contrastive Revisions": for when
     the chosen answers beat the model's own; raises chosen and lowers rejected likelihood."""
     chosen, rejected = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -223,7 +232,7 @@ def apo_zero(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 
 @register("apo_down")
-def apo_down(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, **_):
+def apo_down(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1):
     """APO-down, Eq. 8 of "Anchored Preference Optimization and Contrastive Revisions": for when
     the chosen answers are worse than the model's own; lowers both, the rejected more."""
     chosen, rejected = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -232,7 +241,7 @@ def apo_down(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 @register("discopop")
 def discopop(
-    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, discopop_tau=0.05, **_
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, discopop_tau=0.05
 ):
     """DiscoPOP / log-ratio modulated loss, Eq. 5 of "Discovering Preference Optimization
     Algorithms with and for Large Language Models"; the paper's tau defaults to 0.05."""
@@ -246,6 +255,7 @@ def discopop(
 def add_nll(losses: Tensor, chosen_nll: Tensor, rpo_alpha: float) -> Tensor:
     """RPO ("Iterative Reasoning Preference Optimization"): adds `rpo_alpha * chosen_nll`, the
     NLL of the chosen completion (per example, as the caller defines it: usually per-token mean).
+    The one place RPO is applied (the DPO stage's `module.rpo_alpha`, to any loss).
 
     TRL 1.16 expresses this as loss_type=["sigmoid", "sft"], loss_weights=[1, rpo_alpha], whose
     "sft" term is one token-mean NLL over all chosen tokens of the batch; the batch means agree
@@ -264,19 +274,19 @@ def dpo_loss(
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
     *,
-    beta: float = 0.1,
     loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    rpo_alpha: float | None = None,
-    chosen_nll: Tensor | None = None,
-    **kwargs,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    **params,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A reference-based preference loss from `PREFERENCE_LOSSES`, chosen by `loss_type`.
 
     Inputs are (batch,) sequence log-probabilities under the policy and the frozen reference.
-    Loss-specific hyperparameters (`discopop_tau`, `bco_delta`, `chosen_lengths`,
-    `rejected_lengths`) go through **kwargs with TRL's defaults. With `rpo_alpha` set,
-    `rpo_alpha * chosen_nll` is added per example (RPO; see `add_nll`).
+    `params` are the loss's own hyperparameters (`beta`, `label_smoothing`, `discopop_tau`, ...;
+    see `loss_parameters`); one it does not declare is a ValueError, and those left out take the
+    loss's defaults. The completion token counts `chosen_lengths`/`rejected_lengths` reach only
+    the losses that normalise by length (ipo, sigmoid_norm). RPO's NLL term is not added here:
+    that is `add_nll`, applied by the caller to any loss.
 
     Returns (losses, chosen_rewards, rejected_rewards), all (batch,) float32, where
     rewards = beta * (policy - ref) logps, detached (the implicit DPO reward, for logging).
@@ -287,16 +297,19 @@ def dpo_loss(
         raise ValueError(
             f"unknown preference loss_type {loss_type!r}; known types: {sorted(PREFERENCE_LOSSES)}"
         ) from None
+    declared = loss_parameters(loss_type)
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise ValueError(f"preference loss {loss_type!r} has no parameter {unknown[0]!r}; its parameters: {sorted(declared)}")
+    params = {**{k: v for k, v in declared.items() if v is not inspect.Parameter.empty}, **params}
+    if all(k in inspect.signature(fn).parameters for k in LENGTH_INPUTS):
+        params.update(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     # bf16 log-probs of long sequences lose the small chosen/rejected differences DPO trains on.
     pc, pr, rc, rr = (
         t.float() for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     )
-    losses = fn(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing, **kwargs)
-    if rpo_alpha is not None:
-        if chosen_nll is None:
-            raise ValueError("rpo_alpha needs chosen_nll, the per-example NLL of the chosen completions")
-        losses = add_nll(losses, chosen_nll, rpo_alpha)
-    return losses, _rewards(beta, pc, rc), _rewards(beta, pr, rr)
+    losses = fn(pc, pr, rc, rr, **params)
+    return losses, _rewards(params["beta"], pc, rc), _rewards(params["beta"], pr, rr)
 
 
 def simpo_loss(
@@ -315,6 +328,8 @@ def simpo_loss(
     repo's `gamma_beta_ratio` is gamma / beta). The loss is
     -log sigmoid(beta * (chosen - rejected) - gamma), label-smoothed like cDPO, exactly TRL's
     `CPOTrainer.cpo_loss` with loss_type="simpo" and alpha=0 (its CPO NLL term is `add_nll`).
+    beta defaults to 2.0, the SimPO paper's; TRL's CPOConfig shares one beta (0.1) among its losses,
+    and its cpo_alpha (1.0: CPO-SimPO) is the DPO stage's rpo_alpha here (off: plain SimPO).
 
     Returns (losses, chosen_rewards, rejected_rewards); rewards = beta * logps, detached.
     """
@@ -351,10 +366,55 @@ def orpo_loss(
     return losses, _rewards(beta, pc), _rewards(beta, pr)
 
 
+# The two whose inputs differ from the DPO family's (no reference; per-token averaged logps).
+REFERENCE_FREE_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {"simpo": simpo_loss, "orpo": orpo_loss}
+
+
+def loss_function(name: str) -> Callable:
+    """The function of a preference loss name: a registered DPO-family loss, simpo or orpo."""
+    fn = PREFERENCE_LOSSES.get(name) or REFERENCE_FREE_LOSSES.get(name)
+    if fn is None:
+        raise ValueError(f"unknown preference loss {name!r}; known: {sorted([*PREFERENCE_LOSSES, *REFERENCE_FREE_LOSSES])}")
+    return fn
+
+
+def loss_parameters(name: str) -> dict[str, object]:
+    """The hyperparameters the loss `name` declares, with their defaults (`inspect.Parameter.empty`
+    for one without): its keyword-only arguments, less the batch data in LENGTH_INPUTS."""
+    return {p.name: p.default for p in inspect.signature(loss_function(name)).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name not in LENGTH_INPUTS}
+
+
+def loss_settings(loss: Mapping | None) -> tuple[str, dict]:
+    """A `loss=` config ({name, <hyperparameters>}) checked against what its loss declares:
+    (name, every hyperparameter with the config's value or the loss's default). An unknown name,
+    an unknown key or a missing value is a ConfigError naming the valid ones."""
+    settings = dict(loss or {})
+    name = settings.pop("name", None)
+    known = sorted([*PREFERENCE_LOSSES, *REFERENCE_FREE_LOSSES])
+    if name not in known:
+        raise ConfigError(f"loss={name}: expected one of {', '.join(known)} (conf/loss/<name>.yaml)")
+    declared = loss_parameters(name)
+    for key in settings:
+        if key not in declared:
+            raise ConfigError(f"loss.{key} is not a parameter of loss={name}; its parameters: {', '.join(declared)}")
+    params = {**declared, **settings}
+    for key, value in params.items():
+        if value is inspect.Parameter.empty:
+            raise ConfigError(f"loss.{key} is not set; loss={name} needs it")
+        if isinstance(declared[key], float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"loss.{key}={value}: expected a number")
+    return name, params
+
+
 __all__ = [
     "PREFERENCE_LOSSES",
+    "REFERENCE_FREE_LOSSES",
     "add_nll",
     "dpo_loss",
+    "loss_function",
+    "loss_parameters",
+    "loss_settings",
     "orpo_loss",
     "register",
     "simpo_loss",

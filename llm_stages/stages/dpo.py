@@ -1,8 +1,10 @@
 """DPO: a policy trained on preference pairs against a frozen reference.
 
 Chosen and rejected sequences run through the policy in one concatenated forward pass; each
-sequence is scored by the summed log-probabilities of its reply tokens. The loss is chosen from
-the registry in llm_stages.losses.preference by `loss.type`.
+sequence is scored by the summed log-probabilities of its reply tokens. The loss is the config
+group `loss=<name>` (conf/loss/, default sigmoid: DPO with beta 0.1), checked against the
+parameters its function in llm_stages.losses.preference declares; `module.rpo_alpha` adds
+rpo_alpha * NLL(chosen) to any of them (RPO).
 
 Reference log-probs come from
 - `ref=precompute` (default): one pass of the initial policy over the train and validation pairs
@@ -26,23 +28,21 @@ from torch.utils.data import DataLoader
 from llm_stages.adapters import frozen_reference, reference_of
 from llm_stages.data.collate import PairBatch
 from llm_stages.errors import ConfigError
-from llm_stages.losses import dpo_loss, orpo_loss, simpo_loss
+from llm_stages.losses import dpo_loss, loss_settings, orpo_loss, simpo_loss
 from llm_stages.losses.causal import labelled_logits, sequence_logps
-from llm_stages.losses.preference import add_nll
+from llm_stages.losses.preference import REFERENCE_FREE_LOSSES, add_nll
 from llm_stages.stages.base import Stage
-
-REFERENCE_FREE = {"simpo", "orpo"}
 
 
 class DPO(Stage):
-    def __init__(self, model, tokenizer, optim, *, loss: dict, ref: str = "precompute"):
+    def __init__(self, model, tokenizer, optim, *, loss: dict, rpo_alpha: float | None = None,
+                 ref: str = "precompute"):
         super().__init__(model, tokenizer, optim)
-        self.loss_cfg = dict(loss)
-        self.loss_type = self.loss_cfg.pop("type")
-        self.rpo_alpha = self.loss_cfg.pop("rpo_alpha", None)
+        self.loss_type, self.loss_params = loss_settings(loss)
+        self.rpo_alpha = rpo_alpha
         if ref not in ("precompute", "copy"):
             raise ConfigError(f"module.ref must be 'precompute' or 'copy', got {ref!r}")
-        self.ref_mode = None if self.loss_type in REFERENCE_FREE else ref
+        self.ref_mode = None if self.loss_type in REFERENCE_FREE_LOSSES else ref
         self.reference = frozen_reference(model) if self.ref_mode == "copy" else None
         self.reference_logps: dict[str, torch.Tensor] = {}  # split -> (pairs, 2) for ref=precompute
         self.reference_fingerprint: str | None = None  # of the pairs they were computed on
@@ -105,15 +105,15 @@ class DPO(Stage):
         chosen_avg, rejected_avg = (logps / n_tokens.clamp(min=1)).split(n)
         chosen_nll = -chosen_avg  # per-token NLL of the chosen reply (ORPO, RPO)
         if self.loss_type == "simpo":
-            losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_avg, rejected_avg, **self.loss_cfg)
+            losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_avg, rejected_avg, **self.loss_params)
         elif self.loss_type == "orpo":
             losses, chosen_rewards, rejected_rewards = orpo_loss(chosen_avg, rejected_avg, chosen_nll,
-                                                                 beta=self.loss_cfg["beta"])
+                                                                 **self.loss_params)
         else:
             ref_chosen, ref_rejected = self.reference_scores(batch)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 chosen, rejected, ref_chosen, ref_rejected, loss_type=self.loss_type,
-                chosen_lengths=n_tokens[:n], rejected_lengths=n_tokens[n:], **self.loss_cfg)
+                chosen_lengths=n_tokens[:n], rejected_lengths=n_tokens[n:], **self.loss_params)
         if self.rpo_alpha:
             losses = add_nll(losses, chosen_nll, self.rpo_alpha)
         stats = {  # summed over pairs; the base divides by the pair count. Names as TRL's.

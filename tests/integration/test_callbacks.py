@@ -87,7 +87,8 @@ def test_ppo_export_hf_every_n_steps_counts_optimiser_steps(make_cfg, tmp_path):
 
 
 def test_throughput_mfu_with_a_given_peak(make_cfg, tmp_path):
-    from callbacks.throughput import ThroughputMonitor, peak_tflops
+    from callbacks.throughput import ThroughputMonitor
+    from llm_stages.perf import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("cpu") is None
     module, datamodule = build(make_cfg("stage=sft"))

@@ -47,6 +47,11 @@ CASES = {
     "reward_model_missing": (["stage=ppo", "module.reward_model.path={dir}"],
                              "module.reward_model.path={dir}: no such directory"),
     "hub_model_offline": (["model=qwen"], OFFLINE),
+    "loss_unknown_key": (["stage=dpo", "loss=simpo", "+loss.gama=1.0"],
+                         "loss.gama is not a parameter of loss=simpo; its parameters: beta, gamma, label_smoothing"),
+    "loss_not_a_number": (["stage=dpo", "loss=ipo", "loss.beta=abc"], "loss.beta=abc: expected a number"),
+    "loss_without_dpo": (["loss=ipo"], "loss=ipo selects a preference loss, which stage=sft does not take: only "
+                         "stage=dpo does (drop loss=, or put it in the DPO stage's overrides)"),
 }
 
 

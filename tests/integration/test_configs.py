@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from llm_stages.config import CONFIG_DIR
 
 STAGES = sorted(p.stem for p in (CONFIG_DIR / "stage").glob("*.yaml"))
-MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != "local")
+MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("[!_]*.yaml") if p.stem != "local")  # _base: no model
 DATA = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml") if p.stem != "file")
-TRAINERS = sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml"))
+TRAINERS = sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("[!_]*.yaml"))
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -30,7 +30,7 @@ def test_stage_x_model_composes_and_resolves(stage, model, make_cfg):
 
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_every_trainer_config_composes_with_every_stage(trainer, make_cfg):
-    """Every trainer config (cpu, gpu, ddp, fsdp, fsdp2, deepspeed_zero2/3) composes and resolves with
+    """Every trainer config (cpu, gpu, ddp, fsdp, fsdp2, deepspeed) composes and resolves with
     every stage; its strategy is built too, except DeepSpeed's, which needs the optional, CUDA-only
     deepspeed package (there: the class must exist)."""
     for stage in STAGES:
@@ -42,6 +42,22 @@ def test_every_trainer_config_composes_with_every_stage(trainer, make_cfg):
         assert get_class(strategy._target_)
         if "deepspeed" not in trainer:
             assert instantiate(strategy) is not None
+
+
+def test_every_preference_loss_has_a_config_with_its_declared_parameters(make_cfg):
+    """conf/loss/<name>.yaml for every loss the DPO stage can run, composing with stage=dpo into
+    module.loss with exactly the parameters (and defaults) its function declares."""
+    from llm_stages.losses.preference import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, loss_parameters, loss_settings
+
+    names = sorted([*PREFERENCE_LOSSES, *REFERENCE_FREE_LOSSES])
+    assert sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml")) == names
+    for name in names:
+        module = OmegaConf.to_container(make_cfg("stage=dpo", f"loss={name}").module, resolve=True)
+        assert module["loss"] == {"name": name, **loss_parameters(name)}
+        assert loss_settings(module["loss"]) == (name, loss_parameters(name))
+    assert make_cfg("stage=dpo").module.loss == {"name": "sigmoid", "beta": 0.1, "label_smoothing": 0.0}
+    assert make_cfg("stage=dpo", "loss=simpo").module.loss.beta == 2.0  # SimPO's own, not DPO's 0.1
+    assert make_cfg("stage=dpo", "loss=ipo", "loss.beta=0.5").module.loss == {"name": "ipo", "beta": 0.5}
 
 
 @pytest.mark.parametrize("data", DATA)

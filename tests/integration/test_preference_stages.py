@@ -56,9 +56,23 @@ def test_dpo_initial_loss_is_log2_and_training_separates_rewards(make_cfg, tmp_p
 
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge", "simpo", "orpo"])
 def test_dpo_loss_variants_train(make_cfg, tmp_path, loss_type):
-    metrics = train(make_cfg("stage=dpo", f"module.loss.type={loss_type}", "trainer.max_steps=3", "export.enabled=false",
+    metrics = train(make_cfg("stage=dpo", f"loss={loss_type}", "trainer.max_steps=3", "export.enabled=false",
                              "validate_before_fit=false", output_dir=tmp_path / loss_type))
     assert metrics["steps"] == 3 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
+def test_rpo_alpha_adds_alpha_times_the_chosen_nll_to_any_loss(make_cfg, tokenizer, loss):
+    losses = {}
+    for rpo_alpha in ["null", "0.5"]:
+        module, datamodule = _build(make_cfg("stage=dpo", f"loss={loss}", "module.ref=copy", f"module.rpo_alpha={rpo_alpha}"))
+        datamodule.setup()
+        batch = collate_pairs(datamodule.val_set[:4], tokenizer.pad_token_id)
+        with torch.no_grad():
+            losses[rpo_alpha] = module.loss_sum(batch)[0]
+            logps, n_tokens, _ = module.score(module.model, batch)
+    chosen_nll = -(logps / n_tokens.clamp(min=1))[:batch.num_pairs]  # per-token NLL of each chosen reply
+    torch.testing.assert_close(losses["0.5"] - losses["null"], 0.5 * chosen_nll.sum(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llm_stages.losses import PREFERENCE_LOSSES, dpo_loss, orpo_loss, simpo_loss
-from llm_stages.losses.preference import add_nll, register
+from llm_stages.losses.preference import add_nll, loss_parameters, register
 
 # Three pairs of summed sequence log-probs: policy chosen/rejected, reference chosen/rejected.
 PC = [-10.0, -22.5, -7.25]
@@ -20,6 +20,11 @@ RR = [-11.5, -21.5, -9.0]
 CHOSEN_LEN = [4, 10, 1]
 REJECTED_LEN = [5, 2, 8]
 BETA = 0.5
+
+
+def declared(loss_type, **params):
+    """The params that loss_type declares (a loss refuses the others)."""
+    return {k: v for k, v in params.items() if k in loss_parameters(loss_type)}
 
 
 def logsig(x):
@@ -56,7 +61,7 @@ HAND = {
 def test_hand_computed_elementwise_losses(loss_type):
     label_smoothing, kwargs, expected = HAND[loss_type]
     losses, _, _ = dpo_loss(*tensors(PC, PR, RC, RR), beta=BETA, loss_type=loss_type,
-                            label_smoothing=label_smoothing, **kwargs)
+                            **declared(loss_type, label_smoothing=label_smoothing), **kwargs)
     assert losses.tolist() == pytest.approx([expected(c, r) for c, r in zip(C, R)], abs=1e-6)
 
 
@@ -160,7 +165,8 @@ def test_rewards_are_detached_beta_times_logratio_and_losses_carry_grad():
     pr.requires_grad_(True)
     for loss_type in PREFERENCE_LOSSES:
         eps = 1e-3 if loss_type == "exo_pair" else 0.0
-        losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type=loss_type, label_smoothing=eps)
+        losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type=loss_type,
+                                                **declared(loss_type, label_smoothing=eps))
         assert losses.shape == (3,) and losses.dtype == torch.float32 and losses.requires_grad
         assert not chosen_r.requires_grad and not rejected_r.requires_grad
         assert chosen_r.tolist() == pytest.approx([b * c for c in C], abs=1e-6)
@@ -193,12 +199,11 @@ def test_invalid_label_smoothing_is_rejected():
 def test_rpo_alpha_adds_exactly_alpha_times_nll():
     nll = torch.tensor([0.7, 1.3, 2.9])
     base, chosen_r, _ = dpo_loss(*tensors(PC, PR, RC, RR), beta=BETA, loss_type="ipo")
-    rpo, rpo_chosen_r, _ = dpo_loss(*tensors(PC, PR, RC, RR), beta=BETA, loss_type="ipo", rpo_alpha=0.5, chosen_nll=nll)
+    rpo = add_nll(base, nll, 0.5)
     assert (rpo - base).tolist() == pytest.approx([0.35, 0.65, 1.45], abs=1e-6)
-    assert torch.equal(rpo_chosen_r, chosen_r)
-    assert torch.equal(add_nll(base, nll, 0.5), rpo)
-    with pytest.raises(ValueError, match="chosen_nll"):
-        dpo_loss(*tensors(PC, PR, RC, RR), rpo_alpha=0.5)
+    # RPO is applied in one place, add_nll (by the DPO stage, to any loss): no loss takes rpo_alpha.
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        dpo_loss(*tensors(PC, PR, RC, RR), loss_type="ipo", rpo_alpha=0.5)
 
 
 def test_register_adds_a_loss_that_dpo_loss_dispatches_to():
@@ -314,8 +319,9 @@ def test_dpo_losses_match_trl(trl_type, ours, beta, label_smoothing, tau):
     pytest.importorskip("trl")
     for pc, pr, rc, rr, chosen_len, rejected_len in [(*tensors(PC, PR, RC, RR), *tensors(CHOSEN_LEN, REJECTED_LEN)),
                                                      _pairs()]:
-        losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=ours, label_smoothing=label_smoothing,
-                                discopop_tau=tau, chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+        losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=ours,
+                                **declared(ours, label_smoothing=label_smoothing, discopop_tau=tau),
+                                chosen_lengths=chosen_len, rejected_lengths=rejected_len)
         common = dict(beta=beta, label_smoothing=label_smoothing, discopop_tau=tau)
         trl_per_pair = torch.stack([_trl_dpo(trl_type, pc, pr, rc, rr, chosen_len, rejected_len, pair=i, **common)
                                     for i in range(pc.numel())])
@@ -374,9 +380,10 @@ def test_defaults_match_trl_configs():
     from trl.trainer.dpo_config import DPOConfig
 
     dpo, cpo, orpo = (_trl_config_defaults(c) for c in (DPOConfig, CPOConfig, ORPOConfig))
-    ours = inspect.signature(dpo_loss).parameters
-    assert ours["beta"].default == dpo["beta"]
-    assert ours["label_smoothing"].default == dpo["label_smoothing"]
+    ours = loss_parameters("sigmoid")
+    assert ours["beta"] == dpo["beta"]
+    assert ours["label_smoothing"] == dpo["label_smoothing"]
+    assert all(loss_parameters(name)["beta"] == dpo["beta"] for name in PREFERENCE_LOSSES)
     assert inspect.signature(PREFERENCE_LOSSES["discopop"]).parameters["discopop_tau"].default == dpo["discopop_tau"]
     assert inspect.signature(simpo_loss).parameters["gamma"].default == cpo["simpo_gamma"]
     assert inspect.signature(orpo_loss).parameters["beta"].default == orpo["beta"]
