@@ -1,5 +1,6 @@
-"""The DataModule family: one base (sources, splits, loaders, resumable order) and one small
-subclass per pipeline that turns records into `Example`s."""
+"""The DataModule family: one base (sources, splits, loaders, resumable order, the read -> render
+loop with its drop counts) and one small subclass per record kind, which reads, renders, collates
+and describes through its kind's module in `llm_stages/data/kinds/`."""
 
 from __future__ import annotations
 
@@ -10,18 +11,20 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from llm_stages.data import formats, sources
-from llm_stages.data.collate import (MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal,
-                                     collate_packed, collate_pairs, collate_prompts)
-from llm_stages.data.render import (Example, PairExample, PromptExample, ensure_chat_template, num_trained_tokens,
-                                    pack_documents, pack_examples, render_conversation, render_pair, render_prompt,
-                                    truncate, truncate_pair, with_system_prompt)
+from llm_stages.data import sources
+from llm_stages.data.collate import MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal
+from llm_stages.data.columns import check_columns, prepare
+from llm_stages.data.describe import Description
+from llm_stages.data.kinds import conversation, pair, prompt, text
+from llm_stages.data.render import Example, Rendered, ensure_chat_template
+from llm_stages.data.sources import Record
 from llm_stages.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -50,9 +53,38 @@ class CausalDataModule(L.LightningDataModule):
             raise ConfigError("the tokenizer has no pad token; set one on the model's tokenizer")
         self._columns(), self._policy()  # data settings that cannot work are refused before anything is read
 
-    # -- subclasses ------------------------------------------------------------------------------
-    def build_examples(self, path: Path, split: str) -> list[Example]:
+    # -- subclasses: their kind's reader, rendering, collation and description ------------------
+    def read(self, record: Record, fmt: str, columns):
+        """One record as this kind's item (a conversation, a pair, ...)."""
         raise NotImplementedError
+
+    def render(self, record: Record, item) -> Rendered:
+        raise NotImplementedError
+
+    def nothing_left(self) -> str:
+        """Why no record of a file gave an example (the error's text)."""
+        raise NotImplementedError
+
+    detect_format = None  # record -> the name of its format, for `record_format`
+
+    def describe(self) -> Description:
+        """What `inspect` shows of the training examples (lengths, the first example)."""
+        raise NotImplementedError
+
+    def build_examples(self, path: Path, split: str) -> list:
+        """Every record of `path` read and rendered; drops and truncations counted in `stats`."""
+        examples = []
+        for record, item in self._read_records(path, self.read, split):
+            rendered = self.render(record, item)
+            if rendered.truncated:
+                self._count(f"{split}_truncated")
+            if rendered.dropped:
+                self._drop(f"{split}_dropped_{rendered.dropped}", record)
+                continue
+            examples.append(rendered.example)
+        if not examples:
+            raise DataFormatError(path, self.nothing_left())
+        return examples
 
     def settings(self) -> dict:
         """Everything besides the file and tokenizer that changes the examples (the cache key)."""
@@ -65,7 +97,7 @@ class CausalDataModule(L.LightningDataModule):
         if not columns:
             return None
         columns = dict(columns)
-        formats.check_columns(columns)
+        check_columns(columns)
         return columns
 
     @staticmethod
@@ -111,23 +143,16 @@ class CausalDataModule(L.LightningDataModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        demo = self.data.get("demo")
-        if demo:
-            from llm_stages.data.demo import ensure_demo_data
+        from llm_stages.data.demo import ensure_configured
 
-            ensure_demo_data(demo["dir"], seed=demo["seed"])
+        ensure_configured(self.data)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set:
             return
         self.prepare_data()  # idempotent; covers callers that skip prepare_data (tests, other ranks)
-        sources = self.data.get("sources")
-        if sources:
-            train_path = Path(str(sources[0]["path"]))
-            examples = self._mix(sources)
-        else:
-            train_path = Path(str(self.data["path"]))
-            examples = self.cached_examples(train_path, "train")
+        sources, train_path = self.data.get("sources"), self.train_path()
+        examples = self._mix(sources) if sources else self.cached_examples(train_path, "train")
         # The validation file actually used (None: held out from training, or no validation).
         self.val_path = self._val_path(train_path) if not sources or self.data.get("val_path") != "auto" else None
         if self.val_path is not None:
@@ -187,6 +212,30 @@ class CausalDataModule(L.LightningDataModule):
         """One micro-batch of examples -> tensors."""
         return collate_causal(examples, self.tokenizer.pad_token_id)
 
+    # -- what inspect asks ------------------------------------------------------------------------
+    def train_path(self) -> Path:
+        """The training file (the first of `data.sources`)."""
+        sources = self.data.get("sources")
+        return Path(str(sources[0]["path"] if sources else self.data["path"]))
+
+    def record_format(self) -> tuple[str, str]:
+        """(format, "data.format") when set, else (the format detected from the first training
+        record, "detected"), the first detectable one when bad records are skipped."""
+        fmt = self.data.get("format")
+        if fmt and fmt != "auto":
+            return str(fmt), "data.format"
+        skip, first_error = self._policy() == "skip", None
+        records = sources.read_configured(self.train_path(), self.data,
+                                          on_bad_line=(lambda e: None) if skip else sources.raise_error)
+        for record in records:
+            try:
+                return self.detect_format(prepare(record, self._columns())), "detected"
+            except DataFormatError as e:
+                if not skip:
+                    raise
+                first_error = first_error or e
+        raise first_error
+
     # -- helpers ---------------------------------------------------------------------------------
     def _val_path(self, train_path: Path) -> Path | None:
         if self.data.get("val_split"):  # another split of the same dataset
@@ -234,7 +283,7 @@ class CausalDataModule(L.LightningDataModule):
             raise ConfigError(f"data.on_bad_record must be 'error' or 'skip', got {policy!r}")
         return policy
 
-    def _records(self, path: Path, split: str) -> list[formats.Record]:
+    def _records(self, path: Path, split: str) -> list[Record]:
         """The records at `path` (file, folder or dataset; see sources.py). An unreadable line stops
         the run, or with data.on_bad_record=skip is skipped, counted and named (the first few)."""
         policy = self._policy()
@@ -247,7 +296,7 @@ class CausalDataModule(L.LightningDataModule):
         policy, fmt, columns = self._policy(), self.data.get("format") or "auto", self._columns()
         for record in self._records(path, split):
             try:
-                record = formats.prepare(record, columns)
+                record = prepare(record, columns)
                 yield record, reader(record, fmt, None)
             except DataFormatError as e:
                 self._bad_record(e, policy, split)
@@ -262,7 +311,7 @@ class CausalDataModule(L.LightningDataModule):
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
 
-    def _drop(self, key: str, record: formats.Record) -> None:
+    def _drop(self, key: str, record: Record) -> None:
         """Skip a record that has nothing to train on, loudly: counted, and the first few named."""
         self._count(key)
         if self.stats[key] <= 3:
@@ -279,35 +328,25 @@ class PTDataModule(CausalDataModule):
     def settings(self) -> dict:
         return {**super().settings(), "block_size": self.block_size, "remainder": self.remainder}
 
-    def _text_files(self, path: Path) -> list[Path]:
-        """`path` as plain-text files (a text file, or a folder of data files that are all text), else []."""
-        if path.is_file():
-            files = [path]
-        elif path.is_dir() and not (path / "state.json").exists() and not (path / "dataset_dict.json").exists():
-            files = sources.data_files(path, self.data.get("split") or "train")
-        else:
-            return []
-        return files if all(sources.data_suffix(f) in sources.TEXT_SUFFIXES for f in files) else []
-
     def build_examples(self, path: Path, split: str) -> list[Example]:
-        text_files = self._text_files(path)
+        text_files = text.text_files(path, self.data.get("split") or "train")
         if text_files:  # documents separated by blank lines, file by file
-            texts = [r.data for f in text_files for r in formats.read_text_documents(f)]
+            texts = [r.data for f in text_files for r in text.read_text_documents(f)]
         else:  # records with a text field
-            texts = [text for _, text in self._read_records(path, _text_reader, split)]
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            raise ConfigError("the tokenizer has no EOS token, which packing puts between documents")
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        blocks = pack_documents(ids, eos, self.block_size, self.remainder)
-        if not blocks:
-            raise DataFormatError(path, f"{sum(map(len, ids)) + len(ids)} tokens, fewer than one block "
-                                  f"(datamodule.block_size={self.block_size}); lower block_size or use remainder=pad")
-        return blocks
+            texts = [document for _, document in self._read_records(path, text.read_document, split)]
+        return text.render_blocks(self.tokenizer, texts, path, self.block_size, self.remainder)
+
+    def record_format(self) -> tuple[str, str]:
+        return "text", "detected"
+
+    def describe(self) -> Description:
+        return text.describe(self.train_set, self.tokenizer)
 
 
 class SFTDataModule(CausalDataModule):
     """Supervised conversations (sharegpt, alpaca, messages), assistant turns trained."""
+
+    detect_format = staticmethod(conversation.detect_format)
 
     def __init__(self, data, tokenizer, *, max_length: int = 512, packing: bool = False, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
@@ -324,38 +363,37 @@ class SFTDataModule(CausalDataModule):
         if self.packing:  # several conversations per row, in a seeded random order
             order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.seed)).tolist()
             n_examples = len(self.train_set)
-            self.train_set = pack_examples([self.train_set[i] for i in order], self.max_length)
-            self.val_set = pack_examples(self.val_set, self.max_length)
+            self.train_set = conversation.pack_examples([self.train_set[i] for i in order], self.max_length)
+            self.val_set = conversation.pack_examples(self.val_set, self.max_length)
             log.info("data: packed %d conversations into %d rows of <= %d tokens", n_examples, len(self.train_set),
                      self.max_length)
 
-    def collate_one(self, examples):
-        return collate_packed(examples, self.tokenizer.pad_token_id) if self.packing else super().collate_one(examples)
+    def read(self, record: Record, fmt: str, columns) -> conversation.Conversation:
+        return conversation.read_conversation(record, fmt, columns)
 
-    def build_examples(self, path: Path, split: str) -> list[Example]:
-        examples = []
-        for record, (messages, tools) in self._read_records(path, formats.read_conversation, split):
-            messages = with_system_prompt(messages, self.data.get("system_prompt"))
-            if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
-                self._drop(f"{split}_dropped_no_assistant_turn", record)
-                continue
-            example = render_conversation(self.tokenizer, messages, tools=tools)
-            if len(example.input_ids) > self.max_length:
-                example = truncate(example, self.max_length)
-                self._count(f"{split}_truncated")
-            if num_trained_tokens(example.labels) == 0:
-                self._drop(f"{split}_dropped_no_trained_tokens", record)
-                continue
-            examples.append(example)
-        if not examples:
-            raise DataFormatError(path, f"no record has an assistant token left to train within "
-                                  f"datamodule.max_length={self.max_length}")
-        return examples
+    def render(self, record: Record, item: conversation.Conversation) -> Rendered:
+        return conversation.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),
+                                   max_length=self.max_length)
+
+    def nothing_left(self) -> str:
+        return f"no record has an assistant token left to train within datamodule.max_length={self.max_length}"
+
+    def collate_one(self, examples):
+        if self.packing:
+            return conversation.collate_packed(examples, self.tokenizer.pad_token_id)
+        return super().collate_one(examples)
+
+    def describe(self) -> Description:
+        return conversation.describe(self.train_set, self.tokenizer)
 
 
 class PairDataModule(CausalDataModule):
     """Preference pairs (RM, DPO): a shared prompt and a chosen and a rejected reply; only the
     replies are labelled. `batch_size` counts pairs."""
+
+    detect_format = staticmethod(pair.detect_format)
+    example_from_json = staticmethod(pair.example_from_json)
+    example_length = staticmethod(pair.length)
 
     def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
@@ -369,49 +407,50 @@ class PairDataModule(CausalDataModule):
     def settings(self) -> dict:
         return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
 
-    @staticmethod
-    def example_from_json(item) -> PairExample:
-        chosen, rejected, index, margin = item
-        return PairExample(Example(*chosen), Example(*rejected), index, margin)
-
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         # Number each split's pairs so per-pair values (cached reference log-probs) can be looked up.
         self.train_set = [p._replace(index=i) for i, p in enumerate(self.train_set)]
         self.val_set = [p._replace(index=i) for i, p in enumerate(self.val_set)]
 
-    def build_examples(self, path: Path, split: str) -> list[PairExample]:
-        pairs = []
-        for record, pair in self._read_records(path, formats.read_pair, split):
-            if pair.chosen == pair.rejected:  # no preference to learn: counted and named, not an error
-                self._drop(f"{split}_dropped_identical_pair", record)
-                continue
-            prompt = with_system_prompt(pair.prompt, self.data.get("system_prompt"))
-            example = render_pair(self.tokenizer, prompt, pair.chosen, pair.rejected,
-                                  tools=pair.tools)._replace(margin=_margin(record))
-            example, truncated = truncate_pair(example, self.max_length, self.max_prompt_length)
-            if truncated:
-                self._count(f"{split}_truncated")
-            if min(num_trained_tokens(example.chosen.labels), num_trained_tokens(example.rejected.labels)) == 0:
-                self._drop(f"{split}_dropped_no_trained_tokens", record)
-                continue
-            pairs.append(example)
-        if not pairs:
-            raise DataFormatError(path, f"no pair has reply tokens left within datamodule.max_length={self.max_length}")
-        return pairs
+    def read(self, record: Record, fmt: str, columns) -> pair.Pair:
+        return pair.read_pair(record, fmt, columns)
 
-    @staticmethod
-    def example_length(pair) -> int:
-        return max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
+    def render(self, record: Record, item: pair.Pair) -> Rendered:
+        return pair.render(self.tokenizer, record, item, system_prompt=self.data.get("system_prompt"),
+                           max_length=self.max_length, max_prompt_length=self.max_prompt_length)
 
-    def collate_one(self, pairs):
-        return collate_pairs(pairs, self.tokenizer.pad_token_id)
+    def nothing_left(self) -> str:
+        return f"no pair has reply tokens left within datamodule.max_length={self.max_length}"
+
+    def collate_one(self, pairs) -> pair.PairBatch:
+        return pair.collate_pairs(pairs, self.tokenizer.pad_token_id)
+
+    def describe(self) -> Description:
+        return pair.describe(self.train_set, self.tokenizer)
+
+    # -- what a stage computes once per pair (DPO's reference log-probs) -------------------------
+    def splits(self) -> dict[str, list[pair.PairExample]]:
+        return {"train": self.train_set, "val": self.val_set}
+
+    def reference_batches(self, split: str) -> Iterator[pair.PairBatch]:
+        """Every pair of `split` ("train" | "val") in index order, collated `val_batch_size` at a time."""
+        pairs = self.splits()[split]
+        for start in range(0, len(pairs), self.val_batch_size):
+            yield self.collate_one(pairs[start:start + self.val_batch_size])
+
+    def fingerprint(self) -> str:
+        """A hash of both splits' pairs, token by token (see `pair.fingerprint`)."""
+        return pair.fingerprint(self.splits())
 
 
 class PromptDataModule(CausalDataModule):
     """Prompts for RL stages (`{"question", "answer"}`, `{"prompt"}`, or conversations whose final
     assistant turn is the reference answer), rendered up to the assistant's turn. `batch_size`
     counts prompts per rollout; prompts longer than `max_prompt_length` tokens are dropped and counted."""
+
+    detect_format = staticmethod(prompt.detect_format)
+    example_from_json = staticmethod(prompt.example_from_json)
 
     def __init__(self, data, tokenizer, *, max_prompt_length: int = 256, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
@@ -426,38 +465,18 @@ class PromptDataModule(CausalDataModule):
     def settings(self) -> dict:
         return {**super().settings(), "max_prompt_length": self.max_prompt_length}
 
-    @staticmethod
-    def example_from_json(item) -> PromptExample:
-        return PromptExample(*item)
+    def read(self, record: Record, fmt: str, columns) -> prompt.Prompt:
+        return prompt.read_prompt(record, fmt, columns)
 
-    def build_examples(self, path: Path, split: str) -> list[PromptExample]:
-        examples = []
-        for record, prompt in self._read_records(path, _prompt_reader, split):
-            example = render_prompt(self.tokenizer, with_system_prompt(prompt.messages, self.data.get("system_prompt")),
-                                    prompt.answer, prompt.tools)
-            if len(example.input_ids) > self.max_prompt_length:
-                self._drop(f"{split}_dropped_prompt_too_long", record)
-                continue
-            examples.append(example)
-        if not examples:
-            raise DataFormatError(path, f"no prompt fits datamodule.max_prompt_length={self.max_prompt_length}")
-        return examples
+    def render(self, record: Record, item: prompt.Prompt) -> Rendered:
+        return prompt.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),
+                             max_prompt_length=self.max_prompt_length)
 
-    def collate_one(self, examples):
-        return collate_prompts(examples, self.tokenizer.pad_token_id)
+    def nothing_left(self) -> str:
+        return f"no prompt fits datamodule.max_prompt_length={self.max_prompt_length}"
 
+    def collate_one(self, examples) -> prompt.PromptBatch:
+        return prompt.collate_prompts(examples, self.tokenizer.pad_token_id)
 
-def _text_reader(record: formats.Record, fmt: str, columns) -> str:
-    return formats.text_of(formats.prepare(record, columns))
-
-
-def _prompt_reader(record: formats.Record, fmt: str, columns) -> formats.Prompt:
-    return formats.prompt_record(record, columns)
-
-
-def _margin(record: formats.Record) -> float:
-    margin = record.data.get("margin", 0.0)
-    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
-        raise DataFormatError(record.path, f"expected a number, got {type(margin).__name__}", line=record.line,
-                              field="margin")
-    return float(margin)
+    def describe(self) -> Description:
+        return prompt.describe(self.train_set, self.tokenizer)
