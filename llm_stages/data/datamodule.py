@@ -48,6 +48,7 @@ class PTDataModule(CausalDataModule):
 class SFTDataModule(CausalDataModule):
     """Supervised conversations (sharegpt, alpaca, messages), assistant turns trained."""
 
+    read = staticmethod(conversation.read_conversation)
     detect_format = staticmethod(conversation.detect_format)
 
     def __init__(self, data, tokenizer, *, max_length: int = 512, packing: bool = False, **kwargs):
@@ -70,9 +71,6 @@ class SFTDataModule(CausalDataModule):
             log.info("data: packed %d conversations into %d rows of <= %d tokens", n_examples, len(self.train_set),
                      self.max_length)
 
-    def read(self, record: Record, fmt: str, columns) -> conversation.Conversation:
-        return conversation.read_conversation(record, fmt, columns)
-
     def render(self, record: Record, item: conversation.Conversation) -> Rendered:
         return conversation.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),
                                    max_length=self.max_length)
@@ -93,6 +91,7 @@ class PairDataModule(CausalDataModule):
     """Preference pairs (RM, DPO): a shared prompt and a chosen and a rejected reply; only the
     replies are labelled. `batch_size` counts pairs."""
 
+    read = staticmethod(pair.read_pair)
     detect_format = staticmethod(pair.detect_format)
     example_from_json = staticmethod(pair.example_from_json)
     example_length = staticmethod(pair.length)
@@ -114,9 +113,6 @@ class PairDataModule(CausalDataModule):
         # Number each split's pairs so per-pair values (cached reference log-probs) can be looked up.
         self.train_set = [p._replace(index=i) for i, p in enumerate(self.train_set)]
         self.val_set = [p._replace(index=i) for i, p in enumerate(self.val_set)]
-
-    def read(self, record: Record, fmt: str, columns) -> pair.Pair:
-        return pair.read_pair(record, fmt, columns)
 
     def render(self, record: Record, item: pair.Pair) -> Rendered:
         return pair.render(self.tokenizer, record, item, system_prompt=self.data.get("system_prompt"),
@@ -151,6 +147,7 @@ class PromptDataModule(CausalDataModule):
     assistant turn is the reference answer), rendered up to the assistant's turn. `batch_size`
     counts prompts per rollout; prompts longer than `max_prompt_length` tokens are dropped and counted."""
 
+    read = staticmethod(prompt.read_prompt)
     detect_format = staticmethod(prompt.detect_format)
     example_from_json = staticmethod(prompt.example_from_json)
 
@@ -166,9 +163,6 @@ class PromptDataModule(CausalDataModule):
 
     def settings(self) -> dict:
         return {**super().settings(), "max_prompt_length": self.max_prompt_length}
-
-    def read(self, record: Record, fmt: str, columns) -> prompt.Prompt:
-        return prompt.read_prompt(record, fmt, columns)
 
     def render(self, record: Record, item: prompt.Prompt) -> Rendered:
         return prompt.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),

@@ -53,18 +53,16 @@ class CausalDataModule(L.LightningDataModule):
         self._columns(), self._policy()  # data settings that cannot work are refused before anything is read
 
     # -- subclasses: their kind's reader, rendering, collation and description ------------------
-    def read(self, record: Record, fmt: str, columns):
-        """One record as this kind's item (a conversation, a pair, ...)."""
-        raise NotImplementedError
+    read = None  # (record, data.format, data.columns) -> the kind's item (a conversation, a pair, ...)
+    detect_format = None  # record -> the name of its format, for `record_format`
 
     def render(self, record: Record, item) -> Rendered:
+        """An item as its example (or why it was dropped), with the DataModule's settings."""
         raise NotImplementedError
 
     def nothing_left(self) -> str:
         """Why no record of a file gave an example (the error's text)."""
         raise NotImplementedError
-
-    detect_format = None  # record -> the name of its format, for `record_format`
 
     def describe(self) -> Description:
         """What `inspect` shows of the training examples (lengths, the first example)."""
