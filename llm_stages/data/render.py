@@ -55,7 +55,7 @@ class Rendered(NamedTuple):
     """A record rendered for training: the example, or why the record was dropped (counted as
     `<split>_dropped_<dropped>`); `truncated` when it was cut to fit (counted as `<split>_truncated`)."""
 
-    example: NamedTuple | None
+    example: tuple | None  # the kind's example (Example, PairExample, PromptExample); None when dropped
     truncated: bool = False
     dropped: str | None = None
 

@@ -60,8 +60,8 @@ def test_pair_truncation_cuts_prompt_from_the_left_and_replies_from_the_right(to
 def test_per_pair_margin_is_read_and_checked(tmp_path, tokenizer):
     from omegaconf import OmegaConf
 
-    from llm_stages.data.kinds.pair import collate_pairs
     from llm_stages.data.datamodule import PairDataModule
+    from llm_stages.data.kinds.pair import collate_pairs
 
     path = tmp_path / "m.jsonl"
     rows = [{"prompt": "Q", "chosen": "a", "rejected": "b", "margin": 1.5}, {"prompt": "Q", "chosen": "a", "rejected": "b"}]
