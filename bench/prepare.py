@@ -155,9 +155,10 @@ def prepare_workload(w: Workload, *, demo: dict[str, Path], checkpoints: dict[st
             rows.append({"prompt_ids": list(p.chosen.input_ids[:start]), "chosen_ids": list(p.chosen.input_ids[start:]),
                          "rejected_ids": list(p.rejected.input_ids[start:])})
     else:  # RL prompts: TRL renders the messages with the same chat template; checked to give our token ids
-        from llm_stages.data import formats
+        from llm_stages.data.kinds.prompt import prompt_record
+        from llm_stages.data.sources import read_records
 
-        prompts = [formats.prompt_record(r) for r in formats.read_json_records(data_path)]
+        prompts = [prompt_record(r) for r in read_records(data_path)]
         if len(prompts) != len(examples):
             raise SystemExit(f"{w.name}: our data module dropped prompts; the sides would see different ones")
         rows, mismatched = [], 0

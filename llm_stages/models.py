@@ -159,18 +159,26 @@ def vocabulary_tokens(cfg) -> list[str]:
     return [t for t in dict.fromkeys(tokens) if t]
 
 
+def add_vocabulary(tokenizer, tokens: list[str]) -> list[str]:
+    """Add the `tokens` the tokenizer lacks (in place, as normal, non-special tokens); returns them.
+    The model's embeddings grow to match in `expand_vocabulary`; `inspect` adds them alone."""
+    vocab = tokenizer.get_vocab()
+    new = [t for t in dict.fromkeys(tokens) if t and t not in vocab]
+    if new:
+        tokenizer.add_tokens(new)
+    return new
+
+
 def expand_vocabulary(model, tokenizer, tokens: list[str]) -> int:
     """Add `tokens` to `tokenizer` (in place) as normal, non-special tokens, skipping those it already
     has, and grow the model's embeddings to match. Every new row of the input embeddings (and of an
     untied output embedding / lm_head) starts as the mean of the rows the tokenizer used before, so a new
     token starts as an "average" token rather than a random one. Returns how many tokens were added."""
-    vocab = tokenizer.get_vocab()
-    new = [t for t in dict.fromkeys(tokens) if t and t not in vocab]
+    old_len = len(tokenizer)
+    new = add_vocabulary(tokenizer, tokens)
     if not new:
         log.info("vocabulary: all %d requested tokens are already in the tokenizer; nothing added", len(tokens))
         return 0
-    old_len = len(tokenizer)
-    tokenizer.add_tokens(new)
     new_ids = sorted({i for i in tokenizer.convert_tokens_to_ids(new) if i is not None and i >= old_len})
     # A checkpoint may already have more embedding rows than its tokenizer uses (Qwen2.5 pads to a
     # multiple of 128); never shrink those, the new ids may simply land in the spare rows.

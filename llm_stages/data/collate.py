@@ -1,4 +1,6 @@
-"""Examples -> padded tensors. Right padding (RL prompts: left); padded labels are -100."""
+"""Examples -> padded tensors, as every kind shares it: causal rows right-padded with labels -100
+(each kind's own batch type and collate function are in `llm_stages/data/kinds/`), micro-batches of
+one optimiser step, length grouping, and the resumable sampler and loader."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from llm_stages.data.render import IGNORE_INDEX, Example, PackedExample, PairExample, PromptExample
+from llm_stages.data.render import IGNORE_INDEX, Example
 
 
 class CausalBatch(NamedTuple):
@@ -34,67 +36,6 @@ def collate_causal(examples: list[Example], pad_id: int) -> CausalBatch:
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(e.labels)
     return CausalBatch(input_ids, attention_mask, labels)
-
-
-def collate_packed(rows: list[PackedExample], pad_id: int) -> CausalBatch:
-    """Packed rows -> a block-diagonal causal mask (each example attends only to itself) and
-    positions restarting at every example, so the model sees exactly what it would unpacked."""
-    plain = collate_causal([Example(r.input_ids, r.labels) for r in rows], pad_id)
-    batch, width = plain.input_ids.shape
-    position_ids = torch.zeros((batch, width), dtype=torch.long)
-    segment = torch.arange(width).repeat(batch, 1) + width  # padding: a segment of its own per position
-    for row, r in enumerate(rows):
-        start = 0
-        for k, n in enumerate(r.doc_lengths):
-            position_ids[row, start:start + n] = torch.arange(n)
-            segment[row, start:start + n] = k
-            start += n
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-    mask = (segment[:, :, None] == segment[:, None, :]) & causal
-    return CausalBatch(plain.input_ids, mask[:, None], plain.labels, position_ids, real_tokens=plain.attention_mask)
-
-
-class PairBatch(NamedTuple):
-    """Chosen rows first, then rejected rows, so one forward pass scores both."""
-
-    input_ids: torch.Tensor  # (2 * pairs, seq)
-    attention_mask: torch.Tensor
-    labels: torch.Tensor  # reply tokens only
-    index: torch.Tensor  # (pairs,) position of each pair in its split
-    margin: torch.Tensor  # (pairs,) per-pair margin from the data (0 when absent)
-
-    @property
-    def num_pairs(self) -> int:
-        return self.index.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-def collate_pairs(pairs: list[PairExample], pad_id: int) -> PairBatch:
-    rows = collate_causal([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    return PairBatch(rows.input_ids, rows.attention_mask, rows.labels, index=torch.tensor([p.index for p in pairs], dtype=torch.long),
-                     margin=torch.tensor([p.margin for p in pairs], dtype=torch.float32))
-
-
-class PromptBatch(NamedTuple):
-    """RL prompts, left-padded so generation continues every row at the same position."""
-
-    input_ids: torch.Tensor  # (prompts, longest prompt)
-    attention_mask: torch.Tensor
-    prompts: list[str]  # last user message of each
-    answers: list[str | None]
-
-
-def collate_prompts(examples: list[PromptExample], pad_id: int) -> PromptBatch:
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        input_ids[row, width - len(e.input_ids):] = torch.tensor(e.input_ids)
-        attention_mask[row, width - len(e.input_ids):] = 1
-    return PromptBatch(input_ids, attention_mask, [e.prompt for e in examples], [e.answer for e in examples])
 
 
 def length_groups(lengths: list[int], max_groups: int, group_cost: int) -> list[list[int]]:

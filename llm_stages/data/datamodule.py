@@ -1,272 +1,23 @@
-"""The DataModule family: one base (sources, splits, loaders, resumable order) and one small
-subclass per pipeline that turns records into `Example`s."""
+"""The DataModules, one per record kind — PT (text), SFT (conversations), pairs (RM, DPO), prompts
+(PPO, GRPO) — each reading, rendering, collating and describing through its kind's module in
+`llm_stages/data/kinds/`; what they share is `CausalDataModule` (datamodule_base.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
-import os
-import re
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
-from llm_stages.data import formats, sources
-from llm_stages.data.collate import (MicroBatches, ResumableBatchSampler, ResumableDataLoader, collate_causal,
-                                     collate_packed, collate_pairs, collate_prompts)
-from llm_stages.data.render import (Example, PairExample, PromptExample, ensure_chat_template, num_trained_tokens,
-                                    pack_documents, pack_examples, render_conversation, render_pair, render_prompt,
-                                    truncate, truncate_pair, with_system_prompt)
-from llm_stages.errors import ConfigError, DataFormatError
+from llm_stages.data.datamodule_base import CausalDataModule
+from llm_stages.data.describe import Description
+from llm_stages.data.kinds import conversation, pair, prompt, text
+from llm_stages.data.render import Example, Rendered, ensure_chat_template
+from llm_stages.data.sources import Record
+from llm_stages.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-class CausalDataModule(L.LightningDataModule):
-    """Reads `data.path` (and a validation source), builds `Example`s with `build_examples`, and
-    serves training steps as lists of `grad_accum` micro-batches of `batch_size` sequences."""
-
-    def __init__(self, data, tokenizer, *, batch_size: int = 8, grad_accum: int = 1, val_batch_size: int = 16,
-                 num_workers: int = 0, seed: int = 1234, group_by_length: bool = False, length_groups: int = 1,
-                 length_group_cost: int = 64):
-        super().__init__()
-        self.group_by_length = group_by_length
-        self.length_groups, self.length_group_cost = length_groups, length_group_cost
-        self.data, self.tokenizer = data, tokenizer
-        self.batch_size, self.grad_accum, self.val_batch_size = batch_size, grad_accum, val_batch_size
-        self.num_workers, self.seed = num_workers, seed
-        self.train_set: list[Example] = []
-        self.val_set: list[Example] = []
-        self.stats: dict[str, int] = {}
-        self.val_path: Path | None = None
-        if batch_size < 1 or grad_accum < 1 or length_groups < 1:
-            raise ConfigError("datamodule.batch_size, datamodule.grad_accum and datamodule.length_groups must be >= 1")
-        if tokenizer.pad_token_id is None:
-            raise ConfigError("the tokenizer has no pad token; set one on the model's tokenizer")
-        self._columns(), self._policy()  # data settings that cannot work are refused before anything is read
-
-    # -- subclasses ------------------------------------------------------------------------------
-    def build_examples(self, path: Path, split: str) -> list[Example]:
-        raise NotImplementedError
-
-    def settings(self) -> dict:
-        """Everything besides the file and tokenizer that changes the examples (the cache key)."""
-        return {"format": self.data.get("format"), "system_prompt": self.data.get("system_prompt"),
-                "on_bad_record": self.data.get("on_bad_record"), "columns": self._columns(),
-                **{k: self.data.get(k) for k in ("field", "split", "val_split", "subset") if self.data.get(k) is not None}}
-
-    def _columns(self) -> dict | None:
-        columns = self.data.get("columns")
-        if not columns:
-            return None
-        columns = dict(columns)
-        formats.check_columns(columns)
-        return columns
-
-    @staticmethod
-    def example_from_json(item) -> Example:
-        return Example(*item)
-
-    # -- tokenization cache ----------------------------------------------------------------------
-    CACHE_VERSION = 2
-
-    def cached_examples(self, path: Path, split: str) -> list:
-        """`build_examples`, cached as JSON under `data.cache_dir` (null: no cache), keyed by the
-        file's bytes, the tokenizer (vocabulary and chat template) and `settings()`, so a second
-        run with the same inputs starts without tokenizing. Stats (drops, truncations) are cached too."""
-        cache_dir = self.data.get("cache_dir")
-        if not cache_dir:
-            return self.build_examples(path, split)
-        file = Path(str(cache_dir)) / f"{type(self).__name__}-{split}-{self._cache_key(path)}.json"
-        if file.is_file():
-            payload = json.loads(file.read_text(encoding="utf-8"))
-            for k, v in payload["stats"].items():
-                self.stats[k] = self.stats.get(k, 0) + v
-            log.info("data: %s read from the tokenization cache %s", path, file)
-            return [self.example_from_json(item) for item in payload["examples"]]
-        before = dict(self.stats)
-        examples = self.build_examples(path, split)
-        stats = {k: v - before.get(k, 0) for k, v in self.stats.items() if v != before.get(k, 0)}
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"examples": examples, "stats": stats}, f)
-        os.replace(tmp, file)  # concurrent ranks may both write; each write is whole
-        return examples
-
-    def _cache_key(self, path: Path) -> str:
-        digest = hashlib.sha256()
-        digest.update(sources.fingerprint(path))
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        vocabulary = backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
-        digest.update(vocabulary.encode())
-        digest.update(json.dumps([self.CACHE_VERSION, str(self.tokenizer.chat_template), self.tokenizer.eos_token,
-                                  self.settings()], sort_keys=True, default=str).encode())
-        return digest.hexdigest()[:24]
-
-    # -- Lightning hooks -------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        demo = self.data.get("demo")
-        if demo:
-            from llm_stages.data.demo import ensure_demo_data
-
-            ensure_demo_data(demo["dir"], seed=demo["seed"])
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set:
-            return
-        self.prepare_data()  # idempotent; covers callers that skip prepare_data (tests, other ranks)
-        sources = self.data.get("sources")
-        if sources:
-            train_path = Path(str(sources[0]["path"]))
-            examples = self._mix(sources)
-        else:
-            train_path = Path(str(self.data["path"]))
-            examples = self.cached_examples(train_path, "train")
-        # The validation file actually used (None: held out from training, or no validation).
-        self.val_path = self._val_path(train_path) if not sources or self.data.get("val_path") != "auto" else None
-        if self.val_path is not None:
-            self.train_set, self.val_set = examples, self.cached_examples(self.val_path, "val")
-        else:
-            self.train_set, self.val_set = self._hold_out(examples, float(self.data.get("val_ratio") or 0.0))
-        world = self.trainer.world_size if self.trainer else 1
-        if len(self.train_set) < self.batch_size * self.grad_accum * world:
-            raise ConfigError(f"{train_path}: {len(self.train_set)} training examples, fewer than one step needs "
-                              f"(datamodule.batch_size={self.batch_size} x grad_accum={self.grad_accum} x {world} devices)")
-        log.info("data: %d train / %d val examples from %s; %s", len(self.train_set), len(self.val_set), train_path,
-                 ", ".join(f"{k}={v}" for k, v in self.stats.items()) or "nothing dropped or truncated")
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        sampler = ResumableBatchSampler(
-            len(self.train_set), self.batch_size * self.grad_accum, seed=self.seed,
-            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
-            lengths=[self.example_length(e) for e in self.train_set] if self.group_by_length else None)
-        return ResumableDataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                                   collate_fn=MicroBatches(self.collate_one, self.batch_size, length=self.example_length,
-                                                           max_groups=self._length_groups(trainer),
-                                                           group_cost=self.length_group_cost))
-
-    def _length_groups(self, trainer) -> int:
-        """Micro-batches split by length in single-process training only: ranks would split their
-        slices into different numbers of passes, and every pass is a collective under DDP (buffer
-        broadcast) and FSDP/ZeRO (weight gathering)."""
-        if self.length_groups > 1 and trainer is not None and trainer.world_size > 1:
-            log.info("datamodule.length_groups=%d not used with %d processes: each micro-batch is one forward pass",
-                     self.length_groups, trainer.world_size)
-            return 1
-        return self.length_groups
-
-    def val_dataloader(self) -> DataLoader:
-        if not self.val_set:
-            return []
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        shard, size = self.val_set[rank::world], self.val_batch_size
-        batches = [list(range(i, min(i + size, len(shard)))) for i in range(0, len(shard), size)]
-        # Every rank runs as many batches as the one with the most examples: under sharded training
-        # (FSDP, ZeRO-3) each forward is a collective, and a rank with a batch more would wait forever.
-        # Shards differ by at most one example, so at most the last batch needs splitting in two (which
-        # cannot help with val_batch_size=1 or fewer examples than ranks).
-        most = math.ceil(math.ceil(len(self.val_set) / world) / size)
-        if len(batches) < most and batches and len(batches[-1]) > 1:
-            last = batches.pop()
-            batches += [last[:len(last) // 2], last[len(last) // 2:]]
-        return DataLoader(shard, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self.collate_one)
-
-    @staticmethod
-    def example_length(example) -> int:
-        return len(example.input_ids)
-
-    def collate_one(self, examples):
-        """One micro-batch of examples -> tensors."""
-        return collate_causal(examples, self.tokenizer.pad_token_id)
-
-    # -- helpers ---------------------------------------------------------------------------------
-    def _val_path(self, train_path: Path) -> Path | None:
-        if self.data.get("val_split"):  # another split of the same dataset
-            return train_path
-        val = self.data.get("val_path")
-        if val in (None, "", "none"):
-            return None
-        if val != "auto":
-            return Path(str(val))
-        sibling = train_path.with_name(re.sub(r"_train(?=\.[^.]+$)", "_val", train_path.name))
-        return sibling if sibling != train_path and sibling.exists() else None
-
-    def _mix(self, sources) -> list:
-        """Several sources mixed by weight (the seeds' bins): source i contributes
-        round(total * w_i / sum(w)) examples, drawn without replacement while it has enough and
-        cycled through shuffled copies beyond that; `data.mix_size` sets the total (default: the
-        sum of the sources' sizes). Deterministic under the seed; per-source counts go to stats."""
-        built = [self.cached_examples(Path(str(src["path"])), "train") for src in sources]
-        weights = [float(src.get("weight", 1.0)) for src in sources]
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ConfigError(f"data.sources weights must be >= 0 with a positive sum, got {weights}")
-        total = int(self.data.get("mix_size") or sum(len(b) for b in built))
-        generator = torch.Generator().manual_seed(self.seed)
-        mixed = []
-        for src, examples, weight in zip(sources, built, weights):
-            want = round(total * weight / sum(weights))
-            copies = -(-want // len(examples))  # ceil: enough shuffled passes over the source
-            order = torch.cat([torch.randperm(len(examples), generator=generator) for _ in range(max(copies, 1))])
-            mixed += [examples[i] for i in order[:want].tolist()]
-            self.stats[f"source:{Path(str(src['path'])).name}"] = want
-        return mixed
-
-    def _hold_out(self, examples: list[Example], fraction: float):
-        n_val = int(len(examples) * fraction)
-        if n_val == 0:
-            return examples, []
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        val_ids = set(order[:n_val])
-        return ([e for i, e in enumerate(examples) if i not in val_ids],
-                [e for i, e in enumerate(examples) if i in val_ids])
-
-    def _policy(self) -> str:
-        policy = self.data.get("on_bad_record") or "error"
-        if policy not in ("error", "skip"):
-            raise ConfigError(f"data.on_bad_record must be 'error' or 'skip', got {policy!r}")
-        return policy
-
-    def _records(self, path: Path, split: str) -> list[formats.Record]:
-        """The records at `path` (file, folder or dataset; see sources.py). An unreadable line stops
-        the run, or with data.on_bad_record=skip is skipped, counted and named (the first few)."""
-        policy = self._policy()
-        return sources.read_configured(path, self.data, val=split == "val",
-                                       on_bad_line=lambda e: self._bad_record(e, policy, split))
-
-    def _read_records(self, path: Path, reader, split: str):
-        """(record, reader(record, format, columns)) for each record of `path`. A bad record stops the
-        run, or with data.on_bad_record=skip is skipped, counted and (the first few) named in the log."""
-        policy, fmt, columns = self._policy(), self.data.get("format") or "auto", self._columns()
-        for record in self._records(path, split):
-            try:
-                record = formats.prepare(record, columns)
-                yield record, reader(record, fmt, None)
-            except DataFormatError as e:
-                self._bad_record(e, policy, split)
-
-    def _bad_record(self, error: DataFormatError, policy: str, split: str) -> None:
-        if policy == "error":
-            raise error
-        self._count(f"{split}_skipped_bad_record")
-        if self.stats[f"{split}_skipped_bad_record"] <= 3:
-            log.warning("skipped: %s", error)
-
-    def _count(self, key: str) -> None:
-        self.stats[key] = self.stats.get(key, 0) + 1
-
-    def _drop(self, key: str, record: formats.Record) -> None:
-        """Skip a record that has nothing to train on, loudly: counted, and the first few named."""
-        self._count(key)
-        if self.stats[key] <= 3:
-            log.warning("%s:%d: record dropped (%s)", record.path, record.line, key.split("_dropped_")[1].replace("_", " "))
 
 
 class PTDataModule(CausalDataModule):
@@ -279,35 +30,26 @@ class PTDataModule(CausalDataModule):
     def settings(self) -> dict:
         return {**super().settings(), "block_size": self.block_size, "remainder": self.remainder}
 
-    def _text_files(self, path: Path) -> list[Path]:
-        """`path` as plain-text files (a text file, or a folder of data files that are all text), else []."""
-        if path.is_file():
-            files = [path]
-        elif path.is_dir() and not (path / "state.json").exists() and not (path / "dataset_dict.json").exists():
-            files = sources.data_files(path, self.data.get("split") or "train")
-        else:
-            return []
-        return files if all(sources.data_suffix(f) in sources.TEXT_SUFFIXES for f in files) else []
-
     def build_examples(self, path: Path, split: str) -> list[Example]:
-        text_files = self._text_files(path)
+        text_files = text.text_files(path, self.data.get("split") or "train")
         if text_files:  # documents separated by blank lines, file by file
-            texts = [r.data for f in text_files for r in formats.read_text_documents(f)]
+            texts = [r.data for f in text_files for r in text.read_text_documents(f)]
         else:  # records with a text field
-            texts = [text for _, text in self._read_records(path, _text_reader, split)]
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            raise ConfigError("the tokenizer has no EOS token, which packing puts between documents")
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        blocks = pack_documents(ids, eos, self.block_size, self.remainder)
-        if not blocks:
-            raise DataFormatError(path, f"{sum(map(len, ids)) + len(ids)} tokens, fewer than one block "
-                                  f"(datamodule.block_size={self.block_size}); lower block_size or use remainder=pad")
-        return blocks
+            texts = [document for _, document in self._read_records(path, text.read_document, split)]
+        return text.render_blocks(self.tokenizer, texts, path, self.block_size, self.remainder)
+
+    def record_format(self) -> tuple[str, str]:
+        return "text", "detected"
+
+    def describe(self) -> Description:
+        return text.describe(self.train_set, self.tokenizer)
 
 
 class SFTDataModule(CausalDataModule):
     """Supervised conversations (sharegpt, alpaca, messages), assistant turns trained."""
+
+    read = staticmethod(conversation.read_conversation)
+    detect_format = staticmethod(conversation.detect_format)
 
     def __init__(self, data, tokenizer, *, max_length: int = 512, packing: bool = False, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
@@ -324,38 +66,35 @@ class SFTDataModule(CausalDataModule):
         if self.packing:  # several conversations per row, in a seeded random order
             order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.seed)).tolist()
             n_examples = len(self.train_set)
-            self.train_set = pack_examples([self.train_set[i] for i in order], self.max_length)
-            self.val_set = pack_examples(self.val_set, self.max_length)
+            self.train_set = conversation.pack_examples([self.train_set[i] for i in order], self.max_length)
+            self.val_set = conversation.pack_examples(self.val_set, self.max_length)
             log.info("data: packed %d conversations into %d rows of <= %d tokens", n_examples, len(self.train_set),
                      self.max_length)
 
-    def collate_one(self, examples):
-        return collate_packed(examples, self.tokenizer.pad_token_id) if self.packing else super().collate_one(examples)
+    def render(self, record: Record, item: conversation.Conversation) -> Rendered:
+        return conversation.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),
+                                   max_length=self.max_length)
 
-    def build_examples(self, path: Path, split: str) -> list[Example]:
-        examples = []
-        for record, (messages, tools) in self._read_records(path, formats.read_conversation, split):
-            messages = with_system_prompt(messages, self.data.get("system_prompt"))
-            if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
-                self._drop(f"{split}_dropped_no_assistant_turn", record)
-                continue
-            example = render_conversation(self.tokenizer, messages, tools=tools)
-            if len(example.input_ids) > self.max_length:
-                example = truncate(example, self.max_length)
-                self._count(f"{split}_truncated")
-            if num_trained_tokens(example.labels) == 0:
-                self._drop(f"{split}_dropped_no_trained_tokens", record)
-                continue
-            examples.append(example)
-        if not examples:
-            raise DataFormatError(path, f"no record has an assistant token left to train within "
-                                  f"datamodule.max_length={self.max_length}")
-        return examples
+    def nothing_left(self) -> str:
+        return f"no record has an assistant token left to train within datamodule.max_length={self.max_length}"
+
+    def collate_one(self, examples):
+        if self.packing:
+            return conversation.collate_packed(examples, self.tokenizer.pad_token_id)
+        return super().collate_one(examples)
+
+    def describe(self) -> Description:
+        return conversation.describe(self.train_set, self.tokenizer)
 
 
 class PairDataModule(CausalDataModule):
     """Preference pairs (RM, DPO): a shared prompt and a chosen and a rejected reply; only the
     replies are labelled. `batch_size` counts pairs."""
+
+    read = staticmethod(pair.read_pair)
+    detect_format = staticmethod(pair.detect_format)
+    example_from_json = staticmethod(pair.example_from_json)
+    example_length = staticmethod(pair.length)
 
     def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
@@ -369,49 +108,48 @@ class PairDataModule(CausalDataModule):
     def settings(self) -> dict:
         return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
 
-    @staticmethod
-    def example_from_json(item) -> PairExample:
-        chosen, rejected, index, margin = item
-        return PairExample(Example(*chosen), Example(*rejected), index, margin)
-
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         # Number each split's pairs so per-pair values (cached reference log-probs) can be looked up.
         self.train_set = [p._replace(index=i) for i, p in enumerate(self.train_set)]
         self.val_set = [p._replace(index=i) for i, p in enumerate(self.val_set)]
 
-    def build_examples(self, path: Path, split: str) -> list[PairExample]:
-        pairs = []
-        for record, pair in self._read_records(path, formats.read_pair, split):
-            if pair.chosen == pair.rejected:  # no preference to learn: counted and named, not an error
-                self._drop(f"{split}_dropped_identical_pair", record)
-                continue
-            prompt = with_system_prompt(pair.prompt, self.data.get("system_prompt"))
-            example = render_pair(self.tokenizer, prompt, pair.chosen, pair.rejected,
-                                  tools=pair.tools)._replace(margin=_margin(record))
-            example, truncated = truncate_pair(example, self.max_length, self.max_prompt_length)
-            if truncated:
-                self._count(f"{split}_truncated")
-            if min(num_trained_tokens(example.chosen.labels), num_trained_tokens(example.rejected.labels)) == 0:
-                self._drop(f"{split}_dropped_no_trained_tokens", record)
-                continue
-            pairs.append(example)
-        if not pairs:
-            raise DataFormatError(path, f"no pair has reply tokens left within datamodule.max_length={self.max_length}")
-        return pairs
+    def render(self, record: Record, item: pair.Pair) -> Rendered:
+        return pair.render(self.tokenizer, record, item, system_prompt=self.data.get("system_prompt"),
+                           max_length=self.max_length, max_prompt_length=self.max_prompt_length)
 
-    @staticmethod
-    def example_length(pair) -> int:
-        return max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
+    def nothing_left(self) -> str:
+        return f"no pair has reply tokens left within datamodule.max_length={self.max_length}"
 
-    def collate_one(self, pairs):
-        return collate_pairs(pairs, self.tokenizer.pad_token_id)
+    def collate_one(self, pairs) -> pair.PairBatch:
+        return pair.collate_pairs(pairs, self.tokenizer.pad_token_id)
+
+    def describe(self) -> Description:
+        return pair.describe(self.train_set, self.tokenizer)
+
+    # -- what a stage computes once per pair (DPO's reference log-probs) -------------------------
+    def splits(self) -> dict[str, list[pair.PairExample]]:
+        return {"train": self.train_set, "val": self.val_set}
+
+    def reference_batches(self, split: str) -> Iterator[pair.PairBatch]:
+        """Every pair of `split` ("train" | "val") in index order, collated `val_batch_size` at a time."""
+        pairs = self.splits()[split]
+        for start in range(0, len(pairs), self.val_batch_size):
+            yield self.collate_one(pairs[start:start + self.val_batch_size])
+
+    def fingerprint(self) -> str:
+        """A hash of both splits' pairs, token by token (see `pair.fingerprint`)."""
+        return pair.fingerprint(self.splits())
 
 
 class PromptDataModule(CausalDataModule):
     """Prompts for RL stages (`{"question", "answer"}`, `{"prompt"}`, or conversations whose final
     assistant turn is the reference answer), rendered up to the assistant's turn. `batch_size`
     counts prompts per rollout; prompts longer than `max_prompt_length` tokens are dropped and counted."""
+
+    read = staticmethod(prompt.read_prompt)
+    detect_format = staticmethod(prompt.detect_format)
+    example_from_json = staticmethod(prompt.example_from_json)
 
     def __init__(self, data, tokenizer, *, max_prompt_length: int = 256, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
@@ -426,38 +164,15 @@ class PromptDataModule(CausalDataModule):
     def settings(self) -> dict:
         return {**super().settings(), "max_prompt_length": self.max_prompt_length}
 
-    @staticmethod
-    def example_from_json(item) -> PromptExample:
-        return PromptExample(*item)
+    def render(self, record: Record, item: prompt.Prompt) -> Rendered:
+        return prompt.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),
+                             max_prompt_length=self.max_prompt_length)
 
-    def build_examples(self, path: Path, split: str) -> list[PromptExample]:
-        examples = []
-        for record, prompt in self._read_records(path, _prompt_reader, split):
-            example = render_prompt(self.tokenizer, with_system_prompt(prompt.messages, self.data.get("system_prompt")),
-                                    prompt.answer, prompt.tools)
-            if len(example.input_ids) > self.max_prompt_length:
-                self._drop(f"{split}_dropped_prompt_too_long", record)
-                continue
-            examples.append(example)
-        if not examples:
-            raise DataFormatError(path, f"no prompt fits datamodule.max_prompt_length={self.max_prompt_length}")
-        return examples
+    def nothing_left(self) -> str:
+        return f"no prompt fits datamodule.max_prompt_length={self.max_prompt_length}"
 
-    def collate_one(self, examples):
-        return collate_prompts(examples, self.tokenizer.pad_token_id)
+    def collate_one(self, examples) -> prompt.PromptBatch:
+        return prompt.collate_prompts(examples, self.tokenizer.pad_token_id)
 
-
-def _text_reader(record: formats.Record, fmt: str, columns) -> str:
-    return formats.text_of(formats.prepare(record, columns))
-
-
-def _prompt_reader(record: formats.Record, fmt: str, columns) -> formats.Prompt:
-    return formats.prompt_record(record, columns)
-
-
-def _margin(record: formats.Record) -> float:
-    margin = record.data.get("margin", 0.0)
-    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
-        raise DataFormatError(record.path, f"expected a number, got {type(margin).__name__}", line=record.line,
-                              field="margin")
-    return float(margin)
+    def describe(self) -> Description:
+        return prompt.describe(self.train_set, self.tokenizer)

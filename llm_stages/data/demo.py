@@ -134,6 +134,14 @@ def ensure_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 2
     return write_demo_data(out, seed, n_train, n_val)
 
 
+def ensure_configured(data) -> None:
+    """The demo files `data.demo` ({dir, seed}) names, written on first use; nothing when it is unset.
+    What the DataModule's prepare_data and `inspect` both do before reading."""
+    demo = data.get("demo")
+    if demo:
+        ensure_demo_data(demo["dir"], seed=demo["seed"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")

@@ -19,14 +19,10 @@ Reference-free losses (`simpo`, `orpo`) use neither.
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from llm_stages.adapters import frozen_reference, reference_of
-from llm_stages.data.collate import PairBatch
+from llm_stages.data.kinds.pair import PairBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses import dpo_loss, loss_settings, orpo_loss, simpo_loss
 from llm_stages.losses.causal import labelled_logits, sequence_logps
@@ -70,14 +66,14 @@ class DPO(Stage):
         """Score every pair once with the policy as it is now (before any update, it is the reference)."""
         datamodule, was_training = self.trainer.datamodule, self.model.training
         self.model.eval()
-        for split, pairs in (("train", datamodule.train_set), ("val", datamodule.val_set)):
+        for split in ("train", "val"):
             chunks = []
-            for batch in DataLoader(pairs, batch_size=datamodule.val_batch_size, collate_fn=datamodule.collate_one):
+            for batch in datamodule.reference_batches(split):
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
                 logps = self.score(self.model, batch)[0]
                 chunks.append(torch.stack([logps[:batch.num_pairs], logps[batch.num_pairs:]], 1).cpu())
             self.reference_logps[split] = torch.cat(chunks) if chunks else torch.zeros(0, 2)
-        self.reference_fingerprint = pairs_fingerprint(datamodule)
+        self.reference_fingerprint = datamodule.fingerprint()
         self.model.train(was_training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -90,7 +86,7 @@ class DPO(Stage):
         self.reference_logps = checkpoint.get("reference_logps", {})
         self.reference_fingerprint = checkpoint.get("reference_fingerprint")
         if self.reference_logps and self.reference_fingerprint is not None:
-            current = pairs_fingerprint(self.trainer.datamodule)
+            current = self.trainer.datamodule.fingerprint()
             if current != self.reference_fingerprint:
                 raise ConfigError(f"the checkpoint's cached reference log-probs (module.ref=precompute) belong to other "
                                   f"data or tokenization (fingerprint {self.reference_fingerprint} != {current} now): "
@@ -127,15 +123,3 @@ class DPO(Stage):
 
     def loss_weight(self, batch: PairBatch) -> torch.Tensor:
         return torch.tensor(batch.num_pairs, device=self.device)
-
-
-def pairs_fingerprint(datamodule) -> str:
-    """A hash of every pair's token ids and labels in both splits, in order: what the cached
-    reference log-probs of `ref=precompute` are a function of (data, template, tokenizer, truncation)."""
-    digest = hashlib.sha256()
-    for split, pairs in (("train", datamodule.train_set), ("val", datamodule.val_set)):
-        digest.update(f"{split}:{len(pairs)}".encode())
-        for pair in pairs:
-            for row in (pair.chosen.input_ids, pair.chosen.labels, pair.rejected.input_ids, pair.rejected.labels):
-                digest.update(len(row).to_bytes(8, "little") + np.asarray(row, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_stages.data.collate import PromptBatch
+from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss_sum, grpo_per_token_loss
 from llm_stages.rollout import RolloutBuffer, Trajectory

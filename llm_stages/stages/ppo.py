@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 from llm_stages.adapters import is_adapted, load_trainable_model
-from llm_stages.data.collate import PromptBatch
+from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import (KLController, approx_kl, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
                                   kl_penalty, masked_mean, shaped_rewards, whiten)

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from llm_stages.data.collate import PairBatch
+from llm_stages.data.kinds.pair import PairBatch
 from llm_stages.losses.reward import pairwise_reward_loss
 from llm_stages.stages.base import Stage
 

@@ -22,7 +22,8 @@ from transformers import GenerationConfig
 
 from callbacks.generation_samples import record_table
 from llm_stages.adapters import frozen_reference, reference_of
-from llm_stages.data.collate import PromptBatch, collate_causal
+from llm_stages.data.collate import collate_causal
+from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.data.render import Example
 from llm_stages.data.reward_sequence import reply_end, reward_sequence
 from llm_stages.errors import ConfigError

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 from llm_stages.data.__main__ import main
-from llm_stages.data.inspect import inspect_overrides, length_stats, render_report
+from llm_stages.data.describe import length_stats
+from llm_stages.data.inspect import inspect_overrides, render_report
 
 SFT_RECORDS = [
     {"conversations": [{"from": "human", "value": "What is 2 + 3?"}, {"from": "gpt", "value": "2 + 3 = 5"},

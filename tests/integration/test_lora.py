@@ -155,7 +155,7 @@ def test_reference_logits_are_the_base_model_logits(make_cfg, base_dir):
 def test_reward_model_under_lora_trains_its_head_and_exports_the_same_scores(make_cfg, tmp_path, base_dir, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
-    from llm_stages.data.collate import collate_pairs
+    from llm_stages.data.kinds.pair import collate_pairs
 
     cfg = make_cfg("stage=rm", f"model.path={base_dir}", "peft=lora", "trainer.max_steps=4", "optim.lr=5e-3",
                    "validate_before_fit=false", "trainer.limit_val_batches=0", "callbacks=default",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from llm_stages.data.collate import collate_pairs
+from llm_stages.data.kinds.pair import collate_pairs
 from llm_stages.train import train
 from tests.conftest import SHARED_DATA
 from tests.integration.test_training import _build, _first_step_grads

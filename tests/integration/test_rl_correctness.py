@@ -13,8 +13,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from llm_stages.data.collate import collate_pairs, collate_prompts
-from llm_stages.data.render import IGNORE_INDEX, PromptExample
+from llm_stages.data.kinds.pair import collate_pairs
+from llm_stages.data.kinds.prompt import PromptExample, collate_prompts
+from llm_stages.data.render import IGNORE_INDEX
 from llm_stages.errors import ConfigError
 from llm_stages.export import export_hf
 from llm_stages.models import load_tokenizer

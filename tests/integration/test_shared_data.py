@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from llm_stages.data import formats
+from llm_stages.data.kinds.conversation import iter_conversations
+from llm_stages.data.kinds.pair import iter_pairs
+from llm_stages.data.kinds.prompt import prompt_record
+from llm_stages.data.kinds.text import read_text_documents
+from llm_stages.data.sources import read_records
 from llm_stages.data.datamodule import PairDataModule, PTDataModule, SFTDataModule
 from tests.conftest import SHARED_DATA
 
@@ -26,8 +30,8 @@ def _data(path):
 
 @pytest.mark.parametrize("path,count", sorted(SFT.items()))
 def test_sft_files(path, count, tokenizer):
-    records = formats.read_json_records(SHARED_DATA / path)
-    assert len(records) == count and len(list(formats.iter_conversations(records))) == count
+    records = read_records(SHARED_DATA / path)
+    assert len(records) == count and len(list(iter_conversations(records))) == count
     dm = SFTDataModule(_data(path), tokenizer, batch_size=1, max_length=1024)
     dm.setup()
     dropped = sum(v for k, v in dm.stats.items() if "dropped" in k)
@@ -39,16 +43,16 @@ def test_sft_files(path, count, tokenizer):
 
 @pytest.mark.parametrize("path,count", sorted(PAIRS.items()))
 def test_preference_files(path, count, tokenizer):
-    records = formats.read_json_records(SHARED_DATA / path)
-    assert len(list(formats.iter_pairs(records))) == count
+    records = read_records(SHARED_DATA / path)
+    assert len(list(iter_pairs(records))) == count
     dm = PairDataModule(_data(path), tokenizer, batch_size=1, max_length=1024, max_prompt_length=512)
     dm.setup()
     assert len(dm.train_set) == count
 
 
 def test_grpo_prompts():
-    records = formats.read_json_records(SHARED_DATA / "medicalgpt/data/grpo/sample.jsonl")
-    prompts = [formats.prompt_record(r) for r in records]
+    records = read_records(SHARED_DATA / "medicalgpt/data/grpo/sample.jsonl")
+    prompts = [prompt_record(r) for r in records]
     assert len(prompts) == 32 and all(p.answer for p in prompts)
 
 
@@ -56,5 +60,5 @@ def test_grpo_prompts():
 def test_text_files(path, tokenizer):
     dm = PTDataModule(_data(path), tokenizer, batch_size=1, block_size=256)
     dm.setup()
-    docs = formats.read_text_documents(SHARED_DATA / path)
+    docs = read_text_documents(SHARED_DATA / path)
     assert docs and len(dm.train_set) >= 1 and all(len(b.input_ids) == 256 for b in dm.train_set)

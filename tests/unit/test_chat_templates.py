@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_stages.data.render import IGNORE_INDEX, render_conversation, render_pair
+from llm_stages.data.kinds.pair import render_pair
+from llm_stages.data.render import IGNORE_INDEX, render_conversation
 
 trl = pytest.importorskip("trl")
 TEMPLATES = Path(trl.__file__).parent / "chat_templates"

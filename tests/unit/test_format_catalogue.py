@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from llm_stages.data.formats import (Record, iter_conversations, iter_pairs, prompt_record, read_json_records,
-                                     reference_answer)
+from llm_stages.data.kinds.conversation import iter_conversations
+from llm_stages.data.kinds.pair import iter_pairs
+from llm_stages.data.kinds.prompt import prompt_record, reference_answer
+from llm_stages.data.sources import Record, read_records
 from llm_stages.data.render import IGNORE_INDEX, render_conversation
 from llm_stages.errors import DataFormatError
 
@@ -32,7 +34,7 @@ CONVERSATIONS = {
 def _records(tmp_path, *rows):
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return read_json_records(path)
+    return read_records(path)
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
@@ -114,7 +116,7 @@ def test_parquet_and_csv_tables_read_through_datasets(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
     datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "a.csv"), index=False)
     for name in ("a.parquet", "a.csv"):
-        records = read_json_records(tmp_path / name)
+        records = read_records(tmp_path / name)
         assert [r.line for r in records] == ([1, 2] if name.endswith("parquet") else [2, 3])  # CSV: the file's line
         assert [c.messages[-1]["content"] for _, c in iter_conversations(records)] == ["3", "hi"]
 

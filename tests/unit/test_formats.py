@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
-from llm_stages.data.formats import iter_conversations, read_json_records, read_text_documents
+from llm_stages.data.kinds.conversation import iter_conversations
+from llm_stages.data.kinds.text import read_text_documents
+from llm_stages.data.sources import read_records
 from llm_stages.errors import DataFormatError
 
 
@@ -16,19 +18,19 @@ def _write(tmp_path, name, text):
 
 def test_missing_file(tmp_path):
     with pytest.raises(DataFormatError, match=r"nope\.jsonl: file not found"):
-        read_json_records(tmp_path / "nope.jsonl")
+        read_records(tmp_path / "nope.jsonl")
 
 
 def test_empty_file(tmp_path):
     with pytest.raises(DataFormatError, match=r"empty\.jsonl: file is empty"):
-        read_json_records(_write(tmp_path, "empty.jsonl", ""))
+        read_records(_write(tmp_path, "empty.jsonl", ""))
 
 
 def test_malformed_json_line_names_the_line(tmp_path):
     good = json.dumps({"instruction": "a", "output": "b"})
     path = _write(tmp_path, "bad.jsonl", f"{good}\n{good}\n{{not json\n")
     with pytest.raises(DataFormatError) as e:
-        read_json_records(path)
+        read_records(path)
     assert e.value.line == 3 and str(e.value).startswith(f"{path}:3: invalid JSON")
 
 
@@ -36,20 +38,20 @@ def test_record_without_needed_field_names_line_and_field(tmp_path):
     path = _write(tmp_path, "x.jsonl", json.dumps({"instruction": "a", "output": "b"}) + "\n"
                   + json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}) + "\n")
     with pytest.raises(DataFormatError) as e:
-        list(iter_conversations(read_json_records(path)))
+        list(iter_conversations(read_records(path)))
     assert (e.value.line, e.value.field) == (2, "conversations[1].value")
 
 
 def test_unknown_keys_are_reported(tmp_path):
     path = _write(tmp_path, "x.jsonl", json.dumps({"question": "q"}) + "\n")
     with pytest.raises(DataFormatError, match=r"x\.jsonl:1: cannot tell the conversation format"):
-        list(iter_conversations(read_json_records(path)))
+        list(iter_conversations(read_records(path)))
 
 
 def test_alpaca_with_input_and_history(tmp_path):
     rec = {"instruction": "Add", "input": "2 and 3", "output": "5", "system": "S", "history": [["q0", "a0"]]}
     path = _write(tmp_path, "a.json", json.dumps([rec]))
-    [(_, (messages, _))] = list(iter_conversations(read_json_records(path)))
+    [(_, (messages, _))] = list(iter_conversations(read_records(path)))
     assert messages == [{"role": "system", "content": "S"}, {"role": "user", "content": "q0"},
                         {"role": "assistant", "content": "a0"}, {"role": "user", "content": "Add\n2 and 3"},
                         {"role": "assistant", "content": "5"}]

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from llm_stages.data.formats import Record, iter_pairs, read_json_records
-from llm_stages.data.render import IGNORE_INDEX, render_pair, truncate_pair
+from llm_stages.data.kinds.pair import iter_pairs, render_pair, truncate_pair
+from llm_stages.data.render import IGNORE_INDEX
+from llm_stages.data.sources import Record, read_records
 from llm_stages.errors import DataFormatError
 
 FORMATS = [
@@ -22,7 +23,7 @@ FORMATS = [
 def test_every_pair_format_reads_to_the_same_pair(tmp_path, record, name):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(record) + "\n")
-    [(_, pair)] = list(iter_pairs(read_json_records(path)))
+    [(_, pair)] = list(iter_pairs(read_records(path)))
     assert pair.prompt == [{"role": "user", "content": "Q?"}]
     assert (pair.chosen, pair.rejected) == ({"role": "assistant", "content": "good"}, {"role": "assistant", "content": "bad"})
 
@@ -31,7 +32,7 @@ def test_pair_without_rejected_names_the_field(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "Q", "chosen": "a", "rejected": None}) + "\n")
     with pytest.raises(DataFormatError) as e:
-        list(iter_pairs(read_json_records(path)))
+        list(iter_pairs(read_records(path)))
     assert (e.value.line, e.value.field) == (1, "rejected")
 
 
@@ -59,8 +60,8 @@ def test_pair_truncation_cuts_prompt_from_the_left_and_replies_from_the_right(to
 def test_per_pair_margin_is_read_and_checked(tmp_path, tokenizer):
     from omegaconf import OmegaConf
 
-    from llm_stages.data.collate import collate_pairs
     from llm_stages.data.datamodule import PairDataModule
+    from llm_stages.data.kinds.pair import collate_pairs
 
     path = tmp_path / "m.jsonl"
     rows = [{"prompt": "Q", "chosen": "a", "rejected": "b", "margin": 1.5}, {"prompt": "Q", "chosen": "a", "rejected": "b"}]

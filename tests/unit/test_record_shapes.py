@@ -6,8 +6,11 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from llm_stages.data.formats import (Record, prompt_record, read_conversation, read_pair, read_unpaired,
-                                     reference_answer)
+from llm_stages.data.kinds.conversation import read_conversation
+from llm_stages.data.kinds.pair import read_pair
+from llm_stages.data.kinds.prompt import prompt_record, reference_answer
+from llm_stages.data.kinds.unpaired import read_unpaired
+from llm_stages.data.sources import Record
 from llm_stages.data.render import IGNORE_INDEX
 from llm_stages.errors import ConfigError, DataFormatError
 

@@ -1,5 +1,7 @@
-from llm_stages.data.formats import Record, sharegpt_messages
-from llm_stages.data.render import IGNORE_INDEX, num_trained_tokens, pack_documents, render_conversation
+from llm_stages.data.kinds.conversation import sharegpt_messages
+from llm_stages.data.kinds.text import pack_documents
+from llm_stages.data.render import IGNORE_INDEX, num_trained_tokens, render_conversation
+from llm_stages.data.sources import Record
 
 
 def test_packing_blocks_are_contiguous_slices_with_eos_between_documents():
@@ -81,8 +83,8 @@ def test_packed_rows_give_each_conversation_exactly_its_unpacked_logits_and_loss
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from llm_stages.data.collate import collate_causal, collate_packed
-    from llm_stages.data.render import pack_examples
+    from llm_stages.data.collate import collate_causal
+    from llm_stages.data.kinds.conversation import collate_packed, pack_examples
     from llm_stages.losses import token_cross_entropy
 
     conversations = [[{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i}"}]
