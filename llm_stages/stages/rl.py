@@ -64,6 +64,8 @@ def _reward_fn(name: str, spec) -> tuple:
 
 
 class RLStage(Stage):
+    fsdp1_unsupported = "the RL stages generate and call model parts outside the sharded model's forward"
+
     def __init__(self, model, tokenizer, optim, *, generation: dict, val_generation: dict | None = None,
                  rewards: dict | None = None, reward_model: dict | None = None, missing_eos_penalty: float | None = None,
                  ppo_epochs: int = 1, mini_batch_size: int = 8, micro_batch_size: int | None = None,
@@ -225,7 +227,7 @@ class RLStage(Stage):
             for minibatch in buffer.minibatches(self.mini_batch_size, seed=seed, epoch=epoch):
                 micro = [minibatch.rows(slice(i, i + self.micro_batch_size))
                          for i in range(0, self.mini_batch_size, self.micro_batch_size)]
-                loss, stats = self.optimizer_step(micro, loss_sum, loss_weight)
+                loss, stats = self.accumulated_step(micro, loss_sum, loss_weight)
                 for k, v in {"loss": loss, **stats}.items():
                     totals[k] = totals.get(k, 0) + v
                 steps += 1
