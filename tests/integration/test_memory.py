@@ -106,7 +106,8 @@ def test_rl_generation_uses_the_kv_cache_under_gradient_checkpointing(make_cfg):
             seen.append((kwargs["input_ids"].shape[1], cache.get_seq_length() if cache is not None else 0))
 
         module.model.model.register_forward_hook(record, with_kwargs=True)
-        response = module.sample(prompts, generation={"max_new_tokens": 8, "do_sample": False}, seed=0).response
+        response = module.rollout.sampler.sample(module.model, prompts, generation={"max_new_tokens": 8, "do_sample": False},
+                                                 seed=0).response
         assert module.model.training  # sample() restored training mode
         assert len(seen) == response.shape[1] >= 2
         assert seen == [(width, width)] + [(1, width + k) for k in range(1, len(seen))], seen
