@@ -3,8 +3,9 @@
 
 Each training step is one iteration:
 
-1. rollout    `num_generations` sampled replies per prompt (KV cache, no grad);
-2. score      weighted sum of rule rewards (e.g. correctness + format) and/or a reward model;
+1. rollout    `num_generations` sampled replies per prompt (KV cache, no grad), each scored by
+              the weighted sum of rule rewards (e.g. correctness + format) and/or a reward model;
+2. compare    old and reference log-probs, where the loss reads them (no grad);
 3. advantages r - mean_group, divided by the std as `scale_rewards` says (TRL's options: `group`,
               `batch`, `none` as Dr. GRPO), the same for every token of a reply;
 4. update     clipped ratio objective (+ beta * k3 KL to the reference when beta > 0),

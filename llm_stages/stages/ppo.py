@@ -4,8 +4,9 @@ Four models: the actor (the policy, from an SFT export), the critic (a value hea
 export, or on a copy of the actor), the frozen reference (the initial actor) and the reward
 (an RM export and/or rule functions). Each training step is one iteration:
 
-1. rollout    sample replies to a batch of prompts with the actor (KV cache, no grad);
-2. score      score each reply; log-probs of actor and reference, values of the critic;
+1. rollout    sample replies to a batch of prompts with the actor (KV cache, no grad) and
+              score each (llm_stages.rollout);
+2. compare    log-probs of actor and reference, values of the critic (no grad);
 3. advantages per-token reward = -kl_coef * KL(actor || reference), plus the clipped score on
               the last reply token; GAE over the reply; whitened advantages;
 4. update     `ppo_epochs` passes of shuffled minibatches: clipped policy loss + vf_coef *
