@@ -185,12 +185,11 @@ class Scorer(torch.nn.Module):
     @torch.no_grad()
     def score(self, prompts: list[str], answers: list, sample: Sample) -> Scores:
         query, query_mask, response, response_mask = sample[:4]
-        completions = self.tokenizer.batch_decode(response, skip_special_tokens=True)
+        device, completions = response.device, self.tokenizer.batch_decode(response, skip_special_tokens=True)
         components: dict[str, torch.Tensor] = {}
-        total = torch.zeros(response.shape[0], device=response.device)
+        total = torch.zeros(response.shape[0], device=device)
         for name, (fn, weight) in self.rewards.items():
-            values = torch.tensor(fn(completions, prompts=prompts, answers=answers), dtype=torch.float32,
-                                  device=response.device)
+            values = torch.tensor(fn(completions, prompts=prompts, answers=answers), dtype=torch.float32, device=device)
             if values.shape != total.shape:
                 raise ConfigError(f"reward function {name!r} returned {tuple(values.shape)} values for {len(completions)} replies")
             components[name] = values
@@ -200,12 +199,11 @@ class Scorer(torch.nn.Module):
             rows = [reward_sequence(q[qm.bool()].tolist(), r[rm.bool()].tolist(), self.reply_end)
                     for q, qm, r, rm in zip(query, query_mask, response, response_mask)]
             batch = collate_causal([Example(row, row) for row in rows], self.tokenizer.pad_token_id)  # right-padded
-            device = response.device
             values = reward_scores(self.reward_model, batch.input_ids.to(device), batch.attention_mask.to(device))
             components["reward_model"] = values
             total += self.reward_model_weight * values
         if self.missing_eos_penalty:
-            ended = torch.isin(response, torch.tensor(self.eos_ids, device=response.device)).any(1)
+            ended = torch.isin(response, torch.tensor(self.eos_ids, device=device)).any(1)
             total -= self.missing_eos_penalty * (~ended).float()
         return Scores(total, components, completions)
 
