@@ -1,7 +1,7 @@
-"""An RL rollout: replies sampled to a batch of prompts, each scored. `Rollout` is a sampler (the
-policy's `generate` with only the settings the loss models) and scorers (rule rewards and/or a
-reward model); calling it returns one complete `Replies` value. The stages turn that, once they
-have log-probs and advantages, into a `Trajectory`, served as shuffled minibatches by `RolloutBuffer`.
+"""An RL rollout: replies sampled to a batch of prompts, each scored. `Rollout` (built by Hydra from
+`rollout:`) is a sampler (the policy's `generate` with only the settings the loss models) and
+scorers (rule rewards and/or a reward model) returning one complete `Replies` value, which the
+stages turn into a `Trajectory`, served as shuffled minibatches by `RolloutBuffer`.
 
 Sampling is seeded by the caller (PPO and GRPO: by seed, iteration and rank), so a resumed run
 draws the same replies as an uninterrupted one without saving RNG state.
@@ -13,7 +13,6 @@ import time
 from typing import Iterator, NamedTuple
 
 import torch
-from omegaconf import OmegaConf
 
 from llm_stages.data.collate import PromptBatch, collate_causal
 from llm_stages.data.render import Example
@@ -163,22 +162,22 @@ class Sampler:
 
 
 class Scorer(torch.nn.Module):
-    """A reply's score: the weighted sum of rule rewards (`rewards`: {name: {fn: <see
-    llm_stages.rewards>, weight: w}}) and a reward model (`reward_model`: {path: <RM export>,
-    weight: w}), minus `missing_eos_penalty` for replies cut off before EOS. A module, so the reward
+    """A reply's score: the weighted sum of rule rewards (`rewards`: {name: {fn: <see llm_stages.rewards>,
+    weight: w}}) and a reward model (`reward_model`: a model config {path: <RM export>, dtype} and a
+    weight), minus `missing_eos_penalty` for replies cut off before EOS. A module, so the reward
     model moves with the stage (frozen: checkpoints leave it out)."""
 
     def __init__(self, tokenizer, eos: list[int], *, rewards: dict | None, reward_model: dict | None,
-                 missing_eos_penalty: float | None, dtype: torch.dtype):
+                 missing_eos_penalty: float | None):
         super().__init__()
         self.rewards = {name: _rule_reward(name, spec) for name, spec in (rewards or {}).items()}
         self.reward_model, self.reward_model_weight = None, 0.0
         if reward_model and reward_model.get("path"):
-            self.reward_model = load_reward_model(reward_model["path"], tokenizer, dtype)
+            self.reward_model = load_reward_model(reward_model, tokenizer)
             self.reward_model_weight = float(reward_model.get("weight", 1.0))
         if not self.rewards and self.reward_model is None:
-            raise ConfigError("an RL stage needs a reward: module.reward_model.path (an RM export) and/or "
-                              "module.rewards (rule functions, see llm_stages.rewards)")
+            raise ConfigError("an RL stage needs a reward: rollout.reward_model.path (an RM export) and/or "
+                              "rollout.rewards (rule functions, see llm_stages.rewards)")
         self.tokenizer, self.eos_ids, self.missing_eos_penalty = tokenizer, eos, missing_eos_penalty
         self.reply_end = reply_end(tokenizer, eos)
 
@@ -208,28 +207,31 @@ class Scorer(torch.nn.Module):
         return Scores(total, components, completions)
 
 
-def load_reward_model(path: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
-    """A frozen scalar-head reward model (an RM stage export), which must share the policy's vocabulary."""
-    cfg = OmegaConf.create({"name": "reward_model", "path": str(path), "dtype": str(dtype).removeprefix("torch.")})
-    if load_tokenizer(cfg).get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"the reward model at {path} uses a different vocabulary than the policy; scoring "
+def load_reward_model(model_cfg, tokenizer) -> torch.nn.Module:
+    """A frozen scalar-head reward model (an RM export sharing the policy's vocabulary) as `model_cfg` says."""
+    if load_tokenizer(model_cfg).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"the reward model at {model_cfg.path} uses a different vocabulary than the policy; scoring "
                           "replies token for token needs the same tokenizer (train the RM from the same base model)")
-    return load_model(cfg, tokenizer, head="reward").eval().requires_grad_(False)
+    return load_model(model_cfg, tokenizer, head="reward").eval().requires_grad_(False)
 
 
 def _rule_reward(name: str, spec) -> tuple:
     if not hasattr(spec, "get") or not callable(spec.get("fn")):
-        raise ConfigError(f"module.rewards.{name} must be {{weight: w, fn: {{_target_: <function>, _partial_: true}}}}; "
+        raise ConfigError(f"rollout.rewards.{name} must be {{weight: w, fn: {{_target_: <function>, _partial_: true}}}}; "
                           f"got {spec!r}")
     return spec["fn"], float(spec.get("weight", 1.0))
 
 
 class Rollout(torch.nn.Module):
-    """A sampler and its scorers: `rollout(policy, prompts, ...)` -> `Replies`."""
+    """A sampler and its scorers: `rollout(policy, prompts, ...)` -> `Replies`. Hydra builds it from
+    the `rollout:` node as a partial, which the stage completes with its policy and tokenizer."""
 
-    def __init__(self, sampler: Sampler, scorer: Scorer):
+    def __init__(self, model, tokenizer, *, generation: dict, val_generation: dict | None = None,
+                 rewards: dict | None = None, reward_model: dict | None = None, missing_eos_penalty: float | None = None):
         super().__init__()
-        self.sampler, self.scorer = sampler, scorer
+        self.sampler = Sampler(model, tokenizer, generation, val_generation)
+        self.scorer = Scorer(tokenizer, self.sampler.eos_ids, rewards=rewards, reward_model=reward_model,
+                             missing_eos_penalty=missing_eos_penalty)
 
     def forward(self, policy, prompts: PromptBatch, *, seed: int, repeats: int = 1, validation: bool = False) -> Replies:
         started = time.perf_counter()

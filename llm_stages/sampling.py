@@ -26,7 +26,7 @@ NOT_SAMPLING = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_t
 def check_sampling_settings(*settings: dict) -> None:
     for name in {k: None for s in settings for k in s}:
         if name not in (*SAMPLING_SETTINGS, "batch_size"):
-            raise ConfigError(f"module.generation.{name}: RL sampling takes only {', '.join(SAMPLING_SETTINGS)} and "
+            raise ConfigError(f"rollout.generation.{name}: RL sampling takes only {', '.join(SAMPLING_SETTINGS)} and "
                               "batch_size, the settings the loss's log-probs model")
 
 
@@ -35,7 +35,7 @@ def log_ignored_generation_settings(model) -> None:
     ignored = {k: v for k, v in settings.items() if k not in (*SAMPLING_SETTINGS, *NOT_SAMPLING)}
     if ignored:
         log.warning("RL sampling ignores the checkpoint's generation_config %s: the loss models only %s "
-                    "(module.generation)", ignored, ", ".join(SAMPLING_SETTINGS))
+                    "(rollout.generation)", ignored, ", ".join(SAMPLING_SETTINGS))
 
 
 def eos_ids(model, tokenizer) -> list[int]:

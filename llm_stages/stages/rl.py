@@ -1,5 +1,5 @@
-"""What the RL stages (PPO, GRPO) share around their algorithm: the rollout (llm_stages.rollout)
-built from the module's settings, per-token log-probs, the minibatch epochs, logging, and
+"""What the RL stages (PPO, GRPO) share around their algorithm: the rollout (llm_stages.rollout,
+built by Hydra from the config's `rollout:` node), per-token log-probs, the minibatch epochs, logging, and
 validation by reward.
 
 One training step of an RL stage is one iteration: a batch of prompts from the data module is
@@ -13,7 +13,7 @@ between iterations) holds no half-used one.
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -21,7 +21,7 @@ from llm_stages.adapters import frozen_reference, reference_of
 from llm_stages.data.collate import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import entropy_from_logits
-from llm_stages.rollout import Replies, Rollout, RolloutBuffer, Sampler, Scorer, Trajectory, position_ids
+from llm_stages.rollout import Replies, Rollout, RolloutBuffer, Trajectory, position_ids
 from llm_stages.sampling import disable_dropout
 from llm_stages.stages.base import Stage
 from llm_stages.tables import record_table
@@ -30,17 +30,14 @@ from llm_stages.tables import record_table
 class RLStage(Stage):
     fsdp1_unsupported = "the RL stages generate and call model parts outside the sharded model's forward"
 
-    def __init__(self, model, tokenizer, optim, *, generation: dict, val_generation: dict | None = None,
-                 rewards: dict | None = None, reward_model: dict | None = None, missing_eos_penalty: float | None = None,
-                 ppo_epochs: int = 1, mini_batch_size: int = 8, micro_batch_size: int | None = None,
-                 log_samples_every: int = 10, seed: int = 0, reference: bool = True):
-        """The rollout's settings (`generation`, `val_generation`; `rewards`, `reward_model`,
-        `missing_eos_penalty`: see rollout.Sampler and rollout.Scorer), then the update's."""
+    def __init__(self, model, tokenizer, optim, *, rollout: Callable[..., Rollout], ppo_epochs: int = 1,
+                 mini_batch_size: int = 8, micro_batch_size: int | None = None, log_samples_every: int = 10,
+                 seed: int = 0, reference: bool = True):
+        """`rollout`: rollout.Rollout with its settings (Hydra's partial of the config's `rollout:`
+        node), completed here with the policy and tokenizer; then the update's settings."""
         super().__init__(model, tokenizer, optim)
-        sampler = Sampler(model, tokenizer, generation, val_generation)
+        self.rollout = rollout(model, tokenizer)
         disable_dropout(model)
-        self.rollout = Rollout(sampler, Scorer(tokenizer, sampler.eos_ids, rewards=rewards, reward_model=reward_model,
-                                               missing_eos_penalty=missing_eos_penalty, dtype=next(model.parameters()).dtype))
         self.ppo_epochs, self.mini_batch_size = ppo_epochs, mini_batch_size
         self.micro_batch_size = micro_batch_size or mini_batch_size
         if mini_batch_size % self.micro_batch_size:

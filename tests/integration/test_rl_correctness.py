@@ -49,7 +49,7 @@ def test_rl_scores_replies_as_the_rm_stage_does(make_cfg, tmp_path, pad, pad_is_
         chosen, rejected = module.eval().rewards(collate_pairs(pairs, tokenizer.pad_token_id))
 
     # The same replies as a policy samples them: the prompt, then the reply's tokens through EOS.
-    rl, _ = build(make_cfg(*GRPO, f"module.reward_model.path={rm['export_dir']}", *tokenizer_override,
+    rl, _ = build(make_cfg(*GRPO, f"rollout.reward_model.path={rm['export_dir']}", *tokenizer_override,
                            output_dir=tmp_path / "rl"))
     rows = [row for pair in pairs for row in (pair.chosen, pair.rejected)]
     start = [row.labels.index(next(t for t in row.labels if t != IGNORE_INDEX)) for row in rows]
@@ -90,7 +90,7 @@ def test_sampling_ignores_the_checkpoints_generation_config(make_cfg, policy_dir
     sampled = {}
     for name, path in (("plain", plain), ("penalised", penalised)):
         with caplog.at_level(logging.WARNING, logger="llm_stages.sampling"):
-            module, datamodule = build(make_cfg(*GRPO, f"model.path={path}", "module.generation.max_new_tokens=24"))
+            module, datamodule = build(make_cfg(*GRPO, f"model.path={path}", "rollout.generation.max_new_tokens=24"))
         datamodule.setup("fit")
         [prompts] = next(iter(datamodule.train_dataloader()))
         sample = module.rollout.sampler.sample(module.model, prompts, repeats=4, generation=module.generation, seed=3)
@@ -112,7 +112,7 @@ def test_first_minibatch_ratio_is_one_under_lora_dropout(make_cfg, monkeypatch, 
     import llm_stages.stages.ppo as ppo
 
     # A random model's replies hold a digit about half the time: rewards that vary within groups.
-    digit = "+module.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
+    digit = "+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
     overrides = {"ppo": PPO, "grpo": [*GRPO, digit]}[stage]
     cfg = make_cfg(*overrides, "peft=lora", "peft.dropout=0.05", "trainer.max_steps=4", "optim.lr=1e-2")
     module, datamodule = build(cfg)

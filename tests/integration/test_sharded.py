@@ -165,7 +165,7 @@ def test_checkpoint_directories_resolve_like_files(make_cfg, tmp_path):
 
 def test_fsdp1_refuses_rl_stages(make_cfg):
     reward = "{weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, _partial_: true}}"
-    ppo = ["stage=ppo", f"+module.rewards.equation={reward}"]
+    ppo = ["stage=ppo", f"+rollout.rewards.equation={reward}"]
     module, _ = build(make_cfg(*ppo))
     with pytest.raises(ConfigError, match="use trainer=fsdp2"):
         check_fsdp1(module)
