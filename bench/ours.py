@@ -36,8 +36,9 @@ class LightningClock(L.Callback):
         self._rollout: dict | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if hasattr(pl_module, "generation_seconds"):  # an RL stage: count what `sample` returns during training
-            original = pl_module.sample
+        if hasattr(pl_module, "generation_seconds"):  # an RL stage: count what its sampler returns during training
+            sampler = pl_module.rollout.sampler
+            original = sampler.sample
 
             def sample(*args, **kwargs):
                 out = original(*args, **kwargs)
@@ -46,7 +47,7 @@ class LightningClock(L.Callback):
                                      "rows": int(out.query.shape[0])}
                 return out
 
-            pl_module.sample = sample
+            sampler.sample = sample
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.clock.begin()

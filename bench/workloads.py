@@ -101,15 +101,15 @@ def our_overrides(w: Workload, *, checkpoint: str, data_path: str, cache_dir: st
     elif w.stage == "grpo":
         overrides += [f"module.num_generations={o['num_generations']}",
                       f"module.mini_batch_size={w.batch_size * o['num_generations']}", "module.ppo_epochs=1",
-                      f"module.generation.max_new_tokens={o['max_new_tokens']}",
-                      f"module.generation.temperature={o['temperature']}", "module.log_samples_every=0"]
+                      f"rollout.generation.max_new_tokens={o['max_new_tokens']}",
+                      f"rollout.generation.temperature={o['temperature']}", "module.log_samples_every=0"]
     elif w.stage == "ppo":
         overrides += [f"module.mini_batch_size={o['mini_batch_size']}", f"module.ppo_epochs={o['ppo_epochs']}",
-                      f"module.generation.max_new_tokens={o['max_new_tokens']}",
-                      f"module.generation.temperature={o['temperature']}", "module.log_samples_every=0",
+                      f"rollout.generation.max_new_tokens={o['max_new_tokens']}",
+                      f"rollout.generation.temperature={o['temperature']}", "module.log_samples_every=0",
                       f"module.kl_coef={o['kl_coef']}", f"module.cliprange={o['cliprange']}",
                       f"module.cliprange_value={o['cliprange_value']}", f"module.vf_coef={o['vf_coef']}",
                       f"module.gamma={o['gamma']}", f"module.lam={o['lam']}", f"module.reward_clip={o['reward_clip']}",
                       # The same rule reward the naive baseline and TRL's GRPO get.
-                      "+module.rewards.correct={weight: 1.0, fn: {_target_: llm_stages.rewards.answer_match, _partial_: true}}"]
+                      "+rollout.rewards.correct={weight: 1.0, fn: {_target_: llm_stages.rewards.answer_match, _partial_: true}}"]
     return overrides

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 
 from llm_stages.sharding import generation_context, is_sharded
+from llm_stages.tables import record_table
 
 DEFAULT_PROMPTS = ["What is 12 + 30?", "Compute 45 - 17.", "Calculate 8 plus 67.", "Write one sentence about rivers."]
 
@@ -63,15 +60,3 @@ class GenerationSamples(L.Callback):
         record_table(trainer, "samples", ["step", "prompt", "completion"], rows, self.rows)
         return rows
 
-
-def record_table(trainer, name: str, columns: list[str], new_rows: list[list], all_rows: list[list]) -> None:
-    """Append `new_rows` to `<run dir>/<name>.jsonl` and log `all_rows` as the W&B table `name`
-    (W&B tables are replaced, not appended, on each log)."""
-    path = Path(trainer.default_root_dir) / f"{name}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        for row in new_rows:
-            f.write(json.dumps(dict(zip(columns, row)), ensure_ascii=False) + "\n")
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_table(name, columns=columns, data=all_rows)

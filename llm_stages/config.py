@@ -73,6 +73,7 @@ RULES = [
     ("datamodule.max_prompt_length", _integer(1), "an integer >= 1 (tokens)"),
     ("datamodule.block_size", _integer(1), "an integer >= 1 (tokens)"),
     ("model.dtype", _one_of(*DTYPES), f"one of {', '.join(DTYPES)}"),
+    ("rollout.reward_model.dtype", _one_of(*DTYPES), f"one of {', '.join(DTYPES)}"),
     ("data.on_bad_record", _one_of("error", "skip"), "error or skip"),
     ("resume", _one_of(None, "auto"), "auto or null"),
 ]
@@ -117,8 +118,8 @@ def check_config(cfg) -> None:
         from llm_stages.losses.preference import loss_settings
 
         loss_settings(cfg.loss)  # an unknown key or value: one line naming the loss's parameters
-    reward_model = module.get("reward_model") or {}
-    for key, path in (("module.reward_model.path", reward_model.get("path")), ("module.critic_path", module.get("critic_path"))):
+    reward_model = (cfg.get("rollout") or {}).get("reward_model") or {}
+    for key, path in (("rollout.reward_model.path", reward_model.get("path")), ("module.critic_path", module.get("critic_path"))):
         if path:
             check_model_dir(path, key=key, tokenizer=False)
 

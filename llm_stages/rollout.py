@@ -1,15 +1,28 @@
-"""Trajectories of RL stages, the buffer their minibatch epochs iterate over, and what sampling
-needs to draw from the distribution the loss assumes."""
+"""An RL rollout: replies sampled to a batch of prompts, each scored. `Rollout` (built by Hydra from
+`rollout:`) is a sampler (the policy's `generate` with only the settings the loss models) and
+scorers (rule rewards and/or a reward model) returning one complete `Replies` value, which the
+stages turn into a `Trajectory`, served as shuffled minibatches by `RolloutBuffer`.
+
+Sampling is seeded by the caller (PPO and GRPO: by seed, iteration and rank), so a resumed run
+draws the same replies as an uninterrupted one without saving RNG state.
+"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import time
 from typing import Iterator, NamedTuple
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor
 
-from llm_stages.adapters import is_adapted
+from llm_stages.data.collate import collate_causal
+from llm_stages.data.kinds.prompt import PromptBatch
+from llm_stages.data.render import Example
+from llm_stages.data.reward_sequence import reply_end, reward_sequence
+from llm_stages.errors import ConfigError
+from llm_stages.models import load_model, load_tokenizer
+from llm_stages.sampling import (SampledLogprobs, check_sampling_settings, eos_ids, generation_config, generation_defaults,
+                                 log_ignored_generation_settings)
+from llm_stages.stages.reward import reward_scores
 
 
 class Sample(NamedTuple):
@@ -20,6 +33,29 @@ class Sample(NamedTuple):
     response: torch.Tensor  # (N, R) sampled ids, padding after the first EOS
     response_mask: torch.Tensor  # (N, R) 1 up to and including EOS
     sampled_logprobs: torch.Tensor  # (N, R) each token's log-prob at sampling time (0 on padding)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query, self.response], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], 1)
+
+
+class Scores(NamedTuple):
+    total: torch.Tensor  # (N,) weighted sum of every reward, minus missing_eos_penalty where a reply never ended
+    components: dict[str, torch.Tensor]  # (N,) each reward by name ("reward_model" for the RM)
+    completions: list[str]  # the decoded replies
+
+
+class Replies(NamedTuple):
+    """What one rollout returns: the sampled replies, their scores, the prompt of each reply."""
+
+    sample: Sample
+    scores: Scores
+    prompts: list[str]  # one per reply (a prompt answered k times appears k times)
+    generation_seconds: float
 
 
 class Trajectory(NamedTuple):
@@ -34,9 +70,9 @@ class Trajectory(NamedTuple):
     logprobs: torch.Tensor  # (N, R) of the policy that sampled (the "old" policy of the ratio)
     ref_logprobs: torch.Tensor  # (N, R) of the frozen reference (zeros when no KL term)
     values: torch.Tensor  # (N, R) critic values (zeros for GRPO)
-    rewards: torch.Tensor  # (N, R) per-token rewards (PPO: KL penalty + score on the last token)
+    rewards: torch.Tensor  # (N, R) per-token rewards (PPO: KL penalty + score on the last token; GRPO: zeros)
     advantages: torch.Tensor  # (N, R)
-    returns: torch.Tensor  # (N, R) value targets (PPO)
+    returns: torch.Tensor  # (N, R) value targets (PPO; GRPO: zeros)
     scores: torch.Tensor  # (N,) sequence reward before shaping
 
     @property
@@ -78,54 +114,131 @@ class RolloutBuffer:
         return cls(Trajectory(**state["trajectory"]))
 
 
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off in every layer, also in train mode (which gradient checkpointing needs): the
-    ratio of a PPO/GRPO update compares log-probs of two forward passes, and dropout would make it
-    differ from 1 before any update (as TRL does; HF attention applies its dropout from a float attribute)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift a prompt."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-class SampledLogprobs(LogitsProcessor):
-    """Records each generated token's log-prob under the logits generate() samples it from, at the
-    sampling temperature (after every other logits processor, before top-k/top-p truncation, which
-    the loss does not model either). A processor sees a step's token only at the next step, so the
-    last token is read by `finish`."""
+class Sampler:
+    """Replies drawn from the policy with exactly the settings the loss models (`generation`;
+    `val_generation` overrides them for validation)."""
 
-    def __init__(self, temperature: float):
-        self.temperature, self.steps, self.previous = temperature, [], None
+    def __init__(self, model, tokenizer, generation: dict, val_generation: dict | None = None):
+        self.generation = dict(generation)
+        self.val_generation = {**self.generation, **dict(val_generation or {})}
+        check_sampling_settings(self.generation, self.val_generation)
+        log_ignored_generation_settings(model)
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids(model, tokenizer)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._read(input_ids[:, -1])
-        # The scores themselves (generate's processors do not change them in place) and their
-        # normaliser: no (rows x vocabulary) copy is kept from one step to the next.
-        self.previous = scores, torch.logsumexp(scores.float() / self.temperature, -1)
-        return scores
+    @torch.no_grad()
+    def sample(self, model, prompts: PromptBatch, *, repeats: int = 1, generation: dict, seed: int) -> Sample:
+        """Replies to each prompt (`repeats` per prompt, consecutive), with the sampling-time log-prob
+        of each reply token (see SampledLogprobs); the mask covers each reply through its first EOS."""
+        query = prompts.input_ids.repeat_interleave(repeats, 0)
+        query_mask = prompts.attention_mask.repeat_interleave(repeats, 0)
+        chunk = generation.get("batch_size") or query.shape[0]
+        config = generation_config(generation, self.tokenizer, self.eos_ids)
+        was_training = model.training
+        model.eval()  # also turns gradient checkpointing off, so generation uses the KV cache
+        responses, logprobs = [], []
+        devices = [query.device] if query.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), generation_defaults(model, config):
+            torch.manual_seed(seed)
+            for start in range(0, query.shape[0], chunk):
+                recorder = SampledLogprobs(config.temperature if config.do_sample else 1.0)
+                rows = slice(start, start + chunk)
+                out = model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=config,
+                                     logits_processor=[recorder], use_cache=True)
+                responses.append(out[:, query.shape[1]:])
+                logprobs.append(recorder.finish(responses[-1]))
+        model.train(was_training)
+        width = max(r.shape[1] for r in responses)
+        pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)  # noqa: E731
+        response = torch.cat([pad(r, self.tokenizer.pad_token_id) for r in responses])
+        is_eos = torch.isin(response, torch.tensor(self.eos_ids, device=response.device))
+        response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # through the first EOS
+        response = response.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
+        sampled = torch.where(response_mask.bool(), torch.cat([pad(lp, 0.0) for lp in logprobs]), 0.0)
+        return Sample(query, query_mask, response, response_mask, sampled)
 
-    def _read(self, tokens: torch.Tensor) -> None:
-        if self.previous is not None:
-            scores, normaliser = self.previous
-            self.steps.append(scores.gather(-1, tokens[:, None]).squeeze(-1).float() / self.temperature - normaliser)
-            self.previous = None
 
-    def finish(self, response: torch.Tensor) -> torch.Tensor:
-        """(N, R) log-probs of `response`, the generated tokens."""
-        self._read(response[:, -1])
-        return torch.stack(self.steps, 1)
+class Scorer(torch.nn.Module):
+    """A reply's score: the weighted sum of rule rewards (`rewards`: {name: {fn: <see llm_stages.rewards>,
+    weight: w}}) and a reward model (`reward_model`: a model config {path: <RM export>, dtype} and a
+    weight), minus `missing_eos_penalty` for replies cut off before EOS. A module, so the reward
+    model moves with the stage (frozen: checkpoints leave it out)."""
+
+    def __init__(self, tokenizer, eos: list[int], *, rewards: dict | None, reward_model: dict | None,
+                 missing_eos_penalty: float | None):
+        super().__init__()
+        self.rewards = {name: _rule_reward(name, spec) for name, spec in (rewards or {}).items()}
+        self.reward_model, self.reward_model_weight = None, 0.0
+        if reward_model and reward_model.get("path"):
+            self.reward_model = load_reward_model(reward_model, tokenizer)
+            self.reward_model_weight = float(reward_model.get("weight", 1.0))
+        if not self.rewards and self.reward_model is None:
+            raise ConfigError("an RL stage needs a reward: rollout.reward_model.path (an RM export) and/or "
+                              "rollout.rewards (rule functions, see llm_stages.rewards)")
+        self.tokenizer, self.eos_ids, self.missing_eos_penalty = tokenizer, eos, missing_eos_penalty
+        self.reply_end = reply_end(tokenizer, eos)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], answers: list, sample: Sample) -> Scores:
+        query, query_mask, response, response_mask = sample[:4]
+        device, completions = response.device, self.tokenizer.batch_decode(response, skip_special_tokens=True)
+        components: dict[str, torch.Tensor] = {}
+        total = torch.zeros(response.shape[0], device=device)
+        for name, (fn, weight) in self.rewards.items():
+            values = torch.tensor(fn(completions, prompts=prompts, answers=answers), dtype=torch.float32, device=device)
+            if values.shape != total.shape:
+                raise ConfigError(f"reward function {name!r} returned {tuple(values.shape)} values for {len(completions)} replies")
+            components[name] = values
+            total += weight * values
+        if self.reward_model is not None:
+            # The sequence the RM was trained on: prompt, reply, and the template's text after its EOS.
+            rows = [reward_sequence(q[qm.bool()].tolist(), r[rm.bool()].tolist(), self.reply_end)
+                    for q, qm, r, rm in zip(query, query_mask, response, response_mask)]
+            batch = collate_causal([Example(row, row) for row in rows], self.tokenizer.pad_token_id)  # right-padded
+            values = reward_scores(self.reward_model, batch.input_ids.to(device), batch.attention_mask.to(device))
+            components["reward_model"] = values
+            total += self.reward_model_weight * values
+        if self.missing_eos_penalty:
+            ended = torch.isin(response, torch.tensor(self.eos_ids, device=device)).any(1)
+            total -= self.missing_eos_penalty * (~ended).float()
+        return Scores(total, components, completions)
 
 
-@contextmanager
-def generation_defaults(model: torch.nn.Module, config: GenerationConfig):
-    """`config` as the model's generation config while generating: generate() fills every setting
-    left unset from the model's own config (the checkpoint's generation_config.json), so passing
-    `config` alone would not keep a repetition_penalty out."""
-    hf_model = model.get_base_model() if is_adapted(model) else model
-    saved, hf_model.generation_config = hf_model.generation_config, config
-    try:
-        yield
-    finally:
-        hf_model.generation_config = saved
+def load_reward_model(model_cfg, tokenizer) -> torch.nn.Module:
+    """A frozen scalar-head reward model (an RM export sharing the policy's vocabulary) as `model_cfg` says."""
+    if load_tokenizer(model_cfg).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"the reward model at {model_cfg.path} uses a different vocabulary than the policy; scoring "
+                          "replies token for token needs the same tokenizer (train the RM from the same base model)")
+    return load_model(model_cfg, tokenizer, head="reward").eval().requires_grad_(False)
+
+
+def _rule_reward(name: str, spec) -> tuple:
+    if not hasattr(spec, "get") or not callable(spec.get("fn")):
+        raise ConfigError(f"rollout.rewards.{name} must be {{weight: w, fn: {{_target_: <function>, _partial_: true}}}}; "
+                          f"got {spec!r}")
+    return spec["fn"], float(spec.get("weight", 1.0))
+
+
+class Rollout(torch.nn.Module):
+    """A sampler and its scorers: `rollout(policy, prompts, ...)` -> `Replies`. Hydra builds it from
+    the `rollout:` node as a partial, which the stage completes with its policy and tokenizer."""
+
+    def __init__(self, model, tokenizer, *, generation: dict, val_generation: dict | None = None,
+                 rewards: dict | None = None, reward_model: dict | None = None, missing_eos_penalty: float | None = None):
+        super().__init__()
+        self.sampler = Sampler(model, tokenizer, generation, val_generation)
+        self.scorer = Scorer(tokenizer, self.sampler.eos_ids, rewards=rewards, reward_model=reward_model,
+                             missing_eos_penalty=missing_eos_penalty)
+
+    def forward(self, policy, prompts: PromptBatch, *, seed: int, repeats: int = 1, validation: bool = False) -> Replies:
+        started = time.perf_counter()
+        generation = self.sampler.val_generation if validation else self.sampler.generation
+        sample = self.sampler.sample(policy, prompts, repeats=repeats, generation=generation, seed=seed)
+        seconds = time.perf_counter() - started
+        repeated = [p for p in prompts.prompts for _ in range(repeats)]
+        scores = self.scorer.score(repeated, [a for a in prompts.answers for _ in range(repeats)], sample)
+        return Replies(sample, scores, repeated, seconds)

@@ -3,9 +3,9 @@ the full weights of a sharded model back on one rank for an HF export.
 
 Three ways a model can be sharded here, one per trainer config:
 - `trainer=fsdp2`: Lightning's ModelParallelStrategy (`FSDP2Strategy` below);
-  `Stage.configure_model` calls `shard_fsdp2` (torch's `fully_shard`) on each decoder layer, then
+  `strategies.FSDP2.shard` calls `shard_fsdp2` (torch's `fully_shard`) on each decoder layer, then
   on the model. Parameters become DTensors.
-- `trainer=fsdp`: Lightning's FSDPStrategy (FSDP1); `Stage.configure_model` wraps the model with
+- `trainer=fsdp`: Lightning's FSDPStrategy (FSDP1); `strategies.FSDP1.shard` wraps the model with
   the strategy's settings (`wrap_fsdp1`), decoder layers as their own units by `DecoderLayerPolicy`.
 - `trainer=deepspeed` at ZeRO stage 3: DeepSpeed partitions every parameter (they carry a `ds_id`).
 """

@@ -1,5 +1,5 @@
 """The sequence a reward model scores, built from (prompt, reply) in one place: RM training and
-validation rows (`render_pair`), RL scoring of sampled replies (`RLStage.score`), and so what the
+validation rows (`render_pair`), RL scoring of sampled replies (`rollout.Scorer`), and so what the
 RM export reads when anyone scores `apply_chat_template(prompt + [reply])` with it.
 
 It is the prompt, the reply up to and including its first end-of-turn token, and the text the

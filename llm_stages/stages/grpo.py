@@ -3,8 +3,9 @@
 
 Each training step is one iteration:
 
-1. rollout    `num_generations` sampled replies per prompt (KV cache, no grad);
-2. score      weighted sum of rule rewards (e.g. correctness + format) and/or a reward model;
+1. rollout    `num_generations` sampled replies per prompt (KV cache, no grad), each scored by
+              the weighted sum of rule rewards (e.g. correctness + format) and/or a reward model;
+2. compare    old and reference log-probs, where the loss reads them (no grad);
 3. advantages r - mean_group, divided by the std as `scale_rewards` says (TRL's options: `group`,
               `batch`, `none` as Dr. GRPO), the same for every token of a reply;
 4. update     clipped ratio objective (+ beta * k3 KL to the reference when beta > 0),
@@ -23,8 +24,8 @@ import torch
 from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss_sum, grpo_per_token_loss
-from llm_stages.rollout import RolloutBuffer, Trajectory
-from llm_stages.stages.rl import RLStage
+from llm_stages.rollout import Trajectory
+from llm_stages.stages.rl import RLStage, StepMeans
 
 
 class GRPO(RLStage):
@@ -45,38 +46,34 @@ class GRPO(RLStage):
         self.reuses_rollout = False
 
     def training_step(self, batch: list[PromptBatch], batch_idx: int) -> torch.Tensor:
-        prompts = batch[0]
         group = self.num_generations
-        # 1. Rollout: `group` replies per prompt, consecutive.
-        query, query_mask, response, mask, sampled = self.sample(prompts, repeats=group, generation=self.generation,
-                                                                 seed=self._seed(self.global_step))
-        zeros = torch.zeros(response.shape, device=self.device)
-        trajectory = Trajectory(query, query_mask, response, mask, sampled, *([zeros] * 6), scores=zeros[:, 0])
+        # 1. Rollout: `group` replies per prompt, consecutive, each scored.
+        replies = self.sample_and_score(batch[0], repeats=group)
+        sample, scores, mask = replies.sample, replies.scores.total, replies.sample.response_mask
 
-        # 2. Score every reply; old and reference log-probs only where the loss needs them.
-        repeated = lambda items: [x for x in items for _ in range(group)]  # noqa: E731
-        scores, components, completions = self.score(repeated(prompts.prompts), repeated(prompts.answers),
-                                                     query, query_mask, response, mask)
-        # With one pass over one minibatch the policy that sampled is the one being updated: its
-        # log-probs are the detached current ones, and a forward pass is saved.
-        self.reuses_rollout = self.ppo_epochs > 1 or self.mini_batch_size < response.shape[0]
+        # 2. Old and reference log-probs, only where the loss needs them. With one pass over one
+        # minibatch the policy that sampled is the one being updated: its log-probs are the
+        # detached current ones (taken in grpo_loss), and a forward pass is saved.
+        self.reuses_rollout = self.ppo_epochs > 1 or self.mini_batch_size < mask.shape[0]
+        zeros = torch.zeros(mask.shape, device=mask.device)  # what the loss does not read
         with torch.no_grad():
-            logprobs = self.response_logprobs(self.model, trajectory)[0] * mask if self.reuses_rollout else zeros
-            ref_logprobs = self.reference_logprobs(trajectory) * mask if self.beta else zeros
+            logprobs = self.response_logprobs(self.model, sample)[0] * mask if self.reuses_rollout else zeros
+            ref_logprobs = self.reference_logprobs(sample) * mask if self.beta else zeros
         if self.reuses_rollout:
-            self.track_logprob_diff(sampled, logprobs, mask)  # else in grpo_loss, from the update's own forward
+            self.track_logprob_diff(sample.sampled_logprobs, logprobs, mask)  # else in grpo_loss, from the update's own forward
 
         # 3. Advantages: relative to the group, one value per reply, on each of its tokens.
         advantages = group_advantages(scores, group, scale=self.scale_rewards, reduce=self._all_reduce)[:, None] * mask
-        trajectory = trajectory._replace(logprobs=logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
-                                         scores=scores)
+        trajectory = Trajectory(*sample, logprobs, ref_logprobs, values=zeros, rewards=zeros, advantages=advantages,
+                                returns=zeros, scores=scores)
 
-        # 4. Update: minibatch epochs over the rollout buffer.
-        stats = self.update(RolloutBuffer(trajectory), self.grpo_loss, self.loss_weight_of)
-        grouped = scores.view(-1, group)
-        stats["frac_reward_zero_std"] = (grouped.std(1) < 1e-6).float().mean()
-        self.log_rollout("grpo", stats, scores, components, mask)
-        self.record_samples(batch_idx, repeated(prompts.prompts), completions, scores)
+        # 4. Update: minibatch epochs, one optimiser step each, weighted as `loss_type` says.
+        steps = StepMeans()
+        for micro_batches in self.minibatches(trajectory):
+            steps.add(*self.accumulated_step(micro_batches, self.grpo_loss, self.loss_weight_of))
+        stats = steps.means()
+        stats["frac_reward_zero_std"] = (scores.view(-1, group).std(1) < 1e-6).float().mean()
+        self.log_rollout("grpo", stats, replies, batch_idx)
         self._mark_batch_consumed()
         return stats["loss"]
 

@@ -4,8 +4,9 @@ Four models: the actor (the policy, from an SFT export), the critic (a value hea
 export, or on a copy of the actor), the frozen reference (the initial actor) and the reward
 (an RM export and/or rule functions). Each training step is one iteration:
 
-1. rollout    sample replies to a batch of prompts with the actor (KV cache, no grad);
-2. score      score each reply; log-probs of actor and reference, values of the critic;
+1. rollout    sample replies to a batch of prompts with the actor (KV cache, no grad) and
+              score each (llm_stages.rollout);
+2. compare    log-probs of actor and reference, values of the critic (no grad);
 3. advantages per-token reward = -kl_coef * KL(actor || reference), plus the clipped score on
               the last reply token; GAE over the reply; whitened advantages;
 4. update     `ppo_epochs` passes of shuffled minibatches: clipped policy loss + vf_coef *
@@ -29,8 +30,9 @@ from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import (KLController, approx_kl, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
                                   kl_penalty, masked_mean, shaped_rewards, whiten)
 from llm_stages.models import load_tokenizer
-from llm_stages.rollout import RolloutBuffer, Trajectory, disable_dropout
-from llm_stages.stages.rl import RLStage, position_ids
+from llm_stages.rollout import Sample, Trajectory, position_ids
+from llm_stages.sampling import disable_dropout
+from llm_stages.stages.rl import RLStage, StepMeans
 
 
 def critic_from_actor(actor) -> torch.nn.Module:
@@ -83,7 +85,7 @@ class PPO(RLStage):
         super().on_fit_start()
         self.critic.train()
 
-    def values(self, trajectory: Trajectory) -> torch.Tensor:
+    def values(self, trajectory: Sample | Trajectory) -> torch.Tensor:
         """V(s_t) for every reply token t: the critic's head on the hidden state that predicts it."""
         mask = trajectory.attention_mask
         critic = self.critic.get_base_model() if is_adapted(self.critic) else self.critic  # LoRA layers sit inside
@@ -93,20 +95,16 @@ class PPO(RLStage):
         return critic.score(hidden[:, -width - 1:-1]).squeeze(-1).float()
 
     def training_step(self, batch: list[PromptBatch], batch_idx: int) -> torch.Tensor:
-        prompts = batch[0]
-        # 1. Rollout: sample replies with the current actor.
-        query, query_mask, response, mask, sampled = self.sample(prompts, generation=self.generation,
-                                                                 seed=self._seed(self.global_step))
-        zeros = torch.zeros(response.shape, device=self.device)
-        trajectory = Trajectory(query, query_mask, response, mask, sampled, *([zeros] * 6), scores=zeros[:, 0])
+        # 1. Rollout: replies sampled with the current actor, each scored (rule rewards and/or the RM).
+        replies = self.sample_and_score(batch[0])
+        sample, scores, mask = replies.sample, replies.scores.total, replies.sample.response_mask
 
-        # 2. Score: sequence rewards, and what the update compares against (all without grad).
-        scores, components, completions = self.score(prompts.prompts, prompts.answers, query, query_mask, response, mask)
+        # 2. What the update compares against (all without grad): actor, reference, critic.
         with torch.no_grad():
-            logprobs = self.response_logprobs(self.model, trajectory)[0] * mask
-            ref_logprobs = self.reference_logprobs(trajectory) * mask
-            values = self.values(trajectory) * mask
-        self.track_logprob_diff(sampled, logprobs, mask)
+            logprobs = self.response_logprobs(self.model, sample)[0] * mask
+            ref_logprobs = self.reference_logprobs(sample) * mask
+            values = self.values(sample) * mask
+        self.track_logprob_diff(sample.sampled_logprobs, logprobs, mask)
 
         # 3. Advantages: KL-penalised per-token rewards, the clipped score on the last reply token; GAE.
         kl = kl_penalty(logprobs, ref_logprobs, self.kl_estimator) * mask
@@ -115,20 +113,21 @@ class PPO(RLStage):
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
             advantages = whiten(advantages, mask, reduce=self._all_reduce)
-        trajectory = trajectory._replace(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
-                                         advantages=advantages, returns=returns, scores=scores)
+        trajectory = Trajectory(*sample, logprobs, ref_logprobs, values, rewards, advantages, returns, scores)
 
-        # 4. Update: minibatch epochs over the rollout buffer.
-        stats = self.update(RolloutBuffer(trajectory), self.ppo_loss, lambda mb: mb.response_mask.sum())
+        # 4. Update: minibatch epochs, one optimiser step on the token mean of each minibatch.
+        steps = StepMeans()
+        for micro_batches in self.minibatches(trajectory):
+            steps.add(*self.accumulated_step(micro_batches, self.ppo_loss, lambda mb: mb.response_mask.sum()))
+        stats = steps.means()
 
         sequence_kl = kl.sum(1).mean()
         self.kl_ctl.update(float(self._all_reduce(sequence_kl) / self.trainer.world_size),
-                           n_samples=response.shape[0] * self.trainer.world_size)
+                           n_samples=mask.shape[0] * self.trainer.world_size)
         stats.update(kl=sequence_kl, kl_coef=torch.tensor(self.kl_ctl.value),
                      explained_variance=explained_variance(values, returns, mask.float(), reduce=self._all_reduce),
                      score_mean=scores.mean(), advantage_mean=masked_mean(advantages, mask))
-        self.log_rollout("ppo", stats, scores, components, mask)
-        self.record_samples(batch_idx, prompts.prompts, completions, scores)
+        self.log_rollout("ppo", stats, replies, batch_idx)
         self._mark_batch_consumed()
         return stats["loss"]
 

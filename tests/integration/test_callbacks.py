@@ -77,9 +77,9 @@ def test_ppo_export_hf_every_n_steps_counts_optimiser_steps(make_cfg, tmp_path):
     out = tmp_path / "ppo"
     # 4 replies / minibatch 2 x 2 epochs = 4 optimiser steps per iteration; exports after passing 6 and 12
     train(make_cfg("stage=ppo", "callbacks=default", "callbacks.generation_samples=null", "trainer.max_steps=12",
-                   "+module.rewards.eq={weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, _partial_: true}}",
+                   "+rollout.rewards.eq={weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, _partial_: true}}",
                    "module.mini_batch_size=2", "module.ppo_epochs=2", "datamodule.batch_size=4",
-                   "module.generation.max_new_tokens=6", "module.export_critic=true", "trainer.limit_val_batches=1",
+                   "rollout.generation.max_new_tokens=6", "module.export_critic=true", "trainer.limit_val_batches=1",
                    "datamodule.val_batch_size=4", "callbacks.export_hf.every_n_steps=6", "callbacks.export_hf.keep=null",
                    output_dir=out))
     assert sorted(p.name for p in (out / "exports").iterdir()) == ["step_000008", "step_000012"]

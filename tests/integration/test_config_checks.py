@@ -44,8 +44,8 @@ CASES = {
     "no_tokenizer": (["model.path={dir}"], "model.path={dir} has weights but no tokenizer (tokenizer.json, "
                      "tokenizer.model, vocab.json); set model.tokenizer=<directory or hub id of its tokenizer>, or "
                      "export the model with its tokenizer"),
-    "reward_model_missing": (["stage=ppo", "module.reward_model.path={dir}"],
-                             "module.reward_model.path={dir}: no such directory"),
+    "reward_model_missing": (["stage=ppo", "rollout.reward_model.path={dir}"],
+                             "rollout.reward_model.path={dir}: no such directory"),
     "hub_model_offline": (["model=qwen"], OFFLINE),
     "loss_unknown_key": (["stage=dpo", "loss=simpo", "+loss.gama=1.0"],
                          "loss.gama is not a parameter of loss=simpo; its parameters: beta, gamma, label_smoothing"),

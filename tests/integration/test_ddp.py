@@ -1,7 +1,7 @@
 """Data parallelism is exact: two CPU processes (`trainer=ddp`, gloo) with batch_size B follow the
 same loss trajectory as one process with batch_size 2B. This needs the sampler to give a step the
 same global batch whatever the world size (see ResumableBatchSampler) and the loss to be the
-all-ranks token (or pair) mean (see Stage.optimizer_step)."""
+all-ranks token (or pair) mean (see Stage.accumulated_step)."""
 
 from __future__ import annotations
 

@@ -14,11 +14,11 @@ import torch
 
 from llm_stages.train import build, train
 
-DIGIT_REWARD = ("+module.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, "
+DIGIT_REWARD = ("+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, "
                 "_partial_: true, pattern: '.*[0-9].*'}}")
 # One GRPO iteration = one optimiser step: 2 prompts x 4 replies in one minibatch, one epoch.
 GRPO = ["stage=grpo", "module.num_generations=4", "datamodule.batch_size=2", "module.mini_batch_size=8",
-        "module.ppo_epochs=1", "module.generation.max_new_tokens=8", DIGIT_REWARD]
+        "module.ppo_epochs=1", "rollout.generation.max_new_tokens=8", DIGIT_REWARD]
 
 
 def _checkpointing(on: bool) -> str:
@@ -106,7 +106,8 @@ def test_rl_generation_uses_the_kv_cache_under_gradient_checkpointing(make_cfg):
             seen.append((kwargs["input_ids"].shape[1], cache.get_seq_length() if cache is not None else 0))
 
         module.model.model.register_forward_hook(record, with_kwargs=True)
-        response = module.sample(prompts, generation={"max_new_tokens": 8, "do_sample": False}, seed=0).response
+        response = module.rollout.sampler.sample(module.model, prompts, generation={"max_new_tokens": 8, "do_sample": False},
+                                                 seed=0).response
         assert module.model.training  # sample() restored training mode
         assert len(seen) == response.shape[1] >= 2
         assert seen == [(width, width)] + [(1, width + k) for k in range(1, len(seen))], seen

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from llm_stages.train import build
 
 ACCUM = ["datamodule.batch_size=2", "datamodule.grad_accum=2"]  # 2 micro-batches per optimiser step
-RL = ["module.generation.max_new_tokens=8", "module.ppo_epochs=1"]
+RL = ["rollout.generation.max_new_tokens=8", "module.ppo_epochs=1"]
 DIGIT_REWARD = ("{weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, "
                 "pattern: '.*[0-9].*'}}")
 # Two optimiser steps each. RL stages take one batch of prompts per rollout (grad_accum stays 1, by
@@ -24,9 +24,9 @@ STAGES = {
     "rm": ["stage=rm", *ACCUM],
     "dpo": ["stage=dpo", *ACCUM],
     "ppo": ["stage=ppo", *RL, "datamodule.batch_size=4", "module.mini_batch_size=2", "module.micro_batch_size=1",
-            f"+module.rewards.digit={DIGIT_REWARD}"],
+            f"+rollout.rewards.digit={DIGIT_REWARD}"],
     "grpo": ["stage=grpo", *RL, "datamodule.batch_size=2", "module.num_generations=4", "module.mini_batch_size=4",
-             "module.micro_batch_size=2", f"+module.rewards.digit={DIGIT_REWARD}"],
+             "module.micro_batch_size=2", f"+rollout.rewards.digit={DIGIT_REWARD}"],
 }
 PRECISIONS = {"32": torch.float32, "bf16-mixed": torch.float32, "bf16-true": torch.bfloat16}  # -> weight dtype
 MAX_GRAD_NORM = 0.01  # small enough that every step is clipped

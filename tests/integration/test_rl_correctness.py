@@ -19,7 +19,7 @@ from llm_stages.data.render import IGNORE_INDEX
 from llm_stages.errors import ConfigError
 from llm_stages.export import export_hf
 from llm_stages.models import load_tokenizer
-from llm_stages.rollout import Trajectory
+from llm_stages.rollout import Sample, Trajectory
 from llm_stages.train import build, train
 from tests.integration.test_rl_stages import GRPO, PPO, _fit
 
@@ -50,7 +50,7 @@ def test_rl_scores_replies_as_the_rm_stage_does(make_cfg, tmp_path, pad, pad_is_
         chosen, rejected = module.eval().rewards(collate_pairs(pairs, tokenizer.pad_token_id))
 
     # The same replies as a policy samples them: the prompt, then the reply's tokens through EOS.
-    rl, _ = build(make_cfg(*GRPO, f"module.reward_model.path={rm['export_dir']}", *tokenizer_override,
+    rl, _ = build(make_cfg(*GRPO, f"rollout.reward_model.path={rm['export_dir']}", *tokenizer_override,
                            output_dir=tmp_path / "rl"))
     rows = [row for pair in pairs for row in (pair.chosen, pair.rejected)]
     start = [row.labels.index(next(t for t in row.labels if t != IGNORE_INDEX)) for row in rows]
@@ -61,8 +61,8 @@ def test_rl_scores_replies_as_the_rm_stage_does(make_cfg, tmp_path, pad, pad_is_
     response = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in replies])
     response_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in replies])
     assert all(r[-1] == tokenizer.eos_token_id for r in replies)
-    _, components, _ = rl.score([""] * len(rows), [None] * len(rows), prompts.input_ids, prompts.attention_mask,
-                                response, response_mask)
+    _, components, _ = rl.rollout.scorer.score([""] * len(rows), [None] * len(rows),
+                                               Sample(prompts.input_ids, prompts.attention_mask, response, response_mask, None))
     torch.testing.assert_close(components["reward_model"], torch.stack([chosen, rejected], 1).flatten(),
                                atol=1e-5, rtol=1e-5)
 
@@ -90,11 +90,11 @@ def test_sampling_ignores_the_checkpoints_generation_config(make_cfg, policy_dir
     plain, penalised = policy_dirs
     sampled = {}
     for name, path in (("plain", plain), ("penalised", penalised)):
-        with caplog.at_level(logging.WARNING, logger="llm_stages.stages.rl"):
-            module, datamodule = build(make_cfg(*GRPO, f"model.path={path}", "module.generation.max_new_tokens=24"))
+        with caplog.at_level(logging.WARNING, logger="llm_stages.sampling"):
+            module, datamodule = build(make_cfg(*GRPO, f"model.path={path}", "rollout.generation.max_new_tokens=24"))
         datamodule.setup("fit")
         [prompts] = next(iter(datamodule.train_dataloader()))
-        sample = module.sample(prompts, repeats=4, generation=module.generation, seed=3)
+        sample = module.rollout.sampler.sample(module.model, prompts, repeats=4, generation=module.generation, seed=3)
         zeros = torch.zeros(sample.response.shape)
         trajectory = Trajectory(*sample, *([zeros] * 6), scores=zeros[:, 0])
         with torch.no_grad():
@@ -113,7 +113,7 @@ def test_first_minibatch_ratio_is_one_under_lora_dropout(make_cfg, monkeypatch, 
     import llm_stages.stages.ppo as ppo
 
     # A random model's replies hold a digit about half the time: rewards that vary within groups.
-    digit = "+module.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
+    digit = "+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
     overrides = {"ppo": PPO, "grpo": [*GRPO, digit]}[stage]
     cfg = make_cfg(*overrides, "peft=lora", "peft.dropout=0.05", "trainer.max_steps=4", "optim.lr=1e-2")
     module, datamodule = build(cfg)

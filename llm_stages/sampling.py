@@ -1,0 +1,107 @@
+"""What RL sampling needs to draw replies from the distribution the loss assumes: only the
+settings the loss models, no dropout, each token's log-prob as it was sampled, and no setting
+taken from the checkpoint's generation_config.json."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor
+
+from llm_stages.adapters import is_adapted
+from llm_stages.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# What the loss's log-probs model of sampling (softmax of logits / temperature; top_k and top_p
+# truncate it). generate() would take anything else (repetition_penalty, no_repeat_ngram_size, ...)
+# from the checkpoint's generation_config.json, and the ratio would compare different distributions.
+SAMPLING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample")
+NOT_SAMPLING = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+                "max_length", "use_cache")
+
+
+def check_sampling_settings(*settings: dict) -> None:
+    for name in {k: None for s in settings for k in s}:
+        if name not in (*SAMPLING_SETTINGS, "batch_size"):
+            raise ConfigError(f"rollout.generation.{name}: RL sampling takes only {', '.join(SAMPLING_SETTINGS)} and "
+                              "batch_size, the settings the loss's log-probs model")
+
+
+def log_ignored_generation_settings(model) -> None:
+    settings = model.generation_config.to_diff_dict() if getattr(model, "generation_config", None) else {}
+    ignored = {k: v for k, v in settings.items() if k not in (*SAMPLING_SETTINGS, *NOT_SAMPLING)}
+    if ignored:
+        log.warning("RL sampling ignores the checkpoint's generation_config %s: the loss models only %s "
+                    "(rollout.generation)", ignored, ", ".join(SAMPLING_SETTINGS))
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a reply: the tokenizer's EOS and the checkpoint's own."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def generation_config(generation: dict, tokenizer, eos: list[int]) -> GenerationConfig:
+    """Exactly the sampling the loss models: `generation`'s settings, and nothing from the checkpoint."""
+    sample = generation.get("do_sample", True)
+    settings = {"temperature": generation.get("temperature") or 1.0, "top_p": generation.get("top_p") or 1.0,
+                "top_k": generation.get("top_k") or 0} if sample else {}
+    return GenerationConfig(max_new_tokens=generation["max_new_tokens"], do_sample=sample, **settings,
+                            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every layer, also in train mode (which gradient checkpointing needs): the
+    ratio of a PPO/GRPO update compares log-probs of two forward passes, and dropout would make it
+    differ from 1 before any update (as TRL does; HF attention applies its dropout from a float attribute)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records each generated token's log-prob under the logits generate() samples it from, at the
+    sampling temperature (after every other logits processor, before top-k/top-p truncation, which
+    the loss does not model either). A processor sees a step's token only at the next step, so the
+    last token is read by `finish`."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.steps, self.previous = temperature, [], None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._read(input_ids[:, -1])
+        # The scores themselves (generate's processors do not change them in place) and their
+        # normaliser: no (rows x vocabulary) copy is kept from one step to the next.
+        self.previous = scores, torch.logsumexp(scores.float() / self.temperature, -1)
+        return scores
+
+    def _read(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            scores, normaliser = self.previous
+            self.steps.append(scores.gather(-1, tokens[:, None]).squeeze(-1).float() / self.temperature - normaliser)
+            self.previous = None
+
+    def finish(self, response: torch.Tensor) -> torch.Tensor:
+        """(N, R) log-probs of `response`, the generated tokens."""
+        self._read(response[:, -1])
+        return torch.stack(self.steps, 1)
+
+
+@contextmanager
+def generation_defaults(model: torch.nn.Module, config: GenerationConfig):
+    """`config` as the model's generation config while generating: generate() fills every setting
+    left unset from the model's own config (the checkpoint's generation_config.json), so passing
+    `config` alone would not keep a repetition_penalty out."""
+    hf_model = model.get_base_model() if is_adapted(model) else model
+    saved, hf_model.generation_config = hf_model.generation_config, config
+    try:
+        yield
+    finally:
+        hf_model.generation_config = saved
