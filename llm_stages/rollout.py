@@ -1,7 +1,6 @@
-"""An RL rollout: replies sampled to a batch of prompts, each scored. `Rollout` (built by Hydra from
-`rollout:`) is a sampler (the policy's `generate` with only the settings the loss models) and
-scorers (rule rewards and/or a reward model) returning one complete `Replies` value, which the
-stages turn into a `Trajectory`, served as shuffled minibatches by `RolloutBuffer`.
+"""An RL rollout: replies sampled to a batch of prompts, each scored. `Rollout` (built by Hydra from `rollout:`)
+is a sampler (the policy's `generate` with only the settings the loss models) and scorers (rule rewards
+and/or a reward model) returning one complete `Replies`; the stages make it a `Trajectory` (`RolloutBuffer`).
 
 Sampling is seeded by the caller (PPO and GRPO: by seed, iteration and rank), so a resumed run
 draws the same replies as an uninterrupted one without saving RNG state.
