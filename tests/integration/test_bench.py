@@ -60,6 +60,7 @@ def test_mfu_is_model_flops_per_second_over_the_peak_and_gets_a_column_when_the_
     assert "MFU" not in markdown(report)
 
 
+@pytest.mark.longest
 @pytest.mark.slow
 def test_bench_runs_every_workload_against_its_baseline(tmp_path):
     pytest.importorskip("trl")

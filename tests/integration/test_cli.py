@@ -115,6 +115,7 @@ def test_wandb_logger_runs_offline_without_an_account(make_cfg, tmp_path, monkey
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+@pytest.mark.longest
 def test_demo_pipeline_pt_sft_rm_dpo_ppo_grpo_reaches_the_targets(tmp_path):
     """What `make demo` runs (pipeline=demo), with the real tiny model: SFT loss halves, RM and DPO
     reach 0.9 held out, PPO and GRPO raise the held-out mean reward of the SFT policy; every stage

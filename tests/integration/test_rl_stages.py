@@ -149,6 +149,7 @@ def test_ppo_resume_gives_the_same_next_iteration(make_cfg, tmp_path):
         assert resumed.rows[0][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 
 
+@pytest.mark.longest
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_smollm2_runs_rl_steps_on_cpu(make_cfg, stage):
