@@ -163,3 +163,19 @@ def test_chat_in_a_pseudo_terminal(export):
         if process.poll() is None:
             process.kill()
         os.close(main)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generation.temperature=0", "error: generation.temperature=0: expected a number > 0"),
+    ("+generation.repetition_penalty=1.2", "error: generation.repetition_penalty: sampling takes only max_new_tokens"),
+    ("model.path=/nonexistent/export", "error: model.path=/nonexistent/export: no such directory"),
+    ("generation.nope=1", "error: Could not override 'generation.nope'."),
+])
+def test_a_bad_setting_is_one_line_before_loading(override, message, monkeypatch, capsys):
+    from llm_stages.__main__ import cli
+
+    monkeypatch.setattr(sys, "argv", ["llm_stages", "chat", override])
+    with pytest.raises(SystemExit) as exit_:
+        cli()
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.startswith(message) and error.count("\n") == 1
