@@ -1,8 +1,10 @@
-"""CLI: python -m llm_stages stage=<name> model=<name> data=<name> [overrides] (Hydra; -m sweeps)."""
+"""CLI: python -m llm_stages stage=<name> model=<name> data=<name> [overrides] (Hydra; -m sweeps),
+or python -m llm_stages <command> [overrides] for the commands in COMMANDS (each composes its own config)."""
 
 from __future__ import annotations
 
 import sys
+from importlib import import_module
 
 import hydra
 from omegaconf import DictConfig
@@ -40,5 +42,22 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(metric) if metric else None
 
 
+# A first word naming a command runs that module's main(overrides) instead of training.
+COMMANDS = {"chat": "llm_stages.chat"}
+
+
+def cli() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        main()
+        return
+    from hydra.errors import HydraException
+
+    try:
+        sys.exit(import_module(COMMANDS[sys.argv[1]]).main(sys.argv[2:]))
+    except (DataFormatError, ConfigError, HydraException) as e:  # a bad override or model: one line
+        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -76,6 +76,12 @@ RULES = [
     ("rollout.reward_model.dtype", _one_of(*DTYPES), f"one of {', '.join(DTYPES)}"),
     ("data.on_bad_record", _one_of("error", "skip"), "error or skip"),
     ("resume", _one_of(None, "auto"), "auto or null"),
+    # `chat` (conf/chat.yaml): sampling settings
+    ("generation.max_new_tokens", _integer(1), "an integer >= 1 (tokens)"),
+    ("generation.do_sample", lambda v: isinstance(v, bool), "true or false"),
+    ("generation.temperature", _number(lambda x: x > 0), "a number > 0 (greedy: generation.do_sample=false)"),
+    ("generation.top_p", _number(lambda x: 0 < x <= 1), "a number in (0, 1]"),
+    ("generation.top_k", _integer(0), "an integer >= 0 (0: no top-k cut)"),
 ]
 
 

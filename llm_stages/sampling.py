@@ -23,11 +23,11 @@ NOT_SAMPLING = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_t
                 "max_length", "use_cache")
 
 
-def check_sampling_settings(*settings: dict) -> None:
+def check_sampling_settings(*settings: dict, key: str = "rollout.generation") -> None:
     for name in {k: None for s in settings for k in s}:
         if name not in (*SAMPLING_SETTINGS, "batch_size"):
-            raise ConfigError(f"rollout.generation.{name}: RL sampling takes only {', '.join(SAMPLING_SETTINGS)} and "
-                              "batch_size, the settings the loss's log-probs model")
+            raise ConfigError(f"{key}.{name}: sampling takes only {', '.join(SAMPLING_SETTINGS)} and batch_size, "
+                              "the settings RL's log-probs model")
 
 
 def log_ignored_generation_settings(model) -> None:
