@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
 from llm_stages.adapters import frozen_reference
 from llm_stages.data.kinds.unpaired import UnpairedBatch
@@ -106,6 +107,8 @@ class KTO(Stage):
         return torch.tensor(batch.num_examples, device=self.device)
 
     def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
         return self._all_reduce(value) / self.trainer.world_size
 
     # -- metrics ---------------------------------------------------------------------------------

@@ -194,4 +194,4 @@ def describe(examples: list[UnpairedExample], tokenizer) -> Description:
         if first is not None:
             sample[name] = mark_trained(tokenizer, *first.completion)
     n_desirable = sum(e.label for e in examples)
-    return Description(lengths, sample, f"{n_desirable} desirable / {len(examples) - n_desirable} undesirable")
+    return Description(lengths, sample, f"the first of each label; {n_desirable} desirable / {len(examples) - n_desirable} undesirable")
