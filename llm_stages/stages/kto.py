@@ -65,8 +65,8 @@ class KTO(Stage):
     # -- scoring ---------------------------------------------------------------------------------
     @staticmethod
     def score(model, batch: UnpairedBatch):
-        """(summed reply log-probs, reply token counts, mean reply logits), each (2 * examples,):
-        completion rows, then KL rows."""
+        """(summed reply log-probs, reply token counts, mean reply logits), one per row of `batch`
+        (all its rows: completion rows, then KL rows; or `batch.completion_rows()`, ...)."""
         logits, labels = labelled_logits(model, batch.labels, input_ids=batch.input_ids,
                                          attention_mask=batch.attention_mask)
         return sequence_logps(logits, labels)
