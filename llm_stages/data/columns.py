@@ -76,7 +76,7 @@ def record_tools(record: Record) -> list[dict] | None:
 def unpaired_elsewhere(record: Record) -> DataFormatError:
     """Unpaired feedback given where a conversation or a pair is read."""
     return DataFormatError(record.path, "unpaired feedback ({prompt, completion, label} or messages + label) is read by "
-                           "the KTO stage, which is not built yet; rm and dpo need a chosen and a rejected reply per "
+                           "the KTO stage (stage=kto); rm and dpo need a chosen and a rejected reply per "
                            "prompt, sft trains on conversations without a label", line=record.line)
 
 

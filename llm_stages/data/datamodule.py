@@ -1,5 +1,5 @@
-"""The DataModules, one per record kind — PT (text), SFT (conversations), pairs (RM, DPO), prompts
-(PPO, GRPO) — each reading, rendering, collating and describing through its kind's module in
+"""The DataModules, one per record kind — PT (text), SFT (conversations), pairs (RM, DPO), unpaired
+feedback (KTO), prompts (PPO, GRPO) — each reading, rendering, collating and describing through its kind's module in
 `llm_stages/data/kinds/`; what they share is `CausalDataModule` (datamodule_base.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from llm_stages.data.datamodule_base import CausalDataModule
 from llm_stages.data.describe import Description
-from llm_stages.data.kinds import conversation, pair, prompt, text
+from llm_stages.data.kinds import conversation, pair, prompt, text, unpaired
 from llm_stages.data.render import Example, Rendered, ensure_chat_template
 from llm_stages.data.sources import Record
 from llm_stages.errors import ConfigError
@@ -140,6 +140,63 @@ class PairDataModule(CausalDataModule):
     def fingerprint(self) -> str:
         """A hash of both splits' pairs, token by token (see `pair.fingerprint`)."""
         return pair.fingerprint(self.splits())
+
+
+class UnpairedDataModule(CausalDataModule):
+    """Unpaired feedback (KTO): a prompt, one reply and its label; only the reply is labelled. Each
+    example also holds its KL row (its prompt + the previous example's reply within chunks of
+    `batch_size`, TRL 1.16's construction: `unpaired.with_kl_rows`). `batch_size` counts examples."""
+
+    read = staticmethod(unpaired.read_unpaired)
+    detect_format = staticmethod(unpaired.detect_format)
+    example_from_json = staticmethod(unpaired.example_from_json)
+    example_length = staticmethod(unpaired.length)
+
+    def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256, **kwargs):
+        super().__init__(data, tokenizer, **kwargs)
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        if max_prompt_length >= max_length:
+            raise ConfigError(f"datamodule.max_prompt_length={max_prompt_length} leaves no room for the replies within "
+                              f"datamodule.max_length={max_length}; set max_prompt_length below max_length "
+                              f"(e.g. datamodule.max_prompt_length={max_length // 2})")
+        if self.batch_size < 2:  # TRL refuses this too: the KL row would be the example itself
+            raise ConfigError("datamodule.batch_size must be >= 2 for KTO: the reference point is estimated from each "
+                              "prompt paired with another example's reply in its batch")
+        ensure_chat_template(tokenizer)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.train_set = unpaired.with_kl_rows(self.train_set, self.batch_size, self.max_length)
+        self.val_set = unpaired.with_kl_rows(self.val_set, self.batch_size, self.max_length)
+
+    def render(self, record: Record, item: unpaired.Unpaired) -> Rendered:
+        return unpaired.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),
+                               max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+
+    def nothing_left(self) -> str:
+        return f"no example has reply tokens left within datamodule.max_length={self.max_length}"
+
+    def collate_one(self, examples) -> unpaired.UnpairedBatch:
+        return unpaired.collate_unpaired(examples, self.tokenizer.pad_token_id)
+
+    def describe(self) -> Description:
+        return unpaired.describe(self.train_set, self.tokenizer)
+
+    # -- what a stage computes once per example (KTO's reference log-probs) -----------------------
+    def splits(self) -> dict[str, list[unpaired.UnpairedExample]]:
+        return {"train": self.train_set, "val": self.val_set}
+
+    def reference_batches(self, split: str) -> Iterator[unpaired.UnpairedBatch]:
+        """Every example of `split` in index order, collated `val_batch_size` at a time."""
+        examples = self.splits()[split]
+        for start in range(0, len(examples), self.val_batch_size):
+            yield self.collate_one(examples[start:start + self.val_batch_size])
+
+    def fingerprint(self) -> str:
+        return unpaired.fingerprint(self.splits())
 
 
 class PromptDataModule(CausalDataModule):

@@ -1,4 +1,5 @@
-"""The demo task: two-digit addition and subtraction with exact answers, in every stage's format.
+"""The demo task: two-digit addition and subtraction with exact answers, in every stage's format
+(PT text, SFT conversations, preference pairs, unpaired feedback for KTO, RL prompts).
 
 Small and regular enough that a ~1M-parameter model learns it in minutes on CPU, and verifiable,
 so RL stages can reward exact answers. Generated deterministically from a seed:
@@ -20,6 +21,7 @@ DEMO_FILES = {
     "sft_train": "sft_train.jsonl", "sft_val": "sft_val.jsonl",
     "pref_train": "pref_train.jsonl", "pref_val": "pref_val.jsonl",
     "rl_train": "rl_train.jsonl", "rl_val": "rl_val.jsonl",
+    "unpaired_train": "unpaired_train.jsonl", "unpaired_val": "unpaired_val.jsonl",
 }
 QUESTION_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {word} {b}.", "{a} {op} {b} = ?"]
 SYSTEM_PROMPTS = ["You are a careful calculator.", "Answer with the equation and its result."]
@@ -92,6 +94,17 @@ def _records(problems: list[dict], rng: random.Random) -> dict[str, list]:
     return {"pt": pt, "sft": sft, "pref": pref, "rl": rl}
 
 
+def _unpaired(pref: list[dict], seed: int) -> list[dict]:
+    """KTO's unpaired feedback from the pairs: each pair's chosen reply as a desirable example and its
+    rejected reply as an undesirable one, shuffled (its own generator: the other files do not change),
+    so a batch mixes prompts and labels."""
+    records = [{"prompt": [{"role": "user", "content": p["conversations"][0]["value"]}],
+                "completion": [{"role": "assistant", "content": p[side]}], "label": side == "chosen"}
+               for p in pref for side in ("chosen", "rejected")]
+    random.Random(seed).shuffle(records)
+    return records
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and os.replace, so concurrent readers (DDP ranks)
     see either no file or the whole file."""
@@ -114,7 +127,9 @@ def write_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 20
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, problems in (("train", train), ("val", val)):
-        for kind, items in _records(problems, rng).items():
+        records = _records(problems, rng)
+        records["unpaired"] = _unpaired(records["pref"], seed + (2 if split == "train" else 3))
+        for kind, items in records.items():
             path = out / DEMO_FILES[f"{kind}_{split}"]
             if kind == "pt":
                 text = "\n\n".join(items) + "\n"

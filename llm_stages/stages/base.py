@@ -70,9 +70,13 @@ class Stage(L.LightningModule):
         self._mark_batch_consumed()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
-        for k, v in stats.items():
+        for k, v in (stats | self.derived_train_metrics(stats)).items():
             self.log(f"train/{k}", v)
         return loss
+
+    def derived_train_metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Metrics computed from a step's accumulated stats (e.g. KTO's means over one label)."""
+        return {}
 
     def accumulated_step(self, micro_batches: list, loss_sum, loss_weight) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimiser (and schedule) step on the gradient of sum(loss_sum) / sum(loss_weight) over

@@ -137,13 +137,22 @@ def test_first_minibatch_ratio_is_one_under_lora_dropout(make_cfg, monkeypatch, 
     assert any((r - 1).abs().max() > 1e-4 for r in ratios[1:])  # later minibatches follow the updates
 
 
-# -- 7. DPO's cached reference ---------------------------------------------------------------------
-def test_dpo_refuses_to_resume_precomputed_reference_on_changed_data(make_cfg, tmp_path, demo_dir):
+# -- 7. DPO's and KTO's cached reference ---------------------------------------------------------
+def _swap_replies(record: dict) -> None:
+    record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
+
+
+def _flip_label(record: dict) -> None:
+    record["label"] = not record["label"]
+
+
+@pytest.mark.parametrize("stage,files,change", [("dpo", "pref", _swap_replies), ("kto", "unpaired", _flip_label)])
+def test_precomputed_reference_resumes_and_is_refused_on_changed_data(make_cfg, tmp_path, demo_dir, stage, files, change):
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("pref_train.jsonl", "pref_val.jsonl"):
+    for name in (f"{files}_train.jsonl", f"{files}_val.jsonl"):
         shutil.copy(demo_dir / name, data / name)
-    common = ["stage=dpo", f"data.path={data}/pref_train.jsonl", "data.cache_dir=null", "callbacks=default",
+    common = [f"stage={stage}", f"data.path={data}/{files}_train.jsonl", "data.cache_dir=null", "callbacks=default",
               "validate_before_fit=false", "trainer.limit_val_batches=1", "export.enabled=false"]
     run = tmp_path / "run"
     train(make_cfg(*common, "trainer.max_steps=2", output_dir=run))
@@ -151,9 +160,9 @@ def test_dpo_refuses_to_resume_precomputed_reference_on_changed_data(make_cfg, t
     assert len(torch.load(checkpoint, weights_only=False)["reference_fingerprint"]) == 16
     assert train(make_cfg(*common, "trainer.max_steps=3", f"ckpt_path={checkpoint}", output_dir=run))["steps"] == 3
 
-    lines = (data / "pref_train.jsonl").read_text().splitlines()
+    lines = (data / f"{files}_train.jsonl").read_text().splitlines()
     record = json.loads(lines[0])
-    record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
-    (data / "pref_train.jsonl").write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    change(record)
+    (data / f"{files}_train.jsonl").write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
     with pytest.raises(ConfigError, match="cached reference log-probs .* belong to other data or tokenization"):
         train(make_cfg(*common, "trainer.max_steps=4", f"ckpt_path={checkpoint}", output_dir=run))

@@ -178,20 +178,25 @@ def example_from_json(item) -> PairExample:
     return PairExample(Example(*chosen), Example(*rejected), index, margin)
 
 
+def render_reply(tokenizer, prompt: list[dict], answer: dict | str, tools: list[dict] | None = None,
+                 end=None) -> Example:
+    """Prompt + one reply (an assistant message, or its text), only the reply trained: the sequence
+    a reward model scores (llm_stages.data.reward_sequence), as RL scores its replies. (KTO renders
+    its unpaired replies the same way.)"""
+    end = end or reply_end(tokenizer)
+    message = answer if isinstance(answer, dict) else {"role": "assistant", "content": answer}
+    example = render_conversation(tokenizer, prompt + [message], tools=tools, train_last_only=True)
+    start = prompt_length(example.labels)
+    ids = reward_sequence(example.input_ids[:start], example.input_ids[start:], end)
+    return Example(ids, (example.labels + [IGNORE_INDEX] * len(ids))[:len(ids)])
+
+
 def render_pair(tokenizer, prompt: list[dict], chosen: dict | str, rejected: dict | str,
                 tools: list[dict] | None = None) -> PairExample:
-    """Prompt + each reply (an assistant message, or its text), only the reply trained; each row is
-    the sequence a reward model scores (llm_stages.data.reward_sequence), as RL scores its replies."""
+    """Prompt + each reply, only the reply trained (see `render_reply`)."""
     end = reply_end(tokenizer)
-
-    def render_one(answer) -> Example:
-        message = answer if isinstance(answer, dict) else {"role": "assistant", "content": answer}
-        example = render_conversation(tokenizer, prompt + [message], tools=tools, train_last_only=True)
-        start = prompt_length(example.labels)
-        ids = reward_sequence(example.input_ids[:start], example.input_ids[start:], end)
-        return Example(ids, (example.labels + [IGNORE_INDEX] * len(ids))[:len(ids)])
-
-    return PairExample(render_one(chosen), render_one(rejected))
+    return PairExample(render_reply(tokenizer, prompt, chosen, tools, end),
+                       render_reply(tokenizer, prompt, rejected, tools, end))
 
 
 def truncate_pair(pair: PairExample, max_length: int, max_prompt_length: int) -> tuple[PairExample, bool]:
