@@ -223,3 +223,27 @@ def test_rl_under_ddp_keeps_ranks_identical(make_cfg, tmp_path, stage, demo_dir)
                 for line in (tmp_path / "out" / f"sums_rank{rank}.txt").read_text().splitlines())
     names = ["actor", "critic"] if stage == "ppo" else ["actor"]
     assert all(sums[f"rank0 {n}"] == sums[f"rank1 {n}"] for n in names), sums
+
+
+def test_grpo_estimator_with_kl_in_reward_dynamic_sampling_and_overlong(make_cfg):
+    """reinforce_pp_baseline with the KL in the reward (a reference held, beta 0), DAPO's dynamic
+    sampling and overlong shaping: each logged, and the extra prompt batches counted as consumed, so a
+    resumed run continues after them (the loader's position is that count)."""
+    cfg = make_cfg(*GRPO, "module.advantage=reinforce_pp_baseline", "module.kl_coef=0.01", "module.dynamic_sampling=true",
+                   "module.max_extra_rounds=2", "rollout.overlong_buffer=4", "trainer.max_steps=8")  # 2 iterations
+    module, datamodule = build(cfg)
+    assert module.reference is not None and module.beta == 0
+    rows = []
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer = _fit(module, datamodule, cfg, [Capture()])
+    assert len(rows) == 2 and trainer.global_step == 8
+    for row in rows:
+        assert 0 <= row["rollout/kept_groups"] <= 4 and 0 <= row["rollout/extra_rounds"] <= 2
+        assert row["rollout/extra_rounds"] == 2 or row["rollout/kept_groups"] == 4  # filled, or the cap was reached
+        assert -1 <= row["env/reward/overlong"] <= 0 and "grpo/kl_in_reward" in row
+    consumed = trainer.train_dataloader.batch_sampler.consumed
+    assert consumed == len(rows) + sum(row["rollout/extra_rounds"] for row in rows)
