@@ -78,6 +78,7 @@ RULES = [
     ("resume", _one_of(None, "auto"), "auto or null"),
     ("rollout.overlong_penalty_factor", _number(lambda x: x >= 0), "a number >= 0"),
     ("module.max_extra_rounds", _integer(0), "an integer >= 0"),
+    ("module.dynamic_sampling", lambda v: isinstance(v, bool), "true or false"),
 ]
 
 
