@@ -198,3 +198,16 @@ def test_dynamic_sampling_keeps_a_full_batch_as_it_is():
                                      pad_token_id=-1)
     assert (filled.kept_groups, filled.dropped_groups, filled.extra_rounds) == (2, 0, 0)
     assert all(torch.equal(a, b) for a, b in zip(filled.replies.sample, full.sample))
+
+
+def test_grpo_loss_takes_per_token_or_per_reply_advantages():
+    from llm_stages.losses.rl import grpo_per_token_loss
+
+    g = torch.Generator().manual_seed(3)
+    logprobs, old = -torch.rand(4, 3, generator=g), -torch.rand(4, 3, generator=g)
+    per_reply, mask = torch.randn(4, 1, generator=g), torch.ones(4, 3)
+    broadcast = grpo_per_token_loss(logprobs, old, per_reply, mask, epsilon=0.2)[0]
+    assert torch.equal(broadcast, grpo_per_token_loss(logprobs, old, per_reply.expand(4, 3), mask, epsilon=0.2)[0])
+    per_token = per_reply.expand(4, 3) * t([1.0, 0.5, -1.0])  # reinforce_pp's advantages differ along a reply
+    torch.testing.assert_close(grpo_per_token_loss(logprobs, old, per_token, mask, epsilon=0.2)[0][:, 1],
+                               grpo_per_token_loss(logprobs[:, 1:2], old[:, 1:2], per_token[:, 1:2], mask[:, :1], epsilon=0.2)[0][:, 0])
