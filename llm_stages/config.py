@@ -82,6 +82,9 @@ RULES = [
     ("generation.temperature", _number(lambda x: x > 0), "a number > 0 (greedy: generation.do_sample=false)"),
     ("generation.top_p", _number(lambda x: 0 < x <= 1), "a number in (0, 1]"),
     ("generation.top_k", _integer(0), "an integer >= 0 (0: no top-k cut)"),
+    ("rollout.overlong_penalty_factor", _number(lambda x: x >= 0), "a number >= 0"),
+    ("module.max_extra_rounds", _integer(0), "an integer >= 0"),
+    ("module.dynamic_sampling", lambda v: isinstance(v, bool), "true or false"),
 ]
 
 
@@ -124,10 +127,24 @@ def check_config(cfg) -> None:
         from llm_stages.losses.preference import loss_settings
 
         loss_settings(cfg.loss)  # an unknown key or value: one line naming the loss's parameters
+    if "advantage" in module:
+        from llm_stages.losses.advantages import advantage_settings
+
+        advantage_settings(module, module.get("beta", 0.0))  # an unknown estimator or a nonsense combination: one line
+    _check_overlong(cfg.get("rollout") or {})
     reward_model = (cfg.get("rollout") or {}).get("reward_model") or {}
     for key, path in (("rollout.reward_model.path", reward_model.get("path")), ("module.critic_path", module.get("critic_path"))):
         if path:
             check_model_dir(path, key=key, tokenizer=False)
+
+
+def _check_overlong(rollout) -> None:
+    from llm_stages.errors import ConfigError
+
+    buffer, limit = rollout.get("overlong_buffer"), (rollout.get("generation") or {}).get("max_new_tokens")
+    if buffer is not None and not (_integer(1)(buffer) and (limit is None or buffer <= limit)):
+        raise ConfigError(f"rollout.overlong_buffer={_show(buffer)}: expected an integer in [1, rollout.generation."
+                          f"max_new_tokens={limit}] (tokens before the limit where the penalty starts), or null (off)")
 
 
 def _show(value) -> str:

@@ -19,6 +19,7 @@ from llm_stages.data.render import Example
 from llm_stages.data.reward_sequence import reply_end, reward_sequence
 from llm_stages.errors import ConfigError
 from llm_stages.models import load_model, load_tokenizer
+from llm_stages.overlong import overlong_penalty
 from llm_stages.sampling import (SampledLogprobs, check_sampling_settings, eos_ids, generation_config, generation_defaults,
                                  log_ignored_generation_settings)
 from llm_stages.stages.reward import reward_scores
@@ -105,13 +106,6 @@ class RolloutBuffer:
         for start in range(0, len(self), size):
             yield self.trajectory.rows(order[start:start + size])
 
-    def state_dict(self) -> dict:
-        return {"trajectory": {k: v.cpu() for k, v in self.trajectory._asdict().items()}}
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> "RolloutBuffer":
-        return cls(Trajectory(**state["trajectory"]))
-
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding does not shift a prompt."""
@@ -164,11 +158,11 @@ class Sampler:
 class Scorer(torch.nn.Module):
     """A reply's score: the weighted sum of rule rewards (`rewards`: {name: {fn: <see llm_stages.rewards>,
     weight: w}}) and a reward model (`reward_model`: a model config {path: <RM export>, dtype} and a
-    weight), minus `missing_eos_penalty` for replies cut off before EOS. A module, so the reward
-    model moves with the stage (frozen: checkpoints leave it out)."""
+    weight), minus `missing_eos_penalty` for replies cut off before EOS, plus DAPO's `overlong` penalty
+    (llm_stages.overlong). A module, so the reward model moves with the stage (frozen: checkpoints leave it out)."""
 
     def __init__(self, tokenizer, eos: list[int], *, rewards: dict | None, reward_model: dict | None,
-                 missing_eos_penalty: float | None):
+                 missing_eos_penalty: float | None, overlong: tuple[int, int, float] | None = None):
         super().__init__()
         self.rewards = {name: _rule_reward(name, spec) for name, spec in (rewards or {}).items()}
         self.reward_model, self.reward_model_weight = None, 0.0
@@ -179,6 +173,7 @@ class Scorer(torch.nn.Module):
             raise ConfigError("an RL stage needs a reward: rollout.reward_model.path (an RM export) and/or "
                               "rollout.rewards (rule functions, see llm_stages.rewards)")
         self.tokenizer, self.eos_ids, self.missing_eos_penalty = tokenizer, eos, missing_eos_penalty
+        self.overlong = overlong  # (max_new_tokens, overlong_buffer, overlong_penalty_factor), or None
         self.reply_end = reply_end(tokenizer, eos)
 
     @torch.no_grad()
@@ -204,6 +199,9 @@ class Scorer(torch.nn.Module):
         if self.missing_eos_penalty:
             ended = torch.isin(response, torch.tensor(self.eos_ids, device=device)).any(1)
             total -= self.missing_eos_penalty * (~ended).float()
+        if self.overlong:
+            components["overlong"] = overlong_penalty(response_mask.sum(1), *self.overlong)
+            total += components["overlong"]
         return Scores(total, components, completions)
 
 
@@ -227,11 +225,13 @@ class Rollout(torch.nn.Module):
     the `rollout:` node as a partial, which the stage completes with its policy and tokenizer."""
 
     def __init__(self, model, tokenizer, *, generation: dict, val_generation: dict | None = None,
-                 rewards: dict | None = None, reward_model: dict | None = None, missing_eos_penalty: float | None = None):
+                 rewards: dict | None = None, reward_model: dict | None = None, missing_eos_penalty: float | None = None,
+                 overlong_buffer: int | None = None, overlong_penalty_factor: float = 1.0):
         super().__init__()
         self.sampler = Sampler(model, tokenizer, generation, val_generation)
         self.scorer = Scorer(tokenizer, self.sampler.eos_ids, rewards=rewards, reward_model=reward_model,
-                             missing_eos_penalty=missing_eos_penalty)
+                             missing_eos_penalty=missing_eos_penalty, overlong=overlong_buffer and (
+                                 generation["max_new_tokens"], overlong_buffer, overlong_penalty_factor))
 
     def forward(self, policy, prompts: PromptBatch, *, seed: int, repeats: int = 1, validation: bool = False) -> Replies:
         started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Pure functions of RL from feedback (PPO, GRPO), on (batch, response_tokens) tensors.
+"""Pure functions of RL from feedback (PPO, GRPO), on (batch, response_tokens) tensors (the critic-free
+advantage estimators: llm_stages.losses.advantages).
 
 `mask` is 1 on response tokens (up to and including EOS) and 0 on padding after the response.
 Per-token functions return unreduced tensors; `masked_mean` reduces. `reduce`, where taken, sums
@@ -133,34 +134,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return 1 - var_residual / var_returns.clamp(min=1e-8)
 
 
-SCALE_REWARDS = ("none", "group", "batch")
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
-                     reduce: Reduce = _identity) -> torch.Tensor:
-    """GRPO: each completion's reward relative to the other completions of its prompt, r - mean_group,
-    divided by (std + eps) as TRL's `scale_rewards` says: `group` the std of its group (the
-    original GRPO), `batch` the std of all rewards on all ranks (`reduce`), `none` not divided
-    (Dr. GRPO). Stds are unbiased, as in TRL. `rewards` holds the groups consecutively: (prompts * group_size,)."""
-    if scale not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale!r}")
-    grouped = rewards.view(-1, group_size)
-    centred = grouped - grouped.mean(1, keepdim=True)
-    if scale == "group":
-        centred = centred / (grouped.std(1, keepdim=True) + eps)
-    elif scale == "batch":
-        _, variance = masked_mean_var(rewards, torch.ones_like(rewards), reduce)
-        centred = centred / (variance.sqrt() + eps)
-    return centred.reshape(-1)
-
-
 GRPO_LOSS_TYPES = ("token_mean", "sequence_mean", "dr_grpo")
 
 
 def grpo_per_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, *, epsilon: float, epsilon_high: float | None = None, beta: float = 0.0,
                         ref_logprobs: torch.Tensor | None = None):
-    """GRPO's per-token loss: the clipped ratio objective, plus `beta` * k3 KL to the reference when
+    """GRPO's per-token loss: the clipped ratio objective (`advantages` per token (N, R), or (N, 1) per
+    reply, broadcast), plus `beta` * k3 KL to the reference when
     beta > 0 (0 on padding, see `kl_penalty`). Returns (loss, policy loss, clip flags, kl or None), each (N, R)."""
     policy_loss, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, epsilon, epsilon_high)
     if not beta:

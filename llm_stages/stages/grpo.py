@@ -6,8 +6,10 @@ Each training step is one iteration:
 1. rollout    `num_generations` sampled replies per prompt (KV cache, no grad), each scored by
               the weighted sum of rule rewards (e.g. correctness + format) and/or a reward model;
 2. compare    old and reference log-probs, where the loss reads them (no grad);
-3. advantages r - mean_group, divided by the std as `scale_rewards` says (TRL's options: `group`,
-              `batch`, `none` as Dr. GRPO), the same for every token of a reply;
+3. advantages per `advantage` (llm_stages.losses.advantages): `grpo` r - mean_group, divided by the
+              std as `scale_rewards` says (TRL's `group`, `batch`, `none` as Dr. GRPO), the same for
+              every token of a reply; or `rloo`, `reinforce_pp` (per-token KL in the reward, `kl_coef`),
+              `reinforce_pp_baseline`;
 4. update     clipped ratio objective (+ beta * k3 KL to the reference when beta > 0),
               aggregated per `loss_type`, for `ppo_epochs` passes of shuffled minibatches.
 
@@ -15,6 +17,8 @@ Each training step is one iteration:
 (the original GRPO: mean over each reply's tokens, then over replies) or `dr_grpo` (Dr. GRPO:
 token sum / (replies x max_new_tokens)); each equals TRL 1.16's loss on the same tensors.
 Defaults follow TRL's GRPOTrainer (beta 0, epsilon 0.2, one pass, rewards scaled by the group std).
+`dynamic_sampling` (DAPO, off by default): groups whose replies all scored the same are replaced by
+groups answering the next prompts (llm_stages.dynamic_sampling).
 """
 
 from __future__ import annotations
@@ -22,33 +26,38 @@ from __future__ import annotations
 import torch
 
 from llm_stages.data.kinds.prompt import PromptBatch
+from llm_stages.dynamic_sampling import fill_informative_groups
 from llm_stages.errors import ConfigError
-from llm_stages.losses.rl import GRPO_LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss_sum, grpo_per_token_loss
-from llm_stages.rollout import Trajectory
+from llm_stages.losses.advantages import AdvantageInputs, advantage_settings
+from llm_stages.losses.rl import GRPO_LOSS_TYPES, grpo_loss_sum, grpo_per_token_loss, kl_penalty
+from llm_stages.rollout import Replies, Trajectory
 from llm_stages.stages.rl import RLStage, StepMeans
 
 
 class GRPO(RLStage):
     def __init__(self, model, tokenizer, optim, *, num_generations: int = 8, beta: float = 0.0, epsilon: float = 0.2,
                  epsilon_high: float | None = None, scale_rewards: str | bool = "group", loss_type: str = "token_mean",
-                 **kwargs):
+                 advantage: str = "grpo", kl_coef: float = 0.0, gamma: float = 1.0, dynamic_sampling: bool = False,
+                 max_extra_rounds: int = 4, **kwargs):
         if loss_type not in GRPO_LOSS_TYPES:
             raise ConfigError(f"module.loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
-        scale_rewards = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)  # TRL's older booleans
-        if scale_rewards not in SCALE_REWARDS:
-            raise ConfigError(f"module.scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+        settings = advantage_settings(dict(advantage=advantage, scale_rewards=scale_rewards, kl_coef=kl_coef, gamma=gamma),
+                                      beta)
         if num_generations < 2:
             raise ConfigError("module.num_generations must be >= 2: advantages compare replies within a group")
-        # Without a KL term no reference model is needed, nor held in memory.
-        super().__init__(model, tokenizer, optim, reference=beta > 0, **kwargs)
+        # Without a KL term (in the loss or in the reward) no reference model is needed, nor held in memory.
+        super().__init__(model, tokenizer, optim, reference=beta > 0 or kl_coef > 0, **kwargs)
+        self.advantage, self.needs_reference = settings, beta > 0 or kl_coef > 0
         self.num_generations, self.beta, self.epsilon, self.epsilon_high = num_generations, beta, epsilon, epsilon_high
-        self.scale_rewards, self.loss_type = scale_rewards, loss_type
+        self.loss_type, self.dynamic_sampling, self.max_extra_rounds = loss_type, dynamic_sampling, max_extra_rounds
         self.reuses_rollout = False
 
     def training_step(self, batch: list[PromptBatch], batch_idx: int) -> torch.Tensor:
         group = self.num_generations
         # 1. Rollout: `group` replies per prompt, consecutive, each scored.
         replies = self.sample_and_score(batch[0], repeats=group)
+        if self.dynamic_sampling:
+            replies = self.fill_informative_groups(replies)
         sample, scores, mask = replies.sample, replies.scores.total, replies.sample.response_mask
 
         # 2. Old and reference log-probs, only where the loss needs them. With one pass over one
@@ -58,12 +67,14 @@ class GRPO(RLStage):
         zeros = torch.zeros(mask.shape, device=mask.device)  # what the loss does not read
         with torch.no_grad():
             logprobs = self.response_logprobs(self.model, sample)[0] * mask if self.reuses_rollout else zeros
-            ref_logprobs = self.reference_logprobs(sample) * mask if self.beta else zeros
+            ref_logprobs = self.reference_logprobs(sample) * mask if self.needs_reference else zeros
         if self.reuses_rollout:
             self.track_logprob_diff(sample.sampled_logprobs, logprobs, mask)  # else in grpo_loss, from the update's own forward
 
-        # 3. Advantages: relative to the group, one value per reply, on each of its tokens.
-        advantages = group_advantages(scores, group, scale=self.scale_rewards, reduce=self._all_reduce)[:, None] * mask
+        # 3. Advantages, per token. The KL in reinforce_pp's reward is that of the policy that sampled.
+        kl = kl_penalty(logprobs if self.reuses_rollout else sample.sampled_logprobs, ref_logprobs, "k1", mask) \
+            if self.advantage.kl_coef else None
+        advantages = self.advantage.compute(AdvantageInputs(scores, mask, group, kl), reduce=self._all_reduce)
         trajectory = Trajectory(*sample, logprobs, ref_logprobs, values=zeros, rewards=zeros, advantages=advantages,
                                 returns=zeros, scores=scores)
 
@@ -72,10 +83,28 @@ class GRPO(RLStage):
         for micro_batches in self.minibatches(trajectory):
             steps.add(*self.accumulated_step(micro_batches, self.grpo_loss, self.loss_weight_of))
         stats = steps.means()
+        if kl is not None:
+            stats["kl_in_reward"] = (kl * mask).sum() / mask.sum().clamp(min=1)
         stats["frac_reward_zero_std"] = (scores.view(-1, group).std(1) < 1e-6).float().mean()
         self.log_rollout("grpo", stats, replies, batch_idx)
         self._mark_batch_consumed()
         return stats["loss"]
+
+    def fill_informative_groups(self, replies: Replies) -> Replies:
+        """DAPO's dynamic sampling: `replies` with its all-equal groups replaced by informative groups
+        answering the next prompts; logs rollout/kept_groups, rollout/dropped_groups, rollout/extra_rounds."""
+        def next_rollout(round_: int) -> Replies | None:
+            prompts = self.next_prompt_batch()
+            return None if prompts is None else self.rollout(
+                self.model, prompts, repeats=self.num_generations, seed=self.rollout_seed(self.global_step, round_))
+
+        filled = fill_informative_groups(replies, next_rollout, group_size=self.num_generations,
+                                         max_extra_rounds=self.max_extra_rounds, pad_token_id=self.tokenizer.pad_token_id,
+                                         shortfall_anywhere=lambda n: int(self._all_reduce(torch.tensor(n, device=self.device))))
+        self.generation_seconds = filled.replies.generation_seconds
+        self.log_dict({f"rollout/{k}": float(getattr(filled, k)) for k in ("kept_groups", "dropped_groups", "extra_rounds")},
+                      sync_dist=True)
+        return filled.replies
 
     def loss_weight_of(self, mb: Trajectory) -> torch.Tensor:
         return self._loss_sum(mb.response_mask, mb.response_mask)[1]

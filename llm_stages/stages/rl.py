@@ -69,6 +69,18 @@ class RLStage(Stage):
         self.generation_seconds = replies.generation_seconds
         return replies
 
+    def next_prompt_batch(self) -> PromptBatch | None:
+        """The training loader's next batch of prompts, drawn inside a training step (DAPO's dynamic
+        sampling), or None at the end of the epoch. It comes from the iterator Lightning's loop reads
+        (its fetcher, a private attribute), so Lightning does not serve it again, and it is counted as
+        consumed, so a resumed run starts after it."""
+        try:
+            batch, _, _ = next(self.trainer.fit_loop._data_fetcher)
+        except StopIteration:
+            return None
+        self._mark_batch_consumed()
+        return self.trainer.strategy.batch_to_device(batch)[0]
+
     # -- log-probs -------------------------------------------------------------------------------
     @torch.no_grad()
     def reference_logprobs(self, trajectory) -> torch.Tensor:

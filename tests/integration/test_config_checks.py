@@ -52,6 +52,16 @@ CASES = {
     "loss_not_a_number": (["stage=dpo", "loss=ipo", "loss.beta=abc"], "loss.beta=abc: expected a number"),
     "loss_without_dpo": (["loss=ipo"], "loss=ipo selects a preference loss, which stage=sft does not take: only "
                          "stage=dpo does (drop loss=, or put it in the DPO stage's overrides)"),
+    "unknown_advantage": (["stage=grpo", "module.advantage=ppo"],
+                          "module.advantage=ppo: expected one of grpo, rloo, reinforce_pp, reinforce_pp_baseline"),
+    "kl_twice": (["stage=grpo", "module.advantage=reinforce_pp", "module.kl_coef=0.01", "module.beta=0.04"],
+                 "module.beta=0.04 and module.kl_coef=0.01 would both penalise the KL to the reference: set module.beta=0 "
+                 "(reinforce_pp keeps the KL in the reward)"),
+    "kl_coef_with_grpo": (["stage=grpo", "module.kl_coef=0.01"], "module.kl_coef=0.01 puts the KL into the reward of "
+                          "reinforce_pp and reinforce_pp_baseline only; with module.advantage=grpo use module.beta (the KL loss term)"),
+    "overlong_buffer_too_long": (["stage=grpo", "rollout.overlong_buffer=100"], "rollout.overlong_buffer=100: expected an "
+                                 "integer in [1, rollout.generation.max_new_tokens=64] (tokens before the limit where the "
+                                 "penalty starts), or null (off)"),
 }
 
 

@@ -121,11 +121,11 @@ def _fit(module, datamodule, cfg, callbacks, ckpt_path=None):
 class Recorder(L.Callback):
     """Each iteration's statistics; optionally saves a checkpoint and stops after `stop_after` iterations."""
 
-    def __init__(self, stop_after: int | None = None, path: Path | None = None):
-        self.rows, self.stop_after, self.path = [], stop_after, path
+    def __init__(self, stop_after: int | None = None, path: Path | None = None, prefixes: tuple = ("ppo/", "env/")):
+        self.rows, self.stop_after, self.path, self.prefixes = [], stop_after, path, prefixes
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("ppo/", "env/"))})
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefixes)})
         if self.stop_after and len(self.rows) == self.stop_after:
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True
@@ -224,3 +224,54 @@ def test_rl_under_ddp_keeps_ranks_identical(make_cfg, tmp_path, stage, demo_dir)
                 for line in (tmp_path / "out" / f"sums_rank{rank}.txt").read_text().splitlines())
     names = ["actor", "critic"] if stage == "ppo" else ["actor"]
     assert all(sums[f"rank0 {n}"] == sums[f"rank1 {n}"] for n in names), sums
+
+
+def test_grpo_estimator_with_kl_in_reward_dynamic_sampling_and_overlong(make_cfg):
+    """reinforce_pp_baseline with the KL in the reward (a reference held, beta 0), DAPO's dynamic
+    sampling and overlong shaping: each logged, and the extra prompt batches counted as consumed, so a
+    resumed run continues after them (the loader's position is that count)."""
+    cfg = make_cfg(*GRPO, "module.advantage=reinforce_pp_baseline", "module.kl_coef=0.01", "module.dynamic_sampling=true",
+                   "module.max_extra_rounds=2", "rollout.overlong_buffer=4", "trainer.max_steps=8")  # 2 iterations
+    module, datamodule = build(cfg)
+    assert module.reference is not None and module.beta == 0
+    rows = []
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer = _fit(module, datamodule, cfg, [Capture()])
+    assert len(rows) == 2 and trainer.global_step == 8
+    for row in rows:
+        assert 0 <= row["rollout/kept_groups"] <= 4 and 0 <= row["rollout/extra_rounds"] <= 2
+        assert row["rollout/extra_rounds"] == 2 or row["rollout/kept_groups"] == 4  # filled, or the cap was reached
+        assert -1 <= row["env/reward/overlong"] <= 0 and "grpo/kl_in_reward" in row
+    consumed = trainer.train_dataloader.batch_sampler.consumed
+    assert consumed == len(rows) + sum(row["rollout/extra_rounds"] for row in rows)
+
+
+def test_grpo_dynamic_sampling_resumes_exactly(make_cfg, tmp_path):
+    """The prompt batches drawn for extra rounds count as consumed: a run resumed after iteration 2
+    answers the same prompts in iteration 3 as an uninterrupted one (and ends at the same position)."""
+    digit = "{weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
+    cfg = make_cfg(*GRPO, "module.dynamic_sampling=true", "module.max_extra_rounds=2", f"+rollout.rewards.digit={digit}",
+                   "trainer.max_steps=12")  # 3 iterations
+
+    class Prompts(Recorder):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.prompts = getattr(self, "prompts", []) + [batch[0].prompts]
+            self.consumed = trainer.train_dataloader.batch_sampler.consumed
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    prefixes = ("grpo/", "env/", "rollout/kept", "rollout/dropped", "rollout/extra")
+    uninterrupted = Prompts(prefixes=prefixes)
+    _fit(*build(cfg), cfg, [uninterrupted])
+    assert sum(row["rollout/extra_rounds"] for row in uninterrupted.rows) > 0  # the case worth testing
+    stopped = Prompts(stop_after=2, path=tmp_path / "k2.ckpt", prefixes=prefixes)
+    _fit(*build(cfg), cfg, [stopped])
+    resumed = Prompts(prefixes=prefixes)
+    _fit(*build(cfg), cfg, [resumed], ckpt_path=tmp_path / "k2.ckpt")
+    assert resumed.prompts == uninterrupted.prompts[2:] and resumed.consumed == uninterrupted.consumed
+    assert len(resumed.rows) == 1 and resumed.rows[0].keys() == uninterrupted.rows[2].keys()
+    for key, value in uninterrupted.rows[2].items():
+        assert resumed.rows[0][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key

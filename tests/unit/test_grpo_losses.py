@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llm_stages.losses.rl import group_advantages, grpo_loss_sum, grpo_per_token_loss, kl_penalty
+from llm_stages.losses.advantages import group_advantages
+from llm_stages.losses.rl import grpo_loss_sum, grpo_per_token_loss, kl_penalty
 
 
 def test_k3_kl_is_finite_on_a_padded_position_with_logprob_minus_100():

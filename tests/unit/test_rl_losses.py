@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+from llm_stages.losses.advantages import group_advantages
 from llm_stages.losses.rl import (KLController, approx_kl, clipped_policy_loss, clipped_value_loss,
-                                  entropy_from_logits, explained_variance, gae, group_advantages, kl_penalty,
-                                  masked_mean, shaped_rewards, whiten)
+                                  entropy_from_logits, explained_variance, gae, kl_penalty, masked_mean,
+                                  shaped_rewards, whiten)
 
 
 def t(*rows):
