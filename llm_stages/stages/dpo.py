@@ -23,11 +23,12 @@ import torch
 
 from llm_stages.adapters import frozen_reference, reference_of
 from llm_stages.data.kinds.pair import PairBatch
+from llm_stages.data.kinds.shared_pair import SharedPairBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses import dpo_loss, loss_settings, orpo_loss, simpo_loss
-from llm_stages.losses.causal import labelled_logits, sequence_logps
 from llm_stages.losses.preference import REFERENCE_FREE_LOSSES, add_nll
 from llm_stages.stages.base import Stage
+from llm_stages.stages.pair_scoring import check_shared_prompts, sequence_scores
 
 
 class DPO(Stage):
@@ -43,15 +44,17 @@ class DPO(Stage):
         self.reference_logps: dict[str, torch.Tensor] = {}  # split -> (pairs, 2) for ref=precompute
         self.reference_fingerprint: str | None = None  # of the pairs they were computed on
 
+    def setup(self, stage: str) -> None:
+        check_shared_prompts(self, reward_head=False)
+
     # -- scoring ---------------------------------------------------------------------------------
     @staticmethod
-    def score(model, batch: PairBatch):
-        """(summed reply log-probs, reply token counts, mean reply logits), each (2 * pairs,)."""
-        logits, labels = labelled_logits(model, batch.labels, input_ids=batch.input_ids,
-                                         attention_mask=batch.attention_mask)
-        return sequence_logps(logits, labels)
+    def score(model, batch: PairBatch | SharedPairBatch):
+        """(summed reply log-probs, reply token counts, mean reply logits), each (2 * pairs,), in
+        either layout (prompt forwarded per sequence or once per pair: llm_stages.stages.pair_scoring)."""
+        return sequence_scores(model, batch)
 
-    def reference_scores(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_scores(self, batch: PairBatch | SharedPairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ref_mode == "copy":
             with torch.no_grad(), reference_of(self.model, self.reference) as reference:
                 logps = self.score(reference, batch)[0]
@@ -93,7 +96,7 @@ class DPO(Stage):
                                   "resume with the data and tokenizer settings it was trained on, or start a new run")
 
     # -- loss ------------------------------------------------------------------------------------
-    def loss_sum(self, batch: PairBatch):
+    def loss_sum(self, batch: PairBatch | SharedPairBatch):
         n = batch.num_pairs
         logps, n_tokens, mean_logits = self.score(self.model, batch)
         chosen, rejected = logps[:n], logps[n:]
@@ -121,5 +124,5 @@ class DPO(Stage):
         }
         return losses.sum(), stats
 
-    def loss_weight(self, batch: PairBatch) -> torch.Tensor:
+    def loss_weight(self, batch: PairBatch | SharedPairBatch) -> torch.Tensor:
         return torch.tensor(batch.num_pairs, device=self.device)
