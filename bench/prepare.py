@@ -67,6 +67,24 @@ def count_parameters(checkpoint: str) -> int:
     return total
 
 
+LONG_PROMPT_HISTORY = 6  # earlier exchanges before each long-prompt pair's question
+
+
+def write_long_prompt_pairs(pref_train: Path, dest: Path, history: int = LONG_PROMPT_HISTORY) -> Path:
+    """Pairs with long multi-turn prompts, as hh-rlhf's are, made from the demo pairs so the bench needs
+    no other data: pair k's prompt is the question and chosen answer of pairs k+1..k+history (cycling)
+    as earlier exchanges, then pair k's own question; its replies stay pair k's. Deterministic."""
+    records = [json.loads(line) for line in pref_train.read_text(encoding="utf-8").splitlines()]
+    with open(dest, "w", encoding="utf-8") as f:
+        for k, record in enumerate(records):
+            turns = []
+            for j in range(1, history + 1):
+                earlier = records[(k + j) % len(records)]
+                turns += [*earlier["conversations"], {"from": "gpt", "value": earlier["chosen"]}]
+            f.write(json.dumps({**record, "conversations": turns + record["conversations"]}) + "\n")
+    return dest
+
+
 def records_needed(w: Workload, total_steps: int) -> int:
     """Records for `total_steps` steps and one more batch, so no side starts a second epoch."""
     per_step = w.batch_size
