@@ -155,6 +155,11 @@ def prepare_workload(w: Workload, *, demo: dict[str, Path], checkpoints: dict[st
                              f"{needed:,}; use fewer --steps or a smaller --batch-size / --max-length")
         n = min(2 * n, available)
     notes = [f"our data module: {k}={v}" for k, v in datamodule.stats.items()]
+    if w.stage in ("rm", "dpo"):
+        from llm_stages.data.kinds.shared_pair import prompt_saving
+
+        notes.append(f"our prompts {'forwarded once per pair' if datamodule.shares_prompt else 'forwarded per sequence'} "
+                     f"(share_prompt={datamodule.share_prompt}; sharing saves {prompt_saving(examples):.0%} of the tokens)")
     order = list(range(len(examples))) if w.options.get("packing") else _our_order(len(examples), w.batch_size, cfg.seed)
 
     if w.stage == "sft":
