@@ -67,6 +67,24 @@ def count_parameters(checkpoint: str) -> int:
     return total
 
 
+LONG_PROMPT_HISTORY = 6  # earlier exchanges before each long-prompt pair's question
+
+
+def write_long_prompt_pairs(pref_train: Path, dest: Path, history: int = LONG_PROMPT_HISTORY) -> Path:
+    """Pairs with long multi-turn prompts, as hh-rlhf's are, made from the demo pairs so the bench needs
+    no other data: pair k's prompt is the question and chosen answer of pairs k+1..k+history (cycling)
+    as earlier exchanges, then pair k's own question; its replies stay pair k's. Deterministic."""
+    records = [json.loads(line) for line in pref_train.read_text(encoding="utf-8").splitlines()]
+    with open(dest, "w", encoding="utf-8") as f:
+        for k, record in enumerate(records):
+            turns = []
+            for j in range(1, history + 1):
+                earlier = records[(k + j) % len(records)]
+                turns += [*earlier["conversations"], {"from": "gpt", "value": earlier["chosen"]}]
+            f.write(json.dumps({**record, "conversations": turns + record["conversations"]}) + "\n")
+    return dest
+
+
 def records_needed(w: Workload, total_steps: int) -> int:
     """Records for `total_steps` steps and one more batch, so no side starts a second epoch."""
     per_step = w.batch_size
@@ -137,6 +155,11 @@ def prepare_workload(w: Workload, *, demo: dict[str, Path], checkpoints: dict[st
                              f"{needed:,}; use fewer --steps or a smaller --batch-size / --max-length")
         n = min(2 * n, available)
     notes = [f"our data module: {k}={v}" for k, v in datamodule.stats.items()]
+    if w.stage in ("rm", "dpo"):
+        from llm_stages.data.kinds.shared_pair import prompt_saving
+
+        notes.append(f"our prompts {'forwarded once per pair' if datamodule.shares_prompt else 'forwarded per sequence'} "
+                     f"(share_prompt={datamodule.share_prompt}; sharing saves {prompt_saving(examples):.0%} of the tokens)")
     order = list(range(len(examples))) if w.options.get("packing") else _our_order(len(examples), w.batch_size, cfg.seed)
 
     if w.stage == "sft":

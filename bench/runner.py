@@ -1,6 +1,6 @@
 """llm_stages against TRL 1.16 in the same run, on identical settings.
 
-    python -m bench [--model tiny|smollm2|qwen_0_5b_init] [--workloads sft,sft_packed,rm,dpo_precompute,dpo_copy,grpo,ppo]
+    python -m bench [--model tiny|smollm2|qwen_0_5b_init] [--workloads sft,sft_packed,rm,dpo_precompute,dpo_copy,rm_shared,dpo_shared,rm_long,dpo_long,grpo,ppo]
                     [--steps N] [--warmup K] [--repeats R] [--profile WORKLOAD] [--trainer cpu|gpu]
                     [--batch-size B] [--max-length T] [--peak-tflops P]
 
@@ -237,7 +237,8 @@ def _device(trainer: str) -> str:
 # -- main -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench.prepare import count_parameters, prepare_workload, records_needed, save_checkpoints
+    from bench.prepare import (count_parameters, prepare_workload, records_needed, save_checkpoints,
+                               write_long_prompt_pairs)
     from llm_stages.data.demo import write_demo_data
 
     out_dir = Path(args.out_dir)
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         # (capped at the demo task's 19,990 distinct problems; prepare_workload says if a run needs more)
         problems = min(19_990 - 8, max(500, 2 * max(records_needed(w, args.warmup + timed[w.name]) for w in workloads)))
         demo = write_demo_data(workdir / "demo", seed=0, n_train=problems, n_val=8)
+        if any(w.data == "pref_long" for w in workloads):
+            demo["pref_long"] = write_long_prompt_pairs(demo["pref_train"], workdir / "demo" / "pref_long.jsonl")
         prepared = {w.name: prepare_workload(w, demo=demo, checkpoints=checkpoints, workdir=workdir,
                                              total_steps=args.warmup + timed[w.name], trainer=args.trainer, seed=args.seed)
                     for w in workloads}

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 class Workload:
     name: str
     stage: str  # our stage
-    data: str  # which demo file: sft_train | pref_train | rl_train
+    data: str  # which demo file: sft_train | pref_train | rl_train, or pref_long (bench/prepare.py: long multi-turn prompts)
     baseline: str  # "trl" (TRL 1.16 on the same settings) or "naive" (bench/naive_ppo.py)
     batch_size: int  # per device: sequences (SFT), packed rows (SFT packed), pairs (RM, DPO), prompts (RL)
     lr: float
@@ -29,6 +29,11 @@ class Workload:
         return asdict(self)
 
 
+_REFERENCE_PASS = ("the reference pass is outside the timed steps on both sides: TRL's runs in its constructor, "
+                   "ours in the first training step (a warm-up step; with --warmup 0 it would be timed)")
+_SHARED = ("ours forwards each prompt once ([prompt, chosen, rejected] in one row, 4-D mask), TRL twice; tokens/s "
+           "counts the pairs' tokens as two rows each on both sides (the same tokens/step)")
+
 # Demo records are 20-110 tokens, so max_length 256 truncates nothing (the tokenized data is checked).
 # RL: GRPO answers 2 prompts x 4 = 8 replies per step (one optimiser step: mini batch = the whole
 # rollout, one pass, as TRL with steps_per_generation=1, num_iterations=1); PPO answers 4 prompts and
@@ -39,13 +44,22 @@ WORKLOADS = {w.name: w for w in [
              caveat="the packers differ, so a step's rows hold different conversations and token counts: ours packs "
                     "greedily in shuffled order into padded rows with a block-diagonal mask, TRL packs best-fit-"
                     "decreasing into one padding-free row with restarting position_ids; compare tokens/s and samples/s"),
-    Workload("rm", "rm", "pref_train", "trl", batch_size=8, lr=1e-5, steps=20),
+    # rm, dpo_precompute, dpo_copy: one row per sequence (datamodule.share_prompt=false), as TRL forwards them.
+    Workload("rm", "rm", "pref_train", "trl", batch_size=8, lr=1e-5, steps=20, options={"share_prompt": "false"}),
     Workload("dpo_precompute", "dpo", "pref_train", "trl", batch_size=8, lr=5e-6, steps=20,
-             options={"ref": "precompute", "beta": 0.1},
-             caveat="the reference pass is outside the timed steps on both sides: TRL's runs in its constructor, "
-                    "ours in the first training step (a warm-up step; with --warmup 0 it would be timed)"),
-    Workload("dpo_copy", "dpo", "pref_train", "trl", batch_size=8, lr=5e-6, steps=20, options={"ref": "copy", "beta": 0.1},
-             flops_per_param_token=8),
+             options={"ref": "precompute", "beta": 0.1, "share_prompt": "false"}, caveat=_REFERENCE_PASS),
+    Workload("dpo_copy", "dpo", "pref_train", "trl", batch_size=8, lr=5e-6, steps=20,
+             options={"ref": "copy", "beta": 0.1, "share_prompt": "false"}, flops_per_param_token=8),
+    # The same with each pair's prompt forwarded once (share_prompt=auto, which is on for these pairs), on the
+    # demo pairs and on pairs with long multi-turn prompts. tokens/s counts every pair's tokens as TRL's rows hold them.
+    Workload("rm_shared", "rm", "pref_train", "trl", batch_size=8, lr=1e-5, steps=20, options={"share_prompt": "auto"},
+             caveat=_SHARED),
+    Workload("dpo_shared", "dpo", "pref_train", "trl", batch_size=8, lr=5e-6, steps=20,
+             options={"ref": "precompute", "beta": 0.1, "share_prompt": "auto"}, caveat=_SHARED),
+    Workload("rm_long", "rm", "pref_long", "trl", batch_size=8, lr=1e-5, steps=10, max_length=512,
+             options={"share_prompt": "auto"}, caveat=_SHARED),
+    Workload("dpo_long", "dpo", "pref_long", "trl", batch_size=8, lr=5e-6, steps=10, max_length=512,
+             options={"ref": "precompute", "beta": 0.1, "share_prompt": "auto"}, caveat=_SHARED),
     Workload("grpo", "grpo", "rl_train", "trl", batch_size=2, lr=1e-6, steps=10,
              options={"num_generations": 4, "max_new_tokens": 32, "temperature": 1.0},
              caveat="each side samples its own replies, so reply lengths (tokens/step) differ; compare tokens/s",
@@ -92,11 +106,12 @@ def our_overrides(w: Workload, *, checkpoint: str, data_path: str, cache_dir: st
     if w.stage == "sft":
         overrides += [f"datamodule.max_length={w.max_length}", f"datamodule.packing={str(o.get('packing', False)).lower()}"]
     elif w.stage == "rm":  # prompts take at most half (demo prompts are far shorter: nothing is cut)
-        overrides += [f"datamodule.max_length={w.max_length}", f"datamodule.max_prompt_length={w.max_length // 2}"]
+        overrides += [f"datamodule.max_length={w.max_length}", f"datamodule.max_prompt_length={w.max_length // 2}",
+                      f"datamodule.share_prompt={o.get('share_prompt', 'auto')}"]
     elif w.stage == "dpo":
         # The precompute pass scores in batches of val_batch_size; TRL's in precompute_ref_batch_size (set equal).
         overrides += [f"datamodule.max_length={w.max_length}", f"datamodule.max_prompt_length={w.max_length // 2}",
-                      f"datamodule.val_batch_size={w.batch_size}",
+                      f"datamodule.val_batch_size={w.batch_size}", f"datamodule.share_prompt={o.get('share_prompt', 'auto')}",
                       f"module.ref={o['ref']}", "loss=sigmoid", f"loss.beta={o['beta']}"]
     elif w.stage == "grpo":
         overrides += [f"module.num_generations={o['num_generations']}",

@@ -12,7 +12,7 @@ import torch
 
 from llm_stages.data.datamodule_base import CausalDataModule
 from llm_stages.data.describe import Description
-from llm_stages.data.kinds import conversation, pair, prompt, text, unpaired
+from llm_stages.data.kinds import conversation, pair, prompt, shared_pair, text, unpaired
 from llm_stages.data.render import Example, Rendered, ensure_chat_template
 from llm_stages.data.sources import Record
 from llm_stages.errors import ConfigError
@@ -89,16 +89,27 @@ class SFTDataModule(CausalDataModule):
 
 class PairDataModule(CausalDataModule):
     """Preference pairs (RM, DPO): a shared prompt and a chosen and a rejected reply; only the
-    replies are labelled. `batch_size` counts pairs."""
+    replies are labelled. `batch_size` counts pairs.
+
+    `share_prompt` (auto | true | false): forward each pair's prompt once, `[prompt, chosen, rejected]`
+    in one row (llm_stages.data.kinds.shared_pair); auto decides from the data (`setup`), and the
+    stage turns it off where its model cannot take the 4-D mask (`stop_sharing`). `pack_pairs`:
+    several shared pairs per row where they fit in the micro-batch's longest."""
 
     read = staticmethod(pair.read_pair)
     detect_format = staticmethod(pair.detect_format)
     example_from_json = staticmethod(pair.example_from_json)
-    example_length = staticmethod(pair.length)
 
-    def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256, **kwargs):
+    def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256,
+                 share_prompt: str | bool = "auto", share_prompt_min_saving: float = 0.2, pack_pairs: bool = True,
+                 **kwargs):
         super().__init__(data, tokenizer, **kwargs)
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.share_prompt = str(share_prompt).lower()
+        if self.share_prompt not in shared_pair.SHARE_PROMPT_SETTINGS:
+            raise ConfigError(f"datamodule.share_prompt={share_prompt}: expected one of auto, true, false")
+        self.share_prompt_min_saving, self.pack_pairs = float(share_prompt_min_saving), bool(pack_pairs)
+        self.shares_prompt: bool | None = None  # decided once, in setup, from the data
         if max_prompt_length >= max_length:  # refused before any data is read: no room left for the replies
             raise ConfigError(f"datamodule.max_prompt_length={max_prompt_length} leaves no room for the replies within "
                               f"datamodule.max_length={max_length}; set max_prompt_length below max_length "
@@ -113,6 +124,25 @@ class PairDataModule(CausalDataModule):
         # Number each split's pairs so per-pair values (cached reference log-probs) can be looked up.
         self.train_set = [p._replace(index=i) for i, p in enumerate(self.train_set)]
         self.val_set = [p._replace(index=i) for i, p in enumerate(self.val_set)]
+        if self.shares_prompt is not None:  # decided already (setup runs for validate and for fit)
+            return
+        self.shares_prompt, why = shared_pair.decide_share_prompt(self.share_prompt, self.train_set,
+                                                                  self.share_prompt_min_saving)
+        log.info("data: prompts %s: %s", "forwarded once per pair" if self.shares_prompt else "not shared", why)
+
+    def stop_sharing(self, reason: str) -> None:
+        """Back to one row per sequence (the stage's model cannot take the shared layout); refused
+        when the config asked for sharing explicitly."""
+        if self.share_prompt == "true":
+            raise ConfigError(f"datamodule.share_prompt=true cannot be used here: {reason}; set "
+                              "datamodule.share_prompt=auto or false")
+        if self.shares_prompt:
+            log.info("data: prompts not shared after all: %s", reason)
+        self.shares_prompt = False
+
+    def example_length(self, example: pair.PairExample) -> int:
+        """What length grouping sorts by: the shared row, or the longer of the two sequences."""
+        return shared_pair.shared_length(example) if self.shares_prompt else pair.length(example)
 
     def render(self, record: Record, item: pair.Pair) -> Rendered:
         return pair.render(self.tokenizer, record, item, system_prompt=self.data.get("system_prompt"),
@@ -121,7 +151,9 @@ class PairDataModule(CausalDataModule):
     def nothing_left(self) -> str:
         return f"no pair has reply tokens left within datamodule.max_length={self.max_length}"
 
-    def collate_one(self, pairs) -> pair.PairBatch:
+    def collate_one(self, pairs) -> pair.PairBatch | shared_pair.SharedPairBatch:
+        if self.shares_prompt:
+            return shared_pair.collate_shared_pairs(pairs, self.tokenizer.pad_token_id, pack=self.pack_pairs)
         return pair.collate_pairs(pairs, self.tokenizer.pad_token_id)
 
     def describe(self) -> Description:

@@ -18,10 +18,11 @@ import torch
 
 from llm_stages.adapters import frozen_reference
 from llm_stages.data.kinds.pair import PairBatch
+from llm_stages.data.kinds.shared_pair import SharedPairBatch
 from llm_stages.losses import dpo_loss, loss_settings, orpo_loss, simpo_loss
-from llm_stages.losses.causal import labelled_logits, sequence_logps
 from llm_stages.losses.preference import REFERENCE_FREE_LOSSES, add_nll
 from llm_stages.stages.base import Stage
+from llm_stages.stages.pair_scoring import check_shared_prompts, sequence_scores
 from llm_stages.stages.reference import ReferenceLogps
 
 
@@ -35,13 +36,15 @@ class DPO(Stage):
         self.ref_mode = None if self.loss_type in REFERENCE_FREE_LOSSES else ref
         self.reference = frozen_reference(model) if self.ref_mode == "copy" else None
 
+    def setup(self, stage: str) -> None:
+        check_shared_prompts(self, reward_head=False)
+
     # -- scoring ---------------------------------------------------------------------------------
     @staticmethod
-    def score(model, batch: PairBatch):
-        """(summed reply log-probs, reply token counts, mean reply logits), each (2 * pairs,)."""
-        logits, labels = labelled_logits(model, batch.labels, input_ids=batch.input_ids,
-                                         attention_mask=batch.attention_mask)
-        return sequence_logps(logits, labels)
+    def score(model, batch: PairBatch | SharedPairBatch):
+        """(summed reply log-probs, reply token counts, mean reply logits), each (2 * pairs,), in
+        either layout (prompt forwarded per sequence or once per pair: llm_stages.stages.pair_scoring)."""
+        return sequence_scores(model, batch)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -52,7 +55,7 @@ class DPO(Stage):
         self.reference_scores.load(checkpoint, self.trainer.datamodule)
 
     # -- loss ------------------------------------------------------------------------------------
-    def loss_sum(self, batch: PairBatch):
+    def loss_sum(self, batch: PairBatch | SharedPairBatch):
         n = batch.num_pairs
         logps, n_tokens, mean_logits = self.score(self.model, batch)
         chosen, rejected = logps[:n], logps[n:]
@@ -80,5 +83,5 @@ class DPO(Stage):
         }
         return losses.sum(), stats
 
-    def loss_weight(self, batch: PairBatch) -> torch.Tensor:
+    def loss_weight(self, batch: PairBatch | SharedPairBatch) -> torch.Tensor:
         return torch.tensor(batch.num_pairs, device=self.device)

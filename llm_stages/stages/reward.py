@@ -13,7 +13,9 @@ import logging
 import torch
 
 from llm_stages.data.kinds.pair import PairBatch
+from llm_stages.data.kinds.shared_pair import SharedPairBatch
 from llm_stages.losses.reward import pairwise_reward_loss
+from llm_stages.stages import pair_scoring
 from llm_stages.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,15 @@ class RewardPairwise(Stage):
         self.margin, self.center_rewards_coefficient = margin, center_rewards_coefficient
         self.calibration_bins = calibration_bins
 
-    def rewards(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = reward_scores(self.model, batch.input_ids, batch.attention_mask)
+    def setup(self, stage: str) -> None:
+        pair_scoring.check_shared_prompts(self, reward_head=True)
+
+    def rewards(self, batch: PairBatch | SharedPairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each pair's (chosen, rejected) rewards, the prompt forwarded per sequence or once per pair."""
+        if isinstance(batch, SharedPairBatch):
+            scores = pair_scoring.shared_reward_scores(self.model, batch)
+        else:
+            scores = reward_scores(self.model, batch.input_ids, batch.attention_mask)
         return scores[:batch.num_pairs], scores[batch.num_pairs:]
 
     def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, data_margin: torch.Tensor):
@@ -45,10 +54,10 @@ class RewardPairwise(Stage):
                  "reward_chosen": chosen.sum(), "reward_rejected": rejected.sum()}
         return losses.sum(), stats
 
-    def loss_sum(self, batch: PairBatch):
+    def loss_sum(self, batch: PairBatch | SharedPairBatch):
         return self.pair_loss(*self.rewards(batch), batch.margin)
 
-    def loss_weight(self, batch: PairBatch) -> torch.Tensor:
+    def loss_weight(self, batch: PairBatch | SharedPairBatch) -> torch.Tensor:
         return torch.tensor(batch.num_pairs, device=self.device)
 
     # -- validation report ---------------------------------------------------------------------
@@ -56,10 +65,10 @@ class RewardPairwise(Stage):
         super().on_validation_epoch_start()
         self._report_rows: list[torch.Tensor] = []
 
-    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: PairBatch | SharedPairBatch, batch_idx: int) -> None:
         chosen, rejected = self.rewards(batch)
         self._accumulate_val(*self.pair_loss(chosen, rejected, batch.margin), batch.num_pairs)
-        lengths = (batch.labels != -100).sum(-1).float()
+        lengths = pair_scoring.reply_lengths(batch).float()
         self._report_rows.append(torch.stack([chosen, rejected, lengths[:batch.num_pairs], lengths[batch.num_pairs:]], 1))
 
     def on_validation_epoch_end(self) -> None:
