@@ -1,4 +1,5 @@
-"""CLI: python -m llm_stages stage=<name> model=<name> data=<name> [overrides] (Hydra; -m sweeps)."""
+"""CLI: python -m llm_stages stage=<name> model=<name> data=<name> [overrides] (Hydra; -m sweeps).
+`python -m llm_stages <command> [overrides]` runs a command instead of training (see COMMANDS)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,25 @@ from omegaconf.errors import MissingMandatoryValue
 
 from llm_stages.config import CONFIG_DIR
 from llm_stages.errors import ConfigError, DataFormatError, TrainingDivergedError, TrainingInterrupted
+
+
+# A first word that names a command is that command's stage config (conf/stage/<command>.yaml):
+# `python -m llm_stages generate model.path=... data.path=prompts.jsonl` = `... stage=generate ...`.
+COMMANDS = {"generate": "stage=generate", "eval": "stage=eval"}
+
+
+def command_argv(argv: list[str]) -> list[str]:
+    """argv with a leading command word replaced by its stage override; an `eval=<suite>` that names
+    no conf/eval/<suite>.yaml is refused in one line here (Hydra's own message is a page)."""
+    argv = list(argv)
+    if len(argv) > 1 and argv[1] in COMMANDS:
+        argv[1] = COMMANDS[argv[1]]
+    for arg in argv[1:]:
+        if arg.startswith("eval=") and not (CONFIG_DIR / "eval" / f"{arg[5:]}.yaml").is_file():
+            known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "eval").glob("[!_]*.yaml")))
+            print(f"error: {arg}: no such eval suite (conf/eval/{arg[5:]}.yaml); known: {known}", file=sys.stderr)
+            sys.exit(2)
+    return argv
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -24,6 +44,11 @@ def main(cfg: DictConfig) -> float | None:
 
             cli = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("pipeline")]
             run_pipeline(cfg, cli)
+            return None
+        if cfg.stage.name in ("eval", "generate"):
+            from llm_stages.evaluate.run import evaluate, generate
+
+            evaluate(cfg) if cfg.stage.name == "eval" else generate(cfg)
             return None
         metrics = train(cfg)
     except (DataFormatError, ConfigError, TrainingDivergedError) as e:
@@ -41,4 +66,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = command_argv(sys.argv)
     main()

@@ -1,0 +1,155 @@
+"""`evaluate(cfg)` (stage=eval) and `generate(cfg)` (python -m llm_stages generate): load the model
+once through models.py — with the scalar head when `model.path` is an RM export — run each task of
+the suite (`eval:` config group), write `<output_dir>/results.json`, print a markdown table and,
+with the W&B logger, log it as the table `eval/results`. Nothing is trained."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llm_stages.config import CONFIG_DIR, check_config
+from llm_stages.data.demo import ensure_configured
+from llm_stages.errors import ConfigError
+from llm_stages.evaluate import generation, likelihood, preference  # noqa: F401  (each registers its type)
+from llm_stages.evaluate.task import TASK_TYPES, EvalContext, TaskResult
+from llm_stages.models import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["task", "type", "metric", "value", "examples"]
+
+
+def suites() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "eval").glob("[!_]*.yaml"))
+
+
+def model_head(model_cfg) -> str:
+    """"reward" for a checkpoint whose architecture is a sequence classifier (an RM export), else "causal_lm"."""
+    path = model_cfg.get("path")
+    if not path or not (Path(str(path)) / "config.json").is_file():
+        return "causal_lm"
+    architectures = json.loads((Path(str(path)) / "config.json").read_text()).get("architectures") or []
+    return "reward" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal_lm"
+
+
+def load_context(cfg: DictConfig, *, batch_size: int, output_dir: Path) -> EvalContext:
+    L.seed_everything(cfg.seed, verbose=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(cfg.model)
+    head = model_head(cfg.model)
+    model = load_model(cfg.model, tokenizer, head=head).to(device).eval().requires_grad_(False)
+    suite = cfg.get("eval") or {}
+    reference_cfg = suite.get("reference_model") or {}
+    reference = None
+    if reference_cfg.get("path") and head == "causal_lm":
+        reference = load_model(reference_cfg, tokenizer).to(device).eval().requires_grad_(False)
+    reward_model = suite.get("reward_model") if (suite.get("reward_model") or {}).get("path") else None
+    return EvalContext(model, tokenizer, head, device, int(cfg.seed), batch_size, output_dir, reward_model, reference,
+                       progress=bool(suite.get("progress_bar", True)))
+
+
+def check_suite(cfg: DictConfig) -> DictConfig:
+    suite = cfg.get("eval")
+    if not suite:
+        raise ConfigError(f"stage=eval needs a suite: eval=<one of {', '.join(suites())}>")
+    tasks = suite.get("tasks") or {}
+    if not tasks:
+        raise ConfigError(f"eval={suite.get('name')} has no tasks (eval.tasks: {{name: {{type: ..., data: {{path: ...}}}}}})")
+    for name, task in tasks.items():
+        if task.get("type") not in TASK_TYPES:
+            raise ConfigError(f"eval.tasks.{name}.type={task.get('type')}: unknown task type; known: "
+                              f"{', '.join(sorted(TASK_TYPES))}")
+    return suite
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Run the suite `cfg.eval` on `cfg.model`; returns what results.json holds."""
+    check_config(cfg)
+    suite = check_suite(cfg)
+    output_dir = Path(str(cfg.paths.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ctx = load_context(cfg, batch_size=int(suite.get("batch_size", 32)), output_dir=output_dir)
+    results = []
+    for name, task in suite.tasks.items():
+        result = TASK_TYPES[task.type](ctx, name, task)
+        log.info("eval %s: %s", name, result.skipped or ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+        results.append(result)
+    summary = {"suite": suite.get("name"), "model": str(cfg.model.get("path") or cfg.model.get("name")),
+               "head": ctx.head, "seed": int(cfg.seed), "tasks": {r.name: _as_json(r) for r in results}}
+    (output_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    print(markdown_table(COLUMNS, table_rows(results)))
+    _log_wandb(cfg, results)
+    return {**summary, "output_dir": str(output_dir)}
+
+
+def _as_json(result: TaskResult) -> dict:
+    return {"type": result.type, "examples": result.examples, "metrics": result.metrics, **result.details,
+            **({"skipped": result.skipped} if result.skipped else {})}
+
+
+def table_rows(results: list[TaskResult]) -> list[list]:
+    rows = []
+    for r in results:
+        if r.skipped:
+            rows.append([r.name, r.type, "-", f"skipped: {r.skipped}", r.examples])
+        rows += [[r.name, r.type, metric, value, r.examples] for metric, value in r.metrics.items()]
+    return rows
+
+
+def cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def log_wandb_table(cfg: DictConfig, key: str, columns: list[str], rows: list[list], *, name: str, directory: Path,
+                    job_type: str = "eval") -> None:
+    """With the W&B logger (offline by default): a run `name` holding the table `key`."""
+    settings = (cfg.get("logger") or {}).get("wandb")
+    if not settings:
+        return
+    import wandb
+
+    run = wandb.init(project=settings.project, group=cfg.get("group"), job_type=job_type, name=name, dir=str(directory),
+                     mode="offline" if settings.get("offline", True) else None, reinit="finish_previous",
+                     settings=wandb.Settings(x_disable_meta=True))
+    run.log({key: wandb.Table(columns=columns, data=[[cell(v) if isinstance(v, float) else v for v in row]
+                                                     for row in rows])})
+    run.finish()
+
+
+def _log_wandb(cfg: DictConfig, results: list[TaskResult]) -> None:
+    log_wandb_table(cfg, "eval/results", COLUMNS, table_rows(results), name=f"eval-{cfg.eval.get('name')}",
+                    directory=Path(str(cfg.paths.output_dir)))
+
+
+def generate(cfg: DictConfig) -> Path:
+    """`python -m llm_stages generate model.path=... data.path=prompts.jsonl`: completions of every
+    prompt as jsonl (prompt, completion, the record's id fields), with the generation task's sampler."""
+    check_config(cfg)
+    settings = cfg.generate
+    output = Path(str(settings.output))
+    ctx = load_context(cfg, batch_size=int(settings.batch_size), output_dir=output.parent)
+    if ctx.head != "causal_lm":
+        raise ConfigError(f"model.path={cfg.model.path} is a reward model (a scalar head); generate needs a language model")
+    data = OmegaConf.create({**OmegaConf.to_container(cfg.data, resolve=True), "val_path": None, "cache_dir": None})
+    ensure_configured(data)  # data=demo_rl: the demo files, written on first use
+    read = generation.read_prompts(ctx, data, int(settings.max_prompt_length))
+    n = int(settings.num_samples)
+    chunks = generation.sample_replies(ctx, [e for _, e in read], settings.generation, num_samples=n)
+    rows = generation.completion_rows([r for r, _ in read], chunks, n)
+    generation.write_jsonl(output, rows)
+    print(f"{len(rows)} completions of {len(read)} prompts: {output}")
+    return output
