@@ -69,7 +69,7 @@ def check_suite(cfg: DictConfig) -> DictConfig:
     return suite
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig, *, print_table: bool = True) -> dict:
     """Run the suite `cfg.eval` on `cfg.model`; returns what results.json holds."""
     check_config(cfg)
     suite = check_suite(cfg)
@@ -84,7 +84,8 @@ def evaluate(cfg: DictConfig) -> dict:
     summary = {"suite": suite.get("name"), "model": str(cfg.model.get("path") or cfg.model.get("name")),
                "head": ctx.head, "seed": int(cfg.seed), "tasks": {r.name: _as_json(r) for r in results}}
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
-    print(markdown_table(COLUMNS, table_rows(results)))
+    if print_table:
+        print(markdown_table(COLUMNS, table_rows(results)))
     _log_wandb(cfg, results)
     return {**summary, "output_dir": str(output_dir)}
 
@@ -133,6 +134,38 @@ def log_wandb_table(cfg: DictConfig, key: str, columns: list[str], rows: list[li
 def _log_wandb(cfg: DictConfig, results: list[TaskResult]) -> None:
     log_wandb_table(cfg, "eval/results", COLUMNS, table_rows(results), name=f"eval-{cfg.eval.get('name')}",
                     directory=Path(str(cfg.paths.output_dir)))
+
+
+def evaluate_exports(pipeline: DictConfig, step: DictConfig, overrides: list[str]) -> dict:
+    """A pipeline's eval step: the suite its overrides compose, run on the export of each stage in
+    `step.evaluate` (`<pipeline.dir>/<stage>/export`), each in `<pipeline.dir>/<step>/<stage>`; one table,
+    a row per export, with the suite's `summary` metrics as columns (default: each task's first)."""
+    from llm_stages.config import compose
+
+    directory = Path(str(pipeline.dir)) / step.name
+    results, cfg = {}, None
+    for stage in step.evaluate:
+        export = Path(str(pipeline.dir)) / stage / "export"
+        cfg = compose([*overrides, f"model.path={export}"], output_dir=str(directory / stage))
+        if cfg.stage.name != "eval":
+            raise ConfigError(f"pipeline.stages.{step.name}: `evaluate:` needs overrides that select stage=eval "
+                              f"(e.g. experiment=demo_eval or stage=eval eval=demo); got stage={cfg.stage.name}")
+        log.info("pipeline %s: evaluating %s", pipeline.name, export)
+        results[stage] = evaluate(cfg, print_table=False)
+    first = next(iter(results.values()))["tasks"]
+    summary = list(cfg.eval.get("summary") or [f"{n}/{next(iter(t['metrics']))}" for n, t in first.items() if t["metrics"]])
+    columns = ["export", *summary]
+    rows = [[stage, *(_metric(result, key) for key in summary)] for stage, result in results.items()]
+    table = markdown_table(columns, rows)
+    (directory / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    (directory / "table.md").write_text(table + "\n")
+    log_wandb_table(cfg, "pipeline/eval", columns, rows, name=f"pipeline-{pipeline.name}-eval", directory=directory)
+    return {"table": table, "rows": rows, "columns": columns, "dir": str(directory)}
+
+
+def _metric(result: dict, key: str) -> float | None:
+    task, _, metric = key.partition("/")
+    return result["tasks"].get(task, {}).get("metrics", {}).get(metric)
 
 
 def generate(cfg: DictConfig) -> Path:
