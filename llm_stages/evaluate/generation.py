@@ -18,7 +18,7 @@ from llm_stages.data.datamodule import PromptDataModule
 from llm_stages.data.kinds.prompt import PromptBatch, PromptExample, collate_prompts
 from llm_stages.data.sources import Record
 from llm_stages.errors import ConfigError, DataFormatError
-from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, register, task_data
+from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, task_data
 from llm_stages.rewards import answer_match
 from llm_stages.rollout import Sample, Sampler, Scorer
 from llm_stages.sampling import eos_ids
@@ -99,7 +99,6 @@ def read_prompts(ctx: EvalContext, data: DictConfig, max_prompt_length: int) -> 
     return read_task(datamodule, data)
 
 
-@register("generation")
 def run(ctx: EvalContext, name: str, task: DictConfig) -> TaskResult:
     if ctx.head != "causal_lm":
         return TaskResult(name, "generation", {}, 0, skipped="a reward model does not generate")

@@ -21,7 +21,7 @@ from llm_stages.data.collate import collate_causal
 from llm_stages.data.datamodule import PTDataModule, SFTDataModule
 from llm_stages.data.kinds.choice import option_text, read_choice, render_choice
 from llm_stages.errors import ConfigError, DataFormatError
-from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, register, task_data
+from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, task_data
 from llm_stages.losses.causal import labelled_logits, sequence_logps
 
 KINDS = ("conversation", "text", "multiple_choice")
@@ -82,7 +82,6 @@ def multiple_choice(ctx: EvalContext, name: str, task: DictConfig) -> TaskResult
                                            "acc_norm": acc_norm}, len(questions), details={"accuracy_is": score})
 
 
-@register("likelihood")
 def run(ctx: EvalContext, name: str, task: DictConfig) -> TaskResult:
     if ctx.head != "causal_lm":
         return TaskResult(name, "likelihood", {}, 0, skipped="a reward model has no language-model head")

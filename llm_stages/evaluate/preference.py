@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from llm_stages.data.datamodule import PairDataModule
 from llm_stages.data.kinds.pair import collate_pairs
-from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, register, task_data
+from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, task_data
 from llm_stages.stages.dpo import DPO
 from llm_stages.stages.reward import reward_report, reward_scores
 
@@ -40,7 +40,6 @@ def pair_rewards(ctx: EvalContext, batch, beta: float) -> tuple[torch.Tensor, to
     return scores[:n].float(), scores[n:].float()
 
 
-@register("preference")
 def run(ctx: EvalContext, name: str, task: DictConfig) -> TaskResult:
     data = task_data(name, task)
     datamodule = PairDataModule(data, ctx.tokenizer, max_length=task.get("max_length", 1024),

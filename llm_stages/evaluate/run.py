@@ -17,13 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from llm_stages.config import CONFIG_DIR, check_config
 from llm_stages.data.demo import ensure_configured
 from llm_stages.errors import ConfigError
-from llm_stages.evaluate import generation, likelihood, preference  # noqa: F401  (each registers its type)
-from llm_stages.evaluate.task import TASK_TYPES, EvalContext, TaskResult
+from llm_stages.evaluate import generation, likelihood, preference
+from llm_stages.evaluate.task import EvalContext, TaskFn, TaskResult
 from llm_stages.models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["task", "type", "metric", "value", "examples"]
+# A task's `type` -> its module's run(context, name, task) -> TaskResult. A new type: one module, one line.
+TASK_TYPES: dict[str, TaskFn] = {"generation": generation.run, "preference": preference.run, "likelihood": likelihood.run}
 
 
 def suites() -> list[str]:
@@ -69,8 +71,9 @@ def check_suite(cfg: DictConfig) -> DictConfig:
     return suite
 
 
-def evaluate(cfg: DictConfig, *, print_table: bool = True) -> dict:
-    """Run the suite `cfg.eval` on `cfg.model`; returns what results.json holds."""
+def evaluate(cfg: DictConfig, *, report: bool = True) -> dict:
+    """Run the suite `cfg.eval` on `cfg.model`; returns what results.json holds. `report`: print the
+    table and log it to W&B (a pipeline's eval step reports one table of all its exports instead)."""
     check_config(cfg)
     suite = check_suite(cfg)
     output_dir = Path(str(cfg.paths.output_dir))
@@ -84,9 +87,9 @@ def evaluate(cfg: DictConfig, *, print_table: bool = True) -> dict:
     summary = {"suite": suite.get("name"), "model": str(cfg.model.get("path") or cfg.model.get("name")),
                "head": ctx.head, "seed": int(cfg.seed), "tasks": {r.name: _as_json(r) for r in results}}
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
-    if print_table:
+    if report:
         print(markdown_table(COLUMNS, table_rows(results)))
-    _log_wandb(cfg, results)
+        _log_wandb(cfg, results)
     return {**summary, "output_dir": str(output_dir)}
 
 
@@ -151,7 +154,7 @@ def evaluate_exports(pipeline: DictConfig, step: DictConfig, overrides: list[str
             raise ConfigError(f"pipeline.stages.{step.name}: `evaluate:` needs overrides that select stage=eval "
                               f"(e.g. experiment=demo_eval or stage=eval eval=demo); got stage={cfg.stage.name}")
         log.info("pipeline %s: evaluating %s", pipeline.name, export)
-        results[stage] = evaluate(cfg, print_table=False)
+        results[stage] = evaluate(cfg, report=False)
     first = next(iter(results.values()))["tasks"]
     summary = list(cfg.eval.get("summary") or [f"{n}/{next(iter(t['metrics']))}" for n, t in first.items() if t["metrics"]])
     columns = ["export", *summary]

@@ -1,5 +1,4 @@
-"""What every task type shares: the typed result, the context a task runs in, the registry by
-type, and the task's data read through the data layer's own DataModules (readers, `data.columns`,
+"""What every task type shares: the typed result, the context a task runs in, and the task's data read through the data layer's own DataModules (readers, `data.columns`,
 the chat template's rendering: prompts are rendered exactly as training renders them)."""
 
 from __future__ import annotations
@@ -42,15 +41,8 @@ class EvalContext:
     progress: bool = True
 
 
+# What each task type's module provides (the registry itself is in run.py: TASK_TYPES).
 TaskFn = Callable[[EvalContext, str, DictConfig], TaskResult]
-TASK_TYPES: dict[str, TaskFn] = {}
-
-
-def register(name: str):
-    def add(fn: TaskFn) -> TaskFn:
-        TASK_TYPES[name] = fn
-        return fn
-    return add
 
 
 def task_data(name: str, task: DictConfig) -> DictConfig:

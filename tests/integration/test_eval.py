@@ -186,3 +186,39 @@ def test_bad_input_is_one_line(setup, make_cfg, tmp_path):
         evaluate(eval_cfg(make_cfg, tmp_path / "c", memorised, {"p": {"type": "preference", "data": {"path": str(setup["prompts"])}}}))
     for error in (DataFormatError, ConfigError):
         assert "\n" not in str(error)
+
+
+def test_pipeline_eval_step_makes_one_table_with_a_row_per_export(setup, demo_dir, tmp_path, capsys):
+    """The demo pipeline's last step (experiment=demo_eval) on exports made here: pt = the fresh model,
+    sft = the memorised one (also the reference), rm = the fresh reward model (also scoring replies)."""
+    import shutil
+
+    from llm_stages.config import compose
+    from llm_stages.pipeline import run_pipeline
+
+    for stage, source in (("pt", "fresh"), ("sft", "memorised"), ("rm", "rm")):
+        shutil.copytree(setup["root"] / source, tmp_path / "demo" / stage / "export")
+    cli = [f"paths.data_dir={demo_dir.parent}", f"paths.log_dir={tmp_path}", "logger=wandb"]
+    cfg = compose(["pipeline=demo", *cli], output_dir=str(tmp_path / "demo"))
+    assert cfg.pipeline.stages[-1].name == "eval"  # the demo ends with the eval step
+    with open_dict(cfg):
+        step = cfg.pipeline.stages[-1]
+        few = []  # the first 16 records of each demo test file, to keep the test short
+        for task, file in (("arithmetic", "rl_test"), ("pairs", "pref_test"), ("replies", "sft_test")):
+            lines = (demo_dir / f"{file}.jsonl").read_text().splitlines(keepends=True)[:16]
+            (tmp_path / f"{file}.jsonl").write_text("".join(lines))
+            few.append(f"eval.tasks.{task}.data.path={tmp_path / file}.jsonl")
+        cfg.pipeline.stages = [{**step, "evaluate": ["pt", "sft", "rm"],
+                                "overrides": [*step.overrides, *few, "eval.tasks.arithmetic.generation.max_new_tokens=8"]}]
+    [row] = run_pipeline(cfg, cli)
+    assert row["stage"] == "eval" and row["status"] == "ran" and row["export"] == str(tmp_path / "demo" / "eval")
+    table = (tmp_path / "demo" / "eval" / "table.md").read_text().splitlines()
+    assert table[0].split(" | ")[:3] == ["| export", "arithmetic/accuracy", "arithmetic/reward_model_score"]
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| pt", "| sft", "| rm"]
+    assert "\n".join(table) in capsys.readouterr().out  # printed last
+    results = json.loads((tmp_path / "demo" / "eval" / "results.json").read_text())
+    assert results["sft"]["tasks"]["pairs"]["metrics"]["accuracy"] == 0.5  # the reference itself: every pair a tie
+    assert results["sft"]["tasks"]["pairs"]["scored_by"] == "implicit_reward"
+    assert results["rm"]["tasks"]["pairs"]["scored_by"] == "reward_model" and "skipped" in results["rm"]["tasks"]["arithmetic"]
+    assert "reward_model_score" in results["pt"]["tasks"]["arithmetic"]["metrics"]
+    assert list((tmp_path / "demo" / "eval").glob("wandb/offline-run-*/files/media/table/pipeline/eval_*.table.json"))
