@@ -99,6 +99,23 @@ def read_prompts(ctx: EvalContext, data: DictConfig, max_prompt_length: int) -> 
     return read_task(datamodule, data)
 
 
+def score_replies(ctx: EvalContext, chunks: list[Chunk], n: int, *, accuracy: bool) -> dict[str, list[float]]:
+    """Each reply's scores by name, through the RL stages' Scorer: "correct" (`answer_match`) and
+    "reward_model" (the mean score of `ctx.reward_model`), as far as asked for."""
+    rewards = {"correct": {"fn": answer_match, "weight": 1.0}} if accuracy else None
+    if not rewards and not ctx.reward_model:
+        return {}
+    scorer = Scorer(ctx.tokenizer, eos_ids(ctx.model, ctx.tokenizer), rewards=rewards, reward_model=ctx.reward_model,
+                    missing_eos_penalty=None).to(ctx.device)
+    components: dict[str, list[float]] = {}
+    for chunk in chunks:
+        answers = [a for a in chunk.prompts.answers for _ in range(n)]
+        prompts = [p for p in chunk.prompts.prompts for _ in range(n)]
+        for key, values in scorer.score(prompts, answers, chunk.sample).components.items():
+            components.setdefault(key, []).extend(values.tolist())
+    return components
+
+
 def run(ctx: EvalContext, name: str, task: DictConfig) -> TaskResult:
     if ctx.head != "causal_lm":
         return TaskResult(name, "generation", {}, 0, skipped="a reward model does not generate")
@@ -117,17 +134,7 @@ def run(ctx: EvalContext, name: str, task: DictConfig) -> TaskResult:
         raise ConfigError(f"eval.tasks.{name}.pass_k={ks}: each k must be in 1..num_samples={n}")
     chunks = sample_replies(ctx, examples, task.get("generation"), num_samples=n, desc=name)
 
-    rewards = {"correct": {"fn": answer_match, "weight": 1.0}} if task.get("accuracy", True) else None
-    scorer = None
-    if rewards or (ctx.reward_model and ctx.reward_model.get("path")):
-        scorer = Scorer(ctx.tokenizer, eos_ids(ctx.model, ctx.tokenizer), rewards=rewards, reward_model=ctx.reward_model, missing_eos_penalty=None).to(ctx.device)
-    components: dict[str, list[float]] = {}
-    for chunk in chunks:
-        if scorer is not None:
-            answers = [a for a in chunk.prompts.answers for _ in range(n)]
-            prompts = [p for p in chunk.prompts.prompts for _ in range(n)]
-            for key, values in scorer.score(prompts, answers, chunk.sample).components.items():
-                components.setdefault(key, []).extend(values.tolist())
+    components = score_replies(ctx, chunks, n, accuracy=task.get("accuracy", True))
     lengths = torch.cat([c.sample.response_mask.sum(1).float().cpu() for c in chunks])
 
     metrics: dict[str, float] = {}
