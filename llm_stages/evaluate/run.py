@@ -86,7 +86,7 @@ def evaluate(cfg: DictConfig, *, report: bool = True) -> dict:
         results.append(result)
     summary = {"suite": suite.get("name"), "model": str(cfg.model.get("path") or cfg.model.get("name")),
                "head": ctx.head, "seed": int(cfg.seed), "tasks": {r.name: _as_json(r) for r in results}}
-    (output_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    (output_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if report:
         print(markdown_table(COLUMNS, table_rows(results)))
         _log_wandb(cfg, results)
@@ -94,7 +94,8 @@ def evaluate(cfg: DictConfig, *, report: bool = True) -> dict:
 
 
 def _as_json(result: TaskResult) -> dict:
-    return {"type": result.type, "examples": result.examples, "metrics": result.metrics, **result.details,
+    metrics = {k: None if math.isnan(v) else v for k, v in result.metrics.items()}  # NaN (undefined): null in JSON
+    return {"type": result.type, "examples": result.examples, "metrics": metrics, **result.details,
             **({"skipped": result.skipped} if result.skipped else {})}
 
 
@@ -160,7 +161,7 @@ def evaluate_exports(pipeline: DictConfig, step: DictConfig, overrides: list[str
     columns = ["export", *summary]
     rows = [[stage, *(_metric(result, key) for key in summary)] for stage, result in results.items()]
     table = markdown_table(columns, rows)
-    (directory / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    (directory / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     (directory / "table.md").write_text(table + "\n")
     log_wandb_table(cfg, "pipeline/eval", columns, rows, name=f"pipeline-{pipeline.name}-eval", directory=directory)
     return {"table": table, "rows": rows, "columns": columns, "dir": str(directory)}
