@@ -19,7 +19,7 @@ from llm_stages.data.demo import ensure_configured
 from llm_stages.errors import ConfigError
 from llm_stages.evaluate import generation, likelihood, preference
 from llm_stages.evaluate.task import EvalContext, TaskFn, TaskResult
-from llm_stages.models import load_model, load_tokenizer
+from llm_stages.models import check_model_dir, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ def load_context(cfg: DictConfig, *, batch_size: int, output_dir: Path) -> EvalC
     reference_cfg = suite.get("reference_model") or {}
     reference = None
     if reference_cfg.get("path") and head == "causal_lm":
+        if load_tokenizer(reference_cfg).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"eval.reference_model.path={reference_cfg.path} uses a different vocabulary than the model; "
+                              "implicit rewards compare log-probs of the same tokens (use the model's own base, e.g. its SFT export)")
         reference = load_model(reference_cfg, tokenizer).to(device).eval().requires_grad_(False)
     reward_model = suite.get("reward_model") if (suite.get("reward_model") or {}).get("path") else None
     return EvalContext(model, tokenizer, head, device, int(cfg.seed), batch_size, output_dir, reward_model, reference,
@@ -64,6 +67,9 @@ def check_suite(cfg: DictConfig) -> DictConfig:
     tasks = suite.get("tasks") or {}
     if not tasks:
         raise ConfigError(f"eval={suite.get('name')} has no tasks (eval.tasks: {{name: {{type: ..., data: {{path: ...}}}}}})")
+    for key in ("reward_model", "reference_model"):
+        if (suite.get(key) or {}).get("path"):
+            check_model_dir(suite[key].path, key=f"eval.{key}.path")
     for name, task in tasks.items():
         if task.get("type") not in TASK_TYPES:
             raise ConfigError(f"eval.tasks.{name}.type={task.get('type')}: unknown task type; known: "
