@@ -182,10 +182,12 @@ def test_bad_input_is_one_line(setup, make_cfg, tmp_path):
         evaluate(eval_cfg(make_cfg, tmp_path / "a", memorised, {"facts": generation_task(no_answers)}))
     with pytest.raises(ConfigError, match=r"eval.tasks.x.type=bleu: unknown task type; known: generation, likelihood, preference"):
         evaluate(eval_cfg(make_cfg, tmp_path / "b", memorised, {"x": {"type": "bleu", "data": {"path": "p"}}}))
-    with pytest.raises(DataFormatError, match="cannot tell|preference"):  # prompts are not pairs
+    with pytest.raises(DataFormatError, match="facts.jsonl:1: .*preference") as error:  # prompts are not pairs
         evaluate(eval_cfg(make_cfg, tmp_path / "c", memorised, {"p": {"type": "preference", "data": {"path": str(setup["prompts"])}}}))
-    for error in (DataFormatError, ConfigError):
-        assert "\n" not in str(error)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match=r"^eval.reward_model.path=\S*nope"):
+        evaluate(eval_cfg(make_cfg, tmp_path / "d", memorised, {"facts": generation_task(setup["prompts"])},
+                          f"eval.reward_model.path={tmp_path / 'nope'}"))
 
 
 def test_pipeline_eval_step_makes_one_table_with_a_row_per_export(setup, demo_dir, tmp_path, capsys):
