@@ -5,7 +5,9 @@ overrides that make its config. Stage `s` runs in `<pipeline.dir>/<s>` and expor
 `<pipeline.dir>/<s>/export`, so a later stage loads it with an override such as
 `model.path=${pipeline.dir}/sft/export` (visible in that stage's composed config). Overrides
 given on the command line apply to every stage (e.g. `model=qwen trainer=gpu`). A stage whose
-export already exists is skipped unless `pipeline.force=true`.
+export already exists is skipped unless `pipeline.force=true`. A step with `evaluate: [stages]`
+trains nothing: it runs the eval suite its overrides select on each of those stages' exports and
+ends the run with one table, a row per export (llm_stages.evaluate.run.evaluate_exports).
 """
 
 from __future__ import annotations
@@ -34,7 +36,16 @@ def run_pipeline(cfg: DictConfig, cli_overrides: list[str]) -> list[dict]:
 
     pipeline = cfg.pipeline
     rows = []
+    eval_tables = []
     for stage in pipeline.stages:
+        if stage.get("evaluate"):  # an eval step: the suite on earlier stages' exports, nothing trained
+            from llm_stages.evaluate.run import evaluate_exports
+
+            started = time.perf_counter()
+            eval_tables.append(evaluate_exports(pipeline, stage, stage_overrides(pipeline, stage, cli_overrides)))
+            rows.append(_row(stage.name, "ran", wall_s=round(time.perf_counter() - started, 1),
+                             export=eval_tables[-1]["dir"]))
+            continue
         output_dir = Path(str(pipeline.dir)) / stage.name
         export = output_dir / "export"
         if any((export / f).is_file() for f in ("config.json", "adapter_config.json")) and not pipeline.get("force"):
@@ -52,6 +63,8 @@ def run_pipeline(cfg: DictConfig, cli_overrides: list[str]) -> list[dict]:
                          export=metrics.get("export_dir", "")))
     log.info("pipeline %s summary\n%s", pipeline.name, format_table(rows))
     _log_wandb_table(cfg, rows)
+    for table in eval_tables:  # last: what every export does on the held-out data
+        print(f"\npipeline {pipeline.name}: evaluation ({table['dir']})\n{table['table']}")
     return rows
 
 

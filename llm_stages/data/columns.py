@@ -14,7 +14,7 @@ from llm_stages.errors import ConfigError, DataFormatError
 # The field names `data.columns` maps onto (the keys every reader understands).
 ROLE_NAMES = {"text", "messages", "conversations", "system", "tools", "instruction", "input", "output", "history",
               "source", "target", "prompt", "question", "answer", "chosen", "rejected", "context", "margin",
-              "completion", "label", "response_chosen", "response_rejected"}
+              "completion", "label", "response_chosen", "response_rejected", "choices"}
 
 
 def prepare(record: Record, columns: Mapping | None = None) -> Record:

@@ -70,7 +70,14 @@ class CausalDataModule(L.LightningDataModule):
 
     def build_examples(self, path: Path, split: str) -> list:
         """Every record of `path` read and rendered; drops and truncations counted in `stats`."""
-        examples = []
+        examples = [example for _, example in self.rendered_records(path, split)]
+        if not examples:
+            raise DataFormatError(path, self.nothing_left())
+        return examples
+
+    def rendered_records(self, path: Path, split: str):
+        """(record, example) for each record of `path` that renders to one (evaluation keeps the
+        record beside its example: its id fields); drops and truncations counted in `stats`."""
         for record, item in self._read_records(path, self.read, split):
             rendered = self.render(record, item)
             if rendered.truncated:
@@ -78,10 +85,7 @@ class CausalDataModule(L.LightningDataModule):
             if rendered.dropped:
                 self._drop(f"{split}_dropped_{rendered.dropped}", record)
                 continue
-            examples.append(rendered.example)
-        if not examples:
-            raise DataFormatError(path, self.nothing_left())
-        return examples
+            yield record, rendered.example
 
     def settings(self) -> dict:
         """Everything besides the file and tokenizer that changes the examples (the cache key)."""

@@ -22,6 +22,8 @@ DEMO_FILES = {
     "pref_train": "pref_train.jsonl", "pref_val": "pref_val.jsonl",
     "rl_train": "rl_train.jsonl", "rl_val": "rl_val.jsonl",
     "unpaired_train": "unpaired_train.jsonl", "unpaired_val": "unpaired_val.jsonl",
+    # Held out from training and validation alike (the eval suite's data; conf/eval/demo.yaml).
+    "sft_test": "sft_test.jsonl", "pref_test": "pref_test.jsonl", "rl_test": "rl_test.jsonl",
 }
 QUESTION_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {word} {b}.", "{a} {op} {b} = ?"]
 SYSTEM_PROMPTS = ["You are a careful calculator.", "Answer with the equation and its result."]
@@ -49,6 +51,15 @@ def _split_problems(seed: int, n_train: int, n_val: int) -> tuple[list[dict], li
     val = [_problem(*t, rng) for t in triples[:n_val]]
     train = [_problem(*t, rng) for t in triples[n_val:n_val + n_train]]
     return train, val
+
+
+def _test_problems(seed: int, n_train: int, n_val: int, n_test: int) -> list[dict]:
+    """Problems in neither split of `_split_problems` (the same shuffled triples, taken after
+    them), worded with their own generator so the train and val files stay what they were."""
+    triples = [(a, op, b) for a in range(100) for op in "+-" for b in range(100)]
+    random.Random(seed).shuffle(triples)
+    rng = random.Random(seed + 2)
+    return [_problem(*t, rng) for t in triples[n_val + n_train:n_val + n_train + n_test]]
 
 
 def _wrong(p: dict, rng: random.Random) -> str:
@@ -119,17 +130,21 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 200) -> dict[str, Path]:
+def write_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: int = 200) -> dict[str, Path]:
     """Write every file in DEMO_FILES to `out_dir` (deterministic in `seed`); returns name -> path."""
     train, val = _split_problems(seed, n_train, n_val)
+    test = _test_problems(seed, n_train, n_val, n_test)
     rng = random.Random(seed + 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, problems in (("train", train), ("val", val)):
-        records = _records(problems, rng)
-        records["unpaired"] = _unpaired(records["pref"], seed + (2 if split == "train" else 3))
+    for split, problems in (("train", train), ("val", val), ("test", test)):
+        records = _records(problems, random.Random(seed + 3) if split == "test" else rng)
+        if split != "test":  # KTO's unpaired feedback: the pairs' replies, each with its label
+            records["unpaired"] = _unpaired(records["pref"], seed + (2 if split == "train" else 3))
         for kind, items in records.items():
+            if f"{kind}_{split}" not in DEMO_FILES:  # no PT test text
+                continue
             path = out / DEMO_FILES[f"{kind}_{split}"]
             if kind == "pt":
                 text = "\n\n".join(items) + "\n"

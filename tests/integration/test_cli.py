@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_wandb_logger_runs_offline_without_an_account(make_cfg, tmp_path, monkey
 
 
 @pytest.mark.longest
-def test_demo_pipeline_pt_sft_rm_dpo_ppo_grpo_reaches_the_targets(tmp_path):
+def test_demo_pipeline_reaches_the_targets_and_evaluates_every_export(tmp_path):
     """What `make demo` runs (pipeline=demo), with the real tiny model: SFT loss halves, RM and DPO
     reach 0.9 held out, PPO and GRPO raise the held-out mean reward of the SFT policy; every stage
     logs to offline W&B, with generation tables."""
@@ -126,7 +127,14 @@ def test_demo_pipeline_pt_sft_rm_dpo_ppo_grpo_reaches_the_targets(tmp_path):
     cli = [f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}/data", "trainer.enable_progress_bar=false",
            "trainer.enable_model_summary=false"]
     rows = {r["stage"]: r for r in run_pipeline(compose(["pipeline=demo", *cli], output_dir=str(tmp_path / "demo")), cli)}
-    assert list(rows) == ["pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"] and all(r["status"] == "ran" for r in rows.values())
+    exports = ["pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"]
+    assert list(rows) == [*exports, "eval"] and all(r["status"] == "ran" for r in rows.values())
+    # The last step: one table, a row per export, on the held-out test problems and pairs.
+    table = (tmp_path / "demo" / "eval" / "table.md").read_text().splitlines()
+    assert [line.split(" | ")[0].lstrip("| ") for line in table[2:]] == exports
+    results = json.loads((tmp_path / "demo" / "eval" / "results.json").read_text())
+    assert results["rm"]["tasks"]["pairs"]["metrics"]["accuracy"] >= 0.9  # the RM on unseen pairs
+    assert results["sft"]["tasks"]["replies"]["metrics"]["loss"] < results["pt"]["tasks"]["replies"]["metrics"]["loss"]
     assert rows["sft"]["after"] <= 0.5 * rows["sft"]["before"]  # val/loss
     assert rows["rm"]["after"] >= 0.9  # val/accuracy
     assert rows["dpo"]["after"] >= 0.9  # val/rewards/accuracies

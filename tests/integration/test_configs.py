@@ -12,12 +12,15 @@ from omegaconf import OmegaConf
 from llm_stages.config import CONFIG_DIR
 
 STAGES = sorted(p.stem for p in (CONFIG_DIR / "stage").glob("*.yaml"))
+COMMANDS = ["eval", "generate"]  # stage configs that train nothing (llm_stages/evaluate/run.py)
+TRAINING_STAGES = [s for s in STAGES if s not in COMMANDS]
+SUITES = sorted(p.stem for p in (CONFIG_DIR / "eval").glob("[!_]*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("[!_]*.yaml") if p.stem != "local")  # _base: no model
 DATA = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml") if p.stem != "file")
 TRAINERS = sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("[!_]*.yaml"))
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
 @pytest.mark.parametrize("model", MODELS)
 def test_stage_x_model_composes_and_resolves(stage, model, make_cfg):
     cfg = make_cfg(f"stage={stage}", f"model={model}", quiet=False)
@@ -42,6 +45,22 @@ def test_every_trainer_config_composes_with_every_stage(trainer, make_cfg):
         assert get_class(strategy._target_)
         if "deepspeed" not in trainer:
             assert instantiate(strategy) is not None
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_every_eval_suite_composes_with_known_task_types_and_data(suite, make_cfg):
+    from llm_stages.evaluate.run import TASK_TYPES
+
+    assert "demo" in SUITES and sorted(COMMANDS) == sorted(set(STAGES) - set(TRAINING_STAGES))
+    cfg = make_cfg("stage=eval", f"eval={suite}", "model=local", "model.path=runs/x/export")
+    OmegaConf.resolve(cfg)
+    assert cfg.stage.name == "eval" and cfg.eval.name == suite and cfg.eval.tasks
+    for name, task in cfg.eval.tasks.items():
+        assert task.type in TASK_TYPES and task.data.path, name
+    for key in cfg.eval.get("summary") or []:
+        assert key.split("/")[0] in cfg.eval.tasks, key
+    generate = make_cfg("stage=generate", "data.path=prompts.jsonl")
+    assert generate.stage.name == "generate" and generate.generate.generation.do_sample is False
 
 
 def test_every_preference_loss_has_a_config_with_its_declared_parameters(make_cfg):
