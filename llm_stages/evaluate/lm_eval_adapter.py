@@ -14,6 +14,7 @@ import functools
 from pathlib import Path
 
 from llm_stages.errors import ConfigError
+from llm_stages.evaluate.task import TaskResult
 
 INSTALL = "pip install '.[eval]' (lm-eval==0.4.13)"
 
@@ -80,3 +81,21 @@ def _metrics(values: dict) -> dict[str, float]:
     aliases and "N/A" standard errors left out."""
     return {name.removesuffix(",none"): value for name, value in values.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def run(ctx, name: str, task) -> TaskResult:
+    """The eval stage's task type `lm_eval`: `{type: lm_eval, tasks: [...], num_fewshot, limit,
+    include_path, include_defaults}` runs those lm-eval tasks on the model under evaluation; its
+    figures are named `<lm-eval task>/<metric>`."""
+    if ctx.head != "causal_lm":
+        return TaskResult(name, "lm_eval", {}, 0, skipped="a reward model has no language-model head")
+    tasks = list(task.get("tasks") or [])
+    if not tasks:
+        raise ConfigError(f"eval.tasks.{name}.tasks is empty: name the lm-eval tasks to run, "
+                          f"e.g. eval.tasks.{name}.tasks=[arc_easy]")
+    results = run_lm_eval(ctx.model, ctx.tokenizer, tasks, num_fewshot=task.get("num_fewshot"),
+                          limit=task.get("limit"), batch_size=ctx.batch_size, include_path=task.get("include_path"),
+                          include_defaults=task.get("include_defaults", True), seed=ctx.seed)
+    metrics = {f"{t}/{k}": float(v) for t, values in results.items() for k, v in values.items() if k != "sample_len"}
+    documents = int(sum(values.get("sample_len", 0) for values in results.values()))
+    return TaskResult(name, "lm_eval", metrics, documents, details={"lm_eval_tasks": ", ".join(tasks)})

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from llm_stages.config import CONFIG_DIR, check_config
 from llm_stages.data.demo import ensure_configured
 from llm_stages.errors import ConfigError
-from llm_stages.evaluate import generation, likelihood, preference
+from llm_stages.evaluate import generation, likelihood, lm_eval_adapter, preference
 from llm_stages.evaluate.task import EvalContext, TaskFn, TaskResult
 from llm_stages.models import check_model_dir, load_model, load_tokenizer
 
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["task", "type", "metric", "value", "examples"]
 # A task's `type` -> its module's run(context, name, task) -> TaskResult. A new type: one module, one line.
-TASK_TYPES: dict[str, TaskFn] = {"generation": generation.run, "preference": preference.run, "likelihood": likelihood.run}
+TASK_TYPES: dict[str, TaskFn] = {"generation": generation.run, "preference": preference.run, "likelihood": likelihood.run,
+                                 "lm_eval": lm_eval_adapter.run}
 
 
 def suites() -> list[str]:

@@ -111,6 +111,24 @@ def test_accuracy_equals_the_one_by_hand(tiny, task_dir):
                        include_defaults=False)["tiny_mc"]["sample_len"] == 2
 
 
+def test_eval_stage_task_type_lm_eval_runs_the_local_task(tiny, task_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    from llm_stages.errors import ConfigError
+    from llm_stages.evaluate.run import TASK_TYPES
+    from llm_stages.evaluate.task import EvalContext
+
+    model, tokenizer, _ = tiny
+    ctx = EvalContext(model, tokenizer, "causal_lm", torch.device("cpu"), 1234, 4, tmp_path, None, None, progress=False)
+    task = OmegaConf.create({"type": "lm_eval", "tasks": ["tiny_mc"], "include_path": str(task_dir),
+                             "include_defaults": False})
+    result = TASK_TYPES["lm_eval"](ctx, "mc", task)
+    expected = run_lm_eval(model, tokenizer, ["tiny_mc"], batch_size=4, include_path=str(task_dir), include_defaults=False)
+    assert result.examples == len(DOCS) and result.metrics["tiny_mc/acc"] == expected["tiny_mc"]["acc"]
+    with pytest.raises(ConfigError, match="eval.tasks.mc.tasks is empty"):
+        TASK_TYPES["lm_eval"](ctx, "mc", OmegaConf.create({"type": "lm_eval"}))
+
+
 def test_registered_model_loads_an_export_from_overrides(tiny, task_dir):
     """lm_eval.simple_evaluate(model="llm_stages", model_args={"overrides": ...}): our loading of
     the export, each option's log-likelihood as computed by hand."""
