@@ -30,7 +30,7 @@ def test_shared_prompts_take_the_same_first_step(make_cfg, stage):
         torch.testing.assert_close(shared[name], plain[name], atol=1e-6, rtol=1e-4)
     if stage == "dpo":  # ref=precompute's cache reads the same numbers, pair by pair
         for split in ("train", "val"):
-            torch.testing.assert_close(module_shared.reference_logps[split], module_plain.reference_logps[split],
+            torch.testing.assert_close(module_shared.reference_scores.cache[split], module_plain.reference_scores.cache[split],
                                        atol=1e-5, rtol=1e-5)
 
 
