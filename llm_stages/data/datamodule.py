@@ -5,7 +5,6 @@ feedback (KTO), prompts (PPO, GRPO) — each reading, rendering, collating and d
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -159,16 +158,7 @@ class PairDataModule(CausalDataModule):
     def describe(self) -> Description:
         return pair.describe(self.train_set, self.tokenizer)
 
-    # -- what a stage computes once per pair (DPO's reference log-probs) -------------------------
-    def splits(self) -> dict[str, list[pair.PairExample]]:
-        return {"train": self.train_set, "val": self.val_set}
-
-    def reference_batches(self, split: str) -> Iterator[pair.PairBatch]:
-        """Every pair of `split` ("train" | "val") in index order, collated `val_batch_size` at a time."""
-        pairs = self.splits()[split]
-        for start in range(0, len(pairs), self.val_batch_size):
-            yield self.collate_one(pairs[start:start + self.val_batch_size])
-
+    # -- what DPO's reference log-probs are checked against (splits, reference_batches: the base) --
     def fingerprint(self) -> str:
         """A hash of both splits' pairs, token by token (see `pair.fingerprint`)."""
         return pair.fingerprint(self.splits())
@@ -217,16 +207,7 @@ class UnpairedDataModule(CausalDataModule):
     def describe(self) -> Description:
         return unpaired.describe(self.train_set, self.tokenizer)
 
-    # -- what a stage computes once per example (KTO's reference log-probs) -----------------------
-    def splits(self) -> dict[str, list[unpaired.UnpairedExample]]:
-        return {"train": self.train_set, "val": self.val_set}
-
-    def reference_batches(self, split: str) -> Iterator[unpaired.UnpairedBatch]:
-        """Every example of `split` in index order, collated `val_batch_size` at a time."""
-        examples = self.splits()[split]
-        for start in range(0, len(examples), self.val_batch_size):
-            yield self.collate_one(examples[start:start + self.val_batch_size])
-
+    # -- what KTO's reference log-probs are checked against (splits, reference_batches: the base) --
     def fingerprint(self) -> str:
         return unpaired.fingerprint(self.splits())
 

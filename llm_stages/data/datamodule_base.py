@@ -213,6 +213,16 @@ class CausalDataModule(L.LightningDataModule):
         """One micro-batch of examples -> tensors."""
         return collate_causal(examples, self.tokenizer.pad_token_id)
 
+    # -- what a stage computes once per example (DPO's and KTO's reference log-probs) -------------
+    def splits(self) -> dict[str, list]:
+        return {"train": self.train_set, "val": self.val_set}
+
+    def reference_batches(self, split: str):
+        """Every example of `split` ("train" | "val") in index order, collated `val_batch_size` at a time."""
+        examples = self.splits()[split]
+        for start in range(0, len(examples), self.val_batch_size):
+            yield self.collate_one(examples[start:start + self.val_batch_size])
+
     # -- what inspect asks ------------------------------------------------------------------------
     def train_path(self) -> Path:
         """The training file (the first of `data.sources`)."""
