@@ -19,9 +19,24 @@ COMMON = ["optim.max_grad_norm=null", "datamodule.batch_size=6", "datamodule.len
 
 @pytest.mark.parametrize("stage", ["dpo", "rm"])
 def test_shared_prompts_take_the_same_first_step(make_cfg, stage):
+    _assert_same_first_step(make_cfg, stage)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_an_sft_export_takes_the_same_first_step_with_shared_prompts(make_cfg, tmp_path, stage):
+    """As above, from what the SFT stage exported (weights trained, loaded back from disk), as a pipeline runs it."""
+    from llm_stages.train import train
+
+    sft = train(make_cfg("stage=sft", "trainer.max_steps=4", "trainer.val_check_interval=4", "optim.lr=1e-2",
+                         output_dir=tmp_path / "sft"))
+    _assert_same_first_step(make_cfg, stage, f"model.path={sft['export_dir']}")
+
+
+def _assert_same_first_step(make_cfg, stage, *overrides):
     runs = {}
     for share in ("false", "true"):
-        grads, module, datamodule = _first_step_grads(make_cfg(f"stage={stage}", *COMMON, f"datamodule.share_prompt={share}"))
+        grads, module, datamodule = _first_step_grads(make_cfg(f"stage={stage}", *COMMON, *overrides,
+                                                               f"datamodule.share_prompt={share}"))
         assert datamodule.shares_prompt is (share == "true")
         runs[share] = grads, module
     (shared, module_shared), (plain, module_plain) = runs["true"], runs["false"]
