@@ -231,15 +231,19 @@ def render(tokenizer, record: Record, pair: Pair, *, system_prompt: str | None, 
     return Rendered(example, truncated)
 
 
-def fingerprint(splits: dict[str, list[PairExample]]) -> str:
-    """A hash of every pair's token ids and labels in each split, in order: what per-pair values
-    computed from the pairs (DPO's cached reference log-probs) are a function of (data, template,
-    tokenizer, truncation)."""
+def pair_rows(pair: PairExample) -> tuple:
+    return pair.chosen.input_ids, pair.chosen.labels, pair.rejected.input_ids, pair.rejected.labels
+
+
+def fingerprint(splits: dict[str, list], rows_of: Callable[..., tuple] = pair_rows) -> str:
+    """A hash of every example's token rows (`rows_of`: a pair's ids and labels) in each split, in order:
+    what per-example values computed from them (DPO's and KTO's cached reference log-probs) are a function
+    of (data, template, tokenizer, truncation)."""
     digest = hashlib.sha256()
-    for split, pairs in splits.items():
-        digest.update(f"{split}:{len(pairs)}".encode())
-        for pair in pairs:
-            for row in (pair.chosen.input_ids, pair.chosen.labels, pair.rejected.input_ids, pair.rejected.labels):
+    for split, examples in splits.items():
+        digest.update(f"{split}:{len(examples)}".encode())
+        for example in examples:
+            for row in rows_of(example):
                 digest.update(len(row).to_bytes(8, "little") + np.asarray(row, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
 

@@ -7,17 +7,16 @@ rows, so one forward pass scores both."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from llm_stages.data.collate import collate_causal
 from llm_stages.data.columns import cannot_tell, field, prepare, read_as, record_tools
 from llm_stages.data.describe import Description, length_stats, mark_trained, trained
 from llm_stages.data.kinds.conversation import messages_messages, prompt_messages, reply
+from llm_stages.data.kinds import pair
 from llm_stages.data.kinds.pair import render_reply
 from llm_stages.data.render import IGNORE_INDEX, Example, Rendered, num_trained_tokens, prompt_length, with_system_prompt
 from llm_stages.data.sources import Record
@@ -133,14 +132,8 @@ def with_kl_rows(examples: list[UnpairedExample], batch_size: int, max_length: i
 def fingerprint(splits: dict[str, list[UnpairedExample]]) -> str:
     """A hash of every example's rows and label in each split, in order: what per-example values
     computed from them (cached reference log-probs) are a function of."""
-    digest = hashlib.sha256()
-    for split, examples in splits.items():
-        digest.update(f"{split}:{len(examples)}".encode())
-        for e in examples:
-            digest.update(b"+" if e.label else b"-")
-            for row in (e.completion.input_ids, e.completion.labels, e.kl.input_ids, e.kl.labels):
-                digest.update(len(row).to_bytes(8, "little") + np.asarray(row, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
+    return pair.fingerprint(splits, rows_of=lambda e: (e.completion.input_ids, e.completion.labels, e.kl.input_ids,
+                                                       e.kl.labels, [int(e.label)]))
 
 
 # --- collate -------------------------------------------------------------------------------------
