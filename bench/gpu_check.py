@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         left = deadline - time.time()
         if reason and row.needs == "vllm":
             result = {"status": f"skipped: {reason}"}  # its overrides need the vLLM backend's config keys
-        elif problem := check(overrides(row, dry_run=False, steps=steps, workdir=workdir)) or check(cli):
+        elif problem := check(overrides(row, dry_run=False, steps=steps, workdir=workdir)) or (args.dry_run and check(cli)):
             result = {"status": problem}  # the GPU run's config, and under --dry-run the CPU run's too
         elif reason:
             result = {"status": f"skipped: {reason}" + ("; config checked" if args.dry_run else "")}

@@ -15,7 +15,7 @@ def _register_resolvers() -> None:
 
     from llm_stages.run_dir import log_file_suffix
 
-    # ${log_file_suffix:} in conf/hydra/default.yaml: one log file per process of a multi-node run.
+    # ${log_file_suffix:<job name>} in conf/hydra/default.yaml: one log file per process of a multi-node run.
     OmegaConf.register_new_resolver("log_file_suffix", log_file_suffix, replace=True)
 
 

@@ -49,11 +49,13 @@ def launch_rank() -> str:
     return "0" if node == local == 0 else f"{node}.{local}"
 
 
-def log_file_suffix() -> str:
+def log_file_suffix(job_name: str = "") -> str:
     """The Hydra log file's suffix (conf/hydra/default.yaml): none for global rank 0, `_rank<r>` for
-    the others, so processes on several machines never append to one file on a shared filesystem."""
+    the others, so processes on several machines never append to one file on a shared filesystem.
+    None either for the processes Lightning starts itself (trainer=ddp on one machine): their job
+    name, `train_ddp_process_<local rank>`, already names a file of their own."""
     rank = launch_rank()
-    return "" if rank == "0" else f"_rank{rank}"
+    return "" if rank == "0" or job_name.startswith("train_ddp_process_") else f"_rank{rank}"
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:

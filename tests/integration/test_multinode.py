@@ -113,7 +113,8 @@ def test_launch_rank_reads_torchrun_slurm_or_lightning_variables(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert launch_rank() == "0" and log_file_suffix() == ""
     monkeypatch.setenv("NODE_RANK", "1")
-    assert launch_rank() == "1.0" and log_file_suffix() == "_rank1.0"
+    assert launch_rank() == "1.0" and log_file_suffix("__main__") == "_rank1.0"
+    assert log_file_suffix("train_ddp_process_1") == ""  # Lightning's own child: its job name names its log
     monkeypatch.setenv("SLURM_PROCID", "3")
     assert launch_rank() == "3"
     monkeypatch.setenv("RANK", "0")  # torchrun's global rank wins
