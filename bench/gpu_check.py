@@ -3,7 +3,7 @@
 Each row is a run of `python -m llm_stages ...` in its own process, timed by bench.ours.LightningClock:
 every stage for 20 steps on `model=qwen_0_5b_init` with `trainer=gpu` (bf16-mixed), SFT under
 `trainer=fsdp2` on one device, `peft=qlora` and `trainer=deepspeed` (ZeRO-2), the MFU of packed SFT
-at 16 x 2048 tokens, and GRPO with the vLLM backend when `.venv-vllm` exists. Each row has a time
+at 16 x 2048 tokens, and GRPO with the vLLM backend (VLLM_OVERRIDES) when `.venv-vllm` exists. Each row has a time
 limit and the whole check a budget (8 minutes), so a hung row costs its limit, not the check.
 
 `--dry-run` (CPU): the same rows' configs composed and checked (llm_stages.config.check_config); the
@@ -30,8 +30,9 @@ from bench.ours import LightningClock
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 460  # from the command's start (gpu_check.sh: DeepSpeed's install too) to the last row's end
-# GRPO's generation through vLLM (the `make vllm` environment): the overrides that select it.
-VLLM_OVERRIDES = ("rollout.generation.backend=vllm",)
+# GRPO's generation through vLLM: the overrides that select it. The trainer runs in this environment and
+# starts its vLLM server with the `make vllm` one (rollout.vllm.python, default .venv-vllm/bin/python).
+VLLM_OVERRIDES = ("rollout.backend=vllm",)
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 GRPO = ("stage=grpo", "module.num_generations=4", "datamodule.batch_size=4", "module.mini_batch_size=16",
         "module.ppo_epochs=1", "rollout.generation.max_new_tokens=32")
@@ -86,7 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps per row (default 20; 2 with --dry-run)")
     parser.add_argument("--workdir", default=str(REPO / "bench" / "results" / "gpu_check"))
     parser.add_argument("--budget-s", type=int, default=BUDGET_S,
-                        help="seconds from the start ($GPU_CHECK_START, set by gpu_check.sh) by which every row must end")
+                        help="seconds from the start ($GPU_CHECK_START, set by gpu_check.sh) by which every row must end "
+                             "(not under --dry-run)")
     args = parser.parse_args(argv)
     known = {r.name for r in ROWS}
     unknown = [n for n in args.rows.split(",") if n not in known]
@@ -135,13 +137,12 @@ def check(cli: list[str]) -> str | None:
 
 
 def run_row(row: Row, cli: list[str], *, workdir: Path, limit_s: float, warmup: int, peak: float | None) -> dict:
-    python = VLLM_PYTHON if row.needs == "vllm" else Path(sys.executable)
     record_path, log_path = workdir / f"{row.name}.json", workdir / f"{row.name}.log"
     record_path.unlink(missing_ok=True)
     started = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run([str(python), "-m", "llm_stages", *cli, f"hydra.run.dir={workdir / 'runs' / row.name}"],
+            proc = subprocess.run([sys.executable, "-m", "llm_stages", *cli, f"hydra.run.dir={workdir / 'runs' / row.name}"],
                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=limit_s,
                                   env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"})
         except subprocess.TimeoutExpired:
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda and not args.dry_run:
         print("error: no CUDA device; on a CPU machine run `bash bench/gpu_check.sh --dry-run`", file=sys.stderr)
         return 2
-    deadline = float(os.environ.get("GPU_CHECK_START") or time.time()) + args.budget_s
+    # The budget and the rows' limits are the GPU run's; on a (possibly busy) CPU rows may take longer.
+    deadline = float("inf") if args.dry_run else float(os.environ.get("GPU_CHECK_START") or time.time()) + args.budget_s
     steps = args.steps or (2 if args.dry_run else 20)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = missing(row, dry_run=args.dry_run)
         left = deadline - time.time()
         if reason and row.needs == "vllm":
-            result = {"status": f"skipped: {reason}"}  # its overrides need the vLLM backend's config keys
+            result = {"status": f"skipped: {reason}"}  # the config check itself needs the vLLM environment
         elif problem := check(overrides(row, dry_run=False, steps=steps, workdir=workdir)) or (args.dry_run and check(cli)):
             result = {"status": problem}  # the GPU run's config, and under --dry-run the CPU run's too
         elif reason:
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         elif left < 15:
             result = {"status": f"skipped: the check's {args.budget_s}s are spent"}
         else:
-            result = run_row(row, cli, workdir=workdir, limit_s=min(row.limit_s, left), warmup=min(3, steps - 1), peak=peak)
+            limit_s = min(row.limit_s * (3 if args.dry_run else 1), left)
+            result = run_row(row, cli, workdir=workdir, limit_s=limit_s, warmup=min(3, steps - 1), peak=peak)
         results.append((row, result))
         print(f"{row.name}: {result['status']}", file=sys.stderr, flush=True)
     setting = "tiny model, trainer=cpu (--dry-run)" if args.dry_run else "qwen_0_5b_init, bf16-mixed"
