@@ -36,14 +36,25 @@ def command_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def check_run_dir_shared(cfg: DictConfig, hydra_overrides: list[str]) -> None:
+    """Processes on several machines write one run dir, so it must be named the same on each: the
+    default is named after the start time, which differs between them."""
+    nodes = (cfg.get("trainer") or {}).get("num_nodes") or 1
+    if nodes > 1 and not any(o.startswith("hydra.run.dir=") for o in hydra_overrides):
+        raise ConfigError(f"trainer.num_nodes={nodes}: pass hydra.run.dir=<a directory on a filesystem every "
+                          "node sees>, the same on every node (the default is named after each node's start time)")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
     from llm_stages.train import train  # heavy imports after Hydra has parsed the command line
 
     try:
+        if HydraConfig.get().mode.name == "RUN":
+            check_run_dir_shared(cfg, list(HydraConfig.get().overrides.hydra))
         if cfg.get("pipeline"):
-            from hydra.core.hydra_config import HydraConfig
-
             from llm_stages.pipeline import run_pipeline
 
             cli = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("pipeline")]

@@ -10,6 +10,18 @@ import llm_stages.conf
 CONFIG_DIR = Path(llm_stages.conf.__file__).parent
 
 
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    from llm_stages.run_dir import log_file_suffix
+
+    # ${log_file_suffix:<job name>} in conf/hydra/default.yaml: one log file per process of a multi-node run.
+    OmegaConf.register_new_resolver("log_file_suffix", log_file_suffix, replace=True)
+
+
+_register_resolvers()
+
+
 def compose(overrides: list[str] | None = None, *, output_dir: str | None = None, config_name: str = "config"):
     """The config `python -m llm_stages <overrides>` would run, with `hydra:` interpolations
     resolvable, so `train(cfg)` can be called directly."""

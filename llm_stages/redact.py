@@ -78,13 +78,15 @@ class SaveRedactedConfig(Callback):
     """Writes what Hydra would write to `<run dir>/.hydra/` (config.yaml, hydra.yaml, overrides.yaml),
     credentials redacted; conf/hydra/default.yaml turns Hydra's own writer off (`output_subdir: null`),
     which would store an override like `+wandb.api_key=...` as typed. A sweep's `multirun.yaml` is
-    rewritten the same way when its first job starts."""
+    rewritten the same way when its first job starts. Global rank 0 alone writes."""
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         from hydra.types import RunMode
 
-        from llm_stages.run_dir import write_text_atomic
+        from llm_stages.run_dir import launch_rank, write_text_atomic
 
+        if launch_rank() != "0":
+            return  # the other processes of a multi-process launch: rank 0 writes the run's files
         hydra_cfg = OmegaConf.to_container(config.hydra, resolve=False)
         task_cfg = OmegaConf.to_container(config, resolve=False)
         task_cfg.pop("hydra", None)

@@ -214,7 +214,13 @@ class FSDP2Strategy(ModelParallelStrategy):
     - written atomically, as the single-file checkpoints are: into a temporary sibling directory
       renamed into place once every rank has written, so a run killed mid-save keeps its previous one;
     - loaded as far as they go: a checkpoint may leave frozen weights out (they come back from the
-      config), so only the weights it holds are read; every trained weight must be among them."""
+      config), so only the weights it holds are read; every trained weight must be among them.
+    `data_parallel_size=None` (conf/trainer/fsdp2.yaml) shards over every process of every node."""
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size is None:
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         if not self._save_distributed_checkpoint:
