@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from llm_stages.errors import ConfigError
+from llm_stages.rollout import Sample, Sampler, finish_sample
 from llm_stages.vllm_server import address_of, checksum
 
 log = logging.getLogger(__name__)
@@ -190,3 +191,88 @@ def _cleanup(state: dict) -> None:
     workdir = state.get("workdir")
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+class VLLMSampler(Sampler):
+    """The RL stages' replies drawn by a vLLM server (`rollout.backend=vllm`, settings `rollout.vllm`): the
+    same `Sample` as the HF sampler, with vLLM's log-prob of each sampled token (at the sampling temperature).
+    The server starts on first use from the initial policy (saved to shared memory; LoRA merged), and is
+    sent the policy's weights before a rollout whenever the policy took an optimiser step since the last.
+
+    `settings`: python (the vLLM venv's interpreter, default .venv-vllm/bin/python), address + authkey (attach
+    to a running server instead), dtype (default: the policy's), max_model_len, kv_cache_gb (CPU),
+    gpu_memory_utilization, startup_timeout, importance_sampling (a mode of IMPORTANCE_SAMPLING_MODES or null)
+    and importance_sampling_cap (TRL's truncated importance sampling, see losses.rl.importance_weights)."""
+
+    def __init__(self, model, tokenizer, generation: dict, val_generation: dict | None = None, *, settings: dict):
+        super().__init__(model, tokenizer, generation, val_generation)
+        known = {"python", "address", "authkey", "dtype", "max_model_len", "kv_cache_gb", "gpu_memory_utilization",
+                 "startup_timeout", "importance_sampling", "importance_sampling_cap"}
+        if set(settings) - known:
+            raise ConfigError(f"rollout.vllm.{sorted(set(settings) - known)[0]}: unknown; known: {', '.join(sorted(known))}")
+        mode = settings.get("importance_sampling", "token_truncate")
+        if mode not in (*IMPORTANCE_SAMPLING_MODES, None):
+            raise ConfigError(f"rollout.vllm.importance_sampling={mode!r}: use one of {', '.join(IMPORTANCE_SAMPLING_MODES)} "
+                              "or null (no correction)")
+        cap = float(settings.get("importance_sampling_cap") or 2.0)
+        self.importance_sampling = (mode, cap) if mode else None
+        if not settings.get("address"):
+            vllm_python(settings.get("python"))  # a missing environment fails now, in one line
+        self.settings, self.server, self.synced_version, self.model_dir = dict(settings), None, None, None
+        self.sync_seconds = 0.0
+
+    def start(self, model) -> VLLMServer:
+        from llm_stages.adapters import exportable
+
+        settings = self.settings
+        if settings.get("address"):
+            return VLLMServer(address=settings["address"], authkey=settings.get("authkey"),
+                              startup_timeout=float(settings.get("startup_timeout") or 300))
+        self.model_dir = Path(tempfile.mkdtemp(prefix="llm_stages_vllm_policy_", dir=SHM))
+        exportable(model, merge_lora=True).save_pretrained(self.model_dir)
+        self.tokenizer.save_pretrained(self.model_dir)
+        dtype = settings.get("dtype") or str(next(model.parameters()).dtype).removeprefix("torch.")
+        return VLLMServer(self.model_dir, python=settings.get("python"), dtype=dtype,
+                          max_model_len=settings.get("max_model_len"), kv_cache_gb=float(settings.get("kv_cache_gb") or 1),
+                          gpu_memory_utilization=float(settings.get("gpu_memory_utilization") or 0.3),
+                          startup_timeout=float(settings.get("startup_timeout") or 300))
+
+    def sync(self, model, version: int | None) -> None:
+        if self.server is None:
+            self.server = self.start(model)
+        if version is not None and version == self.synced_version:
+            return
+        from llm_stages.adapters import exportable
+
+        started = time.perf_counter()
+        self.server.load_state_dict(exportable(model, merge_lora=True).state_dict())
+        self.synced_version, self.sync_seconds = version, time.perf_counter() - started
+
+    @torch.no_grad()
+    def sample(self, model, prompts, *, repeats: int = 1, generation: dict, seed: int) -> Sample:
+        if self.server is None:
+            self.sync(model, None)
+        query = prompts.input_ids.repeat_interleave(repeats, 0)
+        query_mask = prompts.attention_mask.repeat_interleave(repeats, 0)
+        sampling = generation.get("do_sample", True)
+        replies = self.server.generate(
+            [q[m.bool()].tolist() for q, m in zip(query, query_mask)], max_tokens=int(generation["max_new_tokens"]),
+            temperature=float(generation.get("temperature") or 1.0) if sampling else 0.0,
+            top_p=float(generation.get("top_p") or 1.0) if sampling else 1.0,
+            top_k=int(generation.get("top_k") or 0) if sampling else 0, stop_token_ids=self.eos_ids, seed=seed)
+        width = max(1, max(len(ids) for ids, _ in replies))
+        pad_id = self.tokenizer.pad_token_id
+        response = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in replies], device=query.device)
+        logprobs = torch.tensor([lps + [0.0] * (width - len(lps)) for _, lps in replies], device=query.device)
+        return finish_sample(query, query_mask, [response], [logprobs], self.eos_ids, pad_id)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.server, self.synced_version = None, None
+        if self.model_dir is not None:
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+            self.model_dir = None
