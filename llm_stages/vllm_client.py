@@ -43,6 +43,22 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def scratch_dir(kind: str) -> Path:
+    """A fresh folder in shared memory named after this process; those of processes gone (killed before
+    they could clean up) are removed on the way."""
+    for stale in SHM.glob("llm_stages_vllm_*"):
+        try:
+            pid = int(stale.name.split("_")[3])
+            os.kill(pid, 0)
+        except (IndexError, ValueError):
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass
+    return Path(tempfile.mkdtemp(prefix=f"llm_stages_vllm_{os.getpid()}_{kind}_", dir=SHM))
+
+
 def vllm_python(python: str | None) -> Path:
     path = Path(python).expanduser() if python else DEFAULT_PYTHON
     if not path.is_absolute():
@@ -61,7 +77,7 @@ class VLLMServer:
                  authkey: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.3, kv_cache_gb: float = 1.0, startup_timeout: float = 300.0,
                  seed: int = 0, env: dict | None = None):
-        self.process, self.conn, self.workdir = None, None, Path(tempfile.mkdtemp(prefix="llm_stages_vllm_", dir=SHM))
+        self.process, self.conn, self.workdir = None, None, scratch_dir("server")
         self._finalizer = weakref.finalize(self, _cleanup, self.__dict__)
         atexit.register(self.close)
         if address:
@@ -231,7 +247,7 @@ class VLLMSampler(Sampler):
         if settings.get("address"):
             return VLLMServer(address=settings["address"], authkey=settings.get("authkey"),
                               startup_timeout=float(settings.get("startup_timeout") or 300))
-        self.model_dir = Path(tempfile.mkdtemp(prefix="llm_stages_vllm_policy_", dir=SHM))
+        self.model_dir = scratch_dir("policy")
         exportable(model, merge_lora=True).save_pretrained(self.model_dir)
         self.tokenizer.save_pretrained(self.model_dir)
         dtype = settings.get("dtype") or str(next(model.parameters()).dtype).removeprefix("torch.")
