@@ -235,3 +235,38 @@ def test_grpo_with_vllm_reaches_the_held_out_reward_of_hf(make_cfg, tmp_path):
     for before, after in rewards.values():
         assert before < 0.25 and after > 0.75, rewards  # measured: 0.05-0.08 -> 1.0 with either
     assert abs(rewards["hf"][1] - rewards["vllm"][1]) < 0.15, rewards  # 64 replies: ~0.06 standard error each
+
+
+@pytest.mark.slow
+@needs_vllm
+@pytest.mark.parametrize("stage,extra", [("grpo", ["peft=lora", "module.num_generations=2", "module.mini_batch_size=8", "module.ppo_epochs=1"]),
+                                         ("ppo", ["+rollout.rewards.equation={weight: 1.0, fn: {_target_: "
+                                                  "llm_stages.rewards.demo_equation, _partial_: true}}",
+                                                  "module.mini_batch_size=2", "module.ppo_epochs=1"])])
+def test_each_step_is_sent_to_the_server(make_cfg, stage, extra):
+    """With a large learning rate every optimiser step moves the policy far; were the server not sent the
+    policy's (LoRA: merged) weights after each, its sampled log-probs would drift from the trainer's."""
+    import lightning as L
+
+    from llm_stages.train import build
+
+    cfg = make_cfg(f"stage={stage}", *VLLM_MODEL, *extra, "rollout.generation.max_new_tokens=8", "datamodule.batch_size=4",
+                   "trainer.max_steps=4", "optim.lr=1e-2", "rollout.backend=vllm", "validate_before_fit=false")
+    module, datamodule = build(cfg)
+    seen: list[dict] = []
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, callbacks=[Capture()], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, log_every_n_steps=1, default_root_dir=cfg.paths.output_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        module.release()
+    assert module.rollout.sampler.server is None  # released
+    assert len(seen) >= 2 and seen[-1]["rollout/logprob_diff_max"] < 1e-3, seen[-1]
+    assert seen[-1]["rollout/is_ratio_max"] < 1.01 and "rollout/is_capped_frac" in seen[-1]
+    assert seen[-1]["perf/weight_sync_seconds"] > 0
