@@ -99,7 +99,8 @@ class Server:
         self.llm = LLM(model=args.model, tokenizer=args.model, dtype=args.dtype, seed=args.seed,
                        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                        enforce_eager=args.enforce_eager, logprobs_mode="processed_logprobs",
-                       enable_prefix_caching=True, skip_tokenizer_init=False)
+                       enable_prefix_caching=True,
+                       generation_config="vllm")  # no sampling defaults from the checkpoint's generation_config.json
 
     def model_call(self, fn):
         """fn(model) on the engine's model (in this process: one worker)."""
