@@ -38,9 +38,13 @@ DEFAULT_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _dying_with(parent: int):
+    def preexec() -> None:  # runs in the child between fork and exec
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
 
 
 def scratch_dir(kind: str) -> Path:
@@ -97,7 +101,7 @@ class VLLMServer:
         self.log_path = self.workdir / "server.log"
         with open(self.log_path, "wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=child_env,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            start_new_session=True, preexec_fn=_dying_with(os.getpid()))
         log.info("vLLM server starting (pid %d, log %s)", self.process.pid, self.log_path)
         self.conn = self._connect(startup_timeout)
         log.info("vLLM server ready: %s", self.call("info"))
@@ -111,8 +115,9 @@ class VLLMServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited with code {self.process.returncode} while starting:\n"
-                                   + self.log_tail())
+                why = f"the vLLM server exited with code {self.process.returncode} while starting:\n{self.log_tail()}"
+                self.close()
+                raise RuntimeError(why)
             try:
                 return Client(where, family=family, authkey=self.authkey)
             except (FileNotFoundError, ConnectionRefusedError):
