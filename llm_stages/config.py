@@ -95,6 +95,10 @@ RULES = [
     ("generation.top_p", _number(lambda x: 0 < x <= 1), "a number in (0, 1]"),
     ("generation.top_k", _integer(0), "an integer >= 0 (0: no top-k cut)"),
     ("rollout.overlong_penalty_factor", _number(lambda x: x >= 0), "a number >= 0"),
+    ("rollout.backend", _one_of("hf", "vllm"), "hf (the policy's generate) or vllm (a vLLM server; make vllm)"),
+    ("rollout.vllm.importance_sampling", _one_of(None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+     "token_truncate, token_mask, sequence_truncate, sequence_mask, or null (no correction)"),
+    ("rollout.vllm.importance_sampling_cap", _number(lambda x: x >= 1), "a number >= 1, e.g. 2.0"),
     ("module.max_extra_rounds", _integer(0), "an integer >= 0"),
     ("module.dynamic_sampling", lambda v: isinstance(v, bool), "true or false"),
 ]
@@ -144,6 +148,11 @@ def check_config(cfg) -> None:
 
         advantage_settings(module, module.get("beta", 0.0))  # an unknown estimator or a nonsense combination: one line
     _check_overlong(cfg.get("rollout") or {})
+    rollout = cfg.get("rollout") or {}
+    if rollout.get("backend") == "vllm" and not (rollout.get("vllm") or {}).get("address"):
+        from llm_stages.vllm_client import vllm_python
+
+        vllm_python((rollout.get("vllm") or {}).get("python"))  # no vLLM environment: one line saying `make vllm`
     reward_model = (cfg.get("rollout") or {}).get("reward_model") or {}
     for key, path in (("rollout.reward_model.path", reward_model.get("path")), ("module.critic_path", module.get("critic_path"))):
         if path:

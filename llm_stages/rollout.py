@@ -145,14 +145,27 @@ class Sampler:
                 responses.append(out[:, query.shape[1]:])
                 logprobs.append(recorder.finish(responses[-1]))
         model.train(was_training)
-        width = max(r.shape[1] for r in responses)
-        pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)  # noqa: E731
-        response = torch.cat([pad(r, self.tokenizer.pad_token_id) for r in responses])
-        is_eos = torch.isin(response, torch.tensor(self.eos_ids, device=response.device))
-        response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # through the first EOS
-        response = response.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
-        sampled = torch.where(response_mask.bool(), torch.cat([pad(lp, 0.0) for lp in logprobs]), 0.0)
-        return Sample(query, query_mask, response, response_mask, sampled)
+        return finish_sample(query, query_mask, responses, logprobs, self.eos_ids, self.tokenizer.pad_token_id)
+
+    def sync(self, model, version: int | None) -> None:
+        """Nothing to do: this sampler generates with the policy itself (the vLLM one sends it its weights)."""
+
+    def close(self) -> None:
+        pass
+
+
+def finish_sample(query, query_mask, responses: list[torch.Tensor], logprobs: list[torch.Tensor], eos: list[int],
+                  pad_token_id: int) -> Sample:
+    """A `Sample` from chunks of generated ids and their log-probs (each (n, r_i)): right-padded to the
+    longest, masked through each reply's first EOS, padding after it."""
+    width = max(r.shape[1] for r in responses)
+    pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)  # noqa: E731
+    response = torch.cat([pad(r, pad_token_id) for r in responses])
+    is_eos = torch.isin(response, torch.tensor(eos, device=response.device))
+    response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # through the first EOS
+    response = response.masked_fill(response_mask == 0, pad_token_id)
+    sampled = torch.where(response_mask.bool(), torch.cat([pad(lp, 0.0) for lp in logprobs]), 0.0)
+    return Sample(query, query_mask, response, response_mask, sampled)
 
 
 class Scorer(torch.nn.Module):
@@ -226,14 +239,25 @@ class Rollout(torch.nn.Module):
 
     def __init__(self, model, tokenizer, *, generation: dict, val_generation: dict | None = None,
                  rewards: dict | None = None, reward_model: dict | None = None, missing_eos_penalty: float | None = None,
-                 overlong_buffer: int | None = None, overlong_penalty_factor: float = 1.0):
+                 overlong_buffer: int | None = None, overlong_penalty_factor: float = 1.0, backend: str = "hf",
+                 vllm: dict | None = None):
         super().__init__()
-        self.sampler = Sampler(model, tokenizer, generation, val_generation)
+        if backend == "vllm":
+            from llm_stages.vllm_client import VLLMSampler
+
+            self.sampler = VLLMSampler(model, tokenizer, generation, val_generation, settings=dict(vllm or {}))
+        elif backend == "hf":
+            self.sampler = Sampler(model, tokenizer, generation, val_generation)
+        else:
+            raise ConfigError(f"rollout.backend={backend!r}: use hf (the policy's generate) or vllm (make vllm first)")
         self.scorer = Scorer(tokenizer, self.sampler.eos_ids, rewards=rewards, reward_model=reward_model,
                              missing_eos_penalty=missing_eos_penalty, overlong=overlong_buffer and (
                                  generation["max_new_tokens"], overlong_buffer, overlong_penalty_factor))
 
-    def forward(self, policy, prompts: PromptBatch, *, seed: int, repeats: int = 1, validation: bool = False) -> Replies:
+    def forward(self, policy, prompts: PromptBatch, *, seed: int, repeats: int = 1, validation: bool = False,
+                version: int | None = None) -> Replies:
+        """`version`: the policy's optimiser step; a vLLM sampler is sent the weights when it changed (None: always)."""
+        self.sampler.sync(policy, version)
         started = time.perf_counter()
         generation = self.sampler.val_generation if validation else self.sampler.generation
         sample = self.sampler.sample(policy, prompts, repeats=repeats, generation=generation, seed=seed)
@@ -241,3 +265,7 @@ class Rollout(torch.nn.Module):
         repeated = [p for p in prompts.prompts for _ in range(repeats)]
         scores = self.scorer.score(repeated, [a for a in prompts.answers for _ in range(repeats)], sample)
         return Replies(sample, scores, repeated, seconds)
+
+    def close(self) -> None:
+        """Stops what the sampler runs beside the trainer (a vLLM server)."""
+        self.sampler.close()

@@ -125,6 +125,7 @@ def train(cfg: DictConfig) -> dict:
     metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
 
     after = trainer.validate(module, datamodule=datamodule, verbose=False) if trainer.limit_val_batches else []
+    module.release()
     if after:
         metrics.update({k: float(v) for k, v in after[0].items()})
 

@@ -134,6 +134,28 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return 1 - var_residual / var_returns.clamp(min=1e-8)
 
 
+def importance_weights(old_logprobs: torch.Tensor, sampled_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                       mode: str = "token_truncate", cap: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling for replies drawn by another engine than the trainer's (vLLM), as
+    TRL's `vllm_importance_sampling_correction`: the ratio trainer / sampler of the probability of each
+    sampled token, exp(old_logprobs - sampled_logprobs), multiplies the per-token policy loss, so the
+    update estimates the gradient of the trainer's policy, not the sampler's. `token_truncate`: per token,
+    capped at `cap`; `token_mask`: per token, 0 above `cap`; `sequence_truncate` / `sequence_mask`: one
+    ratio per reply (the product over its tokens), broadcast. Returns (weights (N, R), where the cap acted),
+    both without grad and 0 on padding."""
+    log_ratio = torch.where(mask.bool(), (old_logprobs - sampled_logprobs).detach().float(), 0.0)
+    if mode.startswith("sequence_"):
+        log_ratio = log_ratio.sum(1, keepdim=True).expand_as(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(max=20.0))
+    if mode.endswith("_truncate"):
+        weights = ratio.clamp(max=cap)
+    elif mode.endswith("_mask"):
+        weights = ratio.masked_fill(ratio > cap, 0.0)
+    else:
+        raise ValueError(f"unknown importance sampling mode {mode!r}")
+    return weights * mask, ((ratio > cap) & mask.bool()).float()
+
+
 GRPO_LOSS_TYPES = ("token_mean", "sequence_mean", "dr_grpo")
 
 

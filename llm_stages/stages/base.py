@@ -47,6 +47,9 @@ class Stage(L.LightningModule):
     def on_fit_start(self) -> None:
         self.model.train()  # Lightning leaves HF models in the eval mode they were loaded in
 
+    def release(self) -> None:
+        """Frees what a stage runs beside its model (the RL stages' vLLM server) once it is done."""
+
     def trainable(self) -> torch.nn.Module:
         """What the optimiser updates (the model; PPO adds its critic)."""
         return self.model

@@ -96,7 +96,8 @@ class GRPO(RLStage):
         def next_rollout(round_: int) -> Replies | None:
             prompts = self.next_prompt_batch()
             return None if prompts is None else self.rollout(
-                self.model, prompts, repeats=self.num_generations, seed=self.rollout_seed(self.global_step, round_))
+                self.model, prompts, repeats=self.num_generations, seed=self.rollout_seed(self.global_step, round_),
+                version=self.global_step)
 
         filled = fill_informative_groups(replies, next_rollout, group_size=self.num_generations,
                                          max_extra_rounds=self.max_extra_rounds, pad_token_id=self.tokenizer.pad_token_id,
@@ -121,6 +122,9 @@ class GRPO(RLStage):
         per_token, policy_loss, clipped, kl = grpo_per_token_loss(
             logprobs, old, mb.advantages, mask, epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
             ref_logprobs=mb.ref_logprobs)
+        weights = self.importance_weights(old, mb.sampled_logprobs, mask)  # vLLM sampled: TRL's truncated IS
+        if weights is not None:
+            per_token, policy_loss = per_token * weights, policy_loss * weights
         # Stats in the loss's units (the update divides them by the same weight).
         stats = {"policy_loss": self._loss_sum(policy_loss.detach(), mask)[0], "clipfrac": self._loss_sum(clipped, mask)[0]}
         if kl is not None:

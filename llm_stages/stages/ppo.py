@@ -139,6 +139,9 @@ class PPO(RLStage):
             entropy = entropy.detach()
         values = self.values(mb)
         policy_loss, policy_clipped = clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, self.cliprange)
+        weights = self.importance_weights(mb.logprobs, mb.sampled_logprobs, mb.response_mask)  # vLLM sampled
+        if weights is not None:
+            policy_loss = policy_loss * weights
         value_loss, value_clipped = clipped_value_loss(values, mb.values, mb.returns, self.cliprange_value)
         per_token = policy_loss + self.vf_coef * value_loss - self.ent_coef * entropy
         token_sum = lambda x: (x.detach() * mask).sum()  # noqa: E731

@@ -20,7 +20,7 @@ import torch
 from llm_stages.adapters import frozen_reference, reference_of
 from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
-from llm_stages.losses.rl import entropy_from_logits
+from llm_stages.losses.rl import entropy_from_logits, importance_weights
 from llm_stages.rollout import Replies, Rollout, RolloutBuffer, Trajectory, position_ids
 from llm_stages.sampling import disable_dropout
 from llm_stages.stages.base import Stage
@@ -50,6 +50,9 @@ class RLStage(Stage):
         self.generation_seconds = self.update_seconds = float("nan")
         self._sample_rows: list[list] = []
         self._logprob_diffs: list[torch.Tensor] = []
+        self._importance: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (mode, cap) of the truncated importance sampling when another engine samples (rollout.backend=vllm)
+        self.importance_sampling = getattr(self.rollout.sampler, "importance_sampling", None)
 
     @property
     def generation(self) -> dict:
@@ -65,7 +68,8 @@ class RLStage(Stage):
         return hash((self.seed, rank, *parts)) % (2 ** 31)
 
     def sample_and_score(self, prompts: PromptBatch, *, repeats: int = 1) -> Replies:
-        replies = self.rollout(self.model, prompts, repeats=repeats, seed=self.rollout_seed(self.global_step))
+        replies = self.rollout(self.model, prompts, repeats=repeats, seed=self.rollout_seed(self.global_step),
+                               version=self.global_step)
         self.generation_seconds = replies.generation_seconds
         return replies
 
@@ -104,6 +108,21 @@ class RLStage(Stage):
         rollout/logprob_diff_max and _mean: near 1e-6 when sampling draws from the distribution the loss assumes."""
         self._logprob_diffs.append((sampled - trained.detach()).abs()[mask.bool()].float())
 
+    def importance_weights(self, old: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The per-token weights of the policy loss correcting for a sampler that is not the trainer
+        (losses.rl.importance_weights; rollout.vllm.importance_sampling), or None (the policy sampled itself).
+        Logged per iteration as rollout/is_ratio_{mean,min,max} and rollout/is_capped_frac."""
+        if self.importance_sampling is None:
+            return None
+        mode, cap = self.importance_sampling
+        weights, capped = importance_weights(old, sampled, mask, mode=mode, cap=cap)
+        self._importance.append((weights[mask.bool()], capped[mask.bool()]))
+        return weights
+
+    def release(self) -> None:
+        """Stops the vLLM server (if any) once training and the last validation are done."""
+        self.rollout.close()
+
     # -- minibatch epochs ------------------------------------------------------------------------
     def minibatches(self, trajectory: Trajectory) -> Iterator[list[Trajectory]]:
         """`ppo_epochs` passes over the trajectory in shuffled minibatches (one optimiser step each),
@@ -139,6 +158,15 @@ class RLStage(Stage):
             self.log("rollout/logprob_diff_mean", total / count.clamp(min=1), sync_dist=True)
             self.log("rollout/logprob_diff_max", diffs.max() if diffs.numel() else diffs.new_zeros(()),
                      sync_dist=True, reduce_fx="max")
+        if self._importance:
+            weights, capped = (torch.cat(parts) for parts in zip(*self._importance))
+            self._importance = []
+            if weights.numel():
+                self.log_dict({"rollout/is_ratio_mean": weights.mean(), "rollout/is_capped_frac": capped.mean()}, sync_dist=True)
+                self.log("rollout/is_ratio_min", weights.min(), sync_dist=True, reduce_fx="min")
+                self.log("rollout/is_ratio_max", weights.max(), sync_dist=True, reduce_fx="max")
+        if hasattr(self.rollout.sampler, "sync_seconds"):
+            self.log("perf/weight_sync_seconds", float(self.rollout.sampler.sync_seconds))
         self.log("train/loss", stats["loss"], prog_bar=True, sync_dist=True)
         self.log("train/reward", scores.mean(), prog_bar=True, sync_dist=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
@@ -150,7 +178,8 @@ class RLStage(Stage):
 
     # -- validation: mean reward of the policy's replies to held-out prompts ---------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        replies = self.rollout(self.model, batch, seed=self.rollout_seed(-1, batch_idx), validation=True)
+        replies = self.rollout(self.model, batch, seed=self.rollout_seed(-1, batch_idx), validation=True,
+                               version=self.global_step)
         scores = replies.scores.total
         stats = {"reward": scores.sum(), "response_length": replies.sample.response_mask.sum().float(),
                  **{f"reward/{k}": v.sum() for k, v in replies.scores.components.items()}}
