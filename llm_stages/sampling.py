@@ -1,16 +1,19 @@
 """What RL sampling needs to draw replies from the distribution the loss assumes: only the
 settings the loss models, no dropout, each token's log-prob as it was sampled, and no setting
-taken from the checkpoint's generation_config.json."""
+taken from the checkpoint's generation_config.json; and the sampler that draws them from the policy itself
+(`Sampler`, returning a `Sample`), which the vLLM backend (llm_stages.vllm_client) replaces."""
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor
 
 from llm_stages.adapters import is_adapted
+from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -105,3 +108,79 @@ def generation_defaults(model: torch.nn.Module, config: GenerationConfig):
         yield
     finally:
         hf_model.generation_config = saved
+
+
+# --- the sampler: replies drawn from the policy itself (rollout.backend=hf; llm_stages.vllm_client: vllm) ---
+
+class Sample(NamedTuple):
+    """Sampled replies: prompts left-padded to P, replies right-padded to R."""
+
+    query: torch.Tensor  # (N, P) prompt ids
+    query_mask: torch.Tensor  # (N, P)
+    response: torch.Tensor  # (N, R) sampled ids, padding after the first EOS
+    response_mask: torch.Tensor  # (N, R) 1 up to and including EOS
+    sampled_logprobs: torch.Tensor  # (N, R) each token's log-prob at sampling time (0 on padding)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query, self.response], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], 1)
+
+
+class Sampler:
+    """Replies drawn from the policy with exactly the settings the loss models (`generation`;
+    `val_generation` overrides them for validation)."""
+
+    def __init__(self, model, tokenizer, generation: dict, val_generation: dict | None = None):
+        self.generation = dict(generation)
+        self.val_generation = {**self.generation, **dict(val_generation or {})}
+        check_sampling_settings(self.generation, self.val_generation)
+        log_ignored_generation_settings(model)
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids(model, tokenizer)
+
+    @torch.no_grad()
+    def sample(self, model, prompts: PromptBatch, *, repeats: int = 1, generation: dict, seed: int) -> Sample:
+        """Replies to each prompt (`repeats` per prompt, consecutive), with the sampling-time log-prob
+        of each reply token (see SampledLogprobs); the mask covers each reply through its first EOS."""
+        query = prompts.input_ids.repeat_interleave(repeats, 0)
+        query_mask = prompts.attention_mask.repeat_interleave(repeats, 0)
+        chunk = generation.get("batch_size") or query.shape[0]
+        config = generation_config(generation, self.tokenizer, self.eos_ids)
+        was_training = model.training
+        model.eval()  # also turns gradient checkpointing off, so generation uses the KV cache
+        responses, logprobs = [], []
+        devices = [query.device] if query.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), generation_defaults(model, config):
+            torch.manual_seed(seed)
+            for start in range(0, query.shape[0], chunk):
+                recorder = SampledLogprobs(config.temperature if config.do_sample else 1.0)
+                rows = slice(start, start + chunk)
+                out = model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=config,
+                                     logits_processor=[recorder], use_cache=True)
+                responses.append(out[:, query.shape[1]:])
+                logprobs.append(recorder.finish(responses[-1]))
+        model.train(was_training)
+        return finish_sample(query, query_mask, responses, logprobs, self.eos_ids, self.tokenizer.pad_token_id)
+
+    def sync(self, model, version: int | None) -> None:
+        """Nothing to do: this sampler generates with the policy itself (the vLLM one sends it its weights)."""
+
+    def close(self) -> None:
+        pass
+
+
+def finish_sample(query, query_mask, responses: list[torch.Tensor], logprobs: list[torch.Tensor], eos: list[int],
+                  pad_token_id: int) -> Sample:
+    """A `Sample` from chunks of generated ids and their log-probs (each (n, r_i)): right-padded to the
+    longest, masked through each reply's first EOS, padding after it."""
+    width = max(r.shape[1] for r in responses)
+    pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)  # noqa: E731
+    response = torch.cat([pad(r, pad_token_id) for r in responses])
+    is_eos = torch.isin(response, torch.tensor(eos, device=response.device))
+    response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # through the first EOS
+    response = response.masked_fill(response_mask == 0, pad_token_id)
+    sampled = torch.where(response_mask.bool(), torch.cat([pad(lp, 0.0) for lp in logprobs]), 0.0)
+    return Sample(query, query_mask, response, response_mask, sampled)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from llm_stages.errors import ConfigError
-from llm_stages.rollout import Sample, Sampler, finish_sample
+from llm_stages.sampling import Sample, Sampler, finish_sample
 from llm_stages.vllm_server import address_of, checksum
 
 log = logging.getLogger(__name__)
