@@ -21,6 +21,7 @@ from llm_stages.errors import ConfigError, DataFormatError
 from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, task_data
 from llm_stages.rewards import answer_match
 from llm_stages.rollout import Sample, Sampler, Scorer
+from llm_stages.run_dir import write_text_atomic
 from llm_stages.sampling import eos_ids
 
 # Greedy unless the task says otherwise; the keys are rollout.generation's.
@@ -87,10 +88,8 @@ def completion_rows(records: list[Record], chunks: list[Chunk], num_samples: int
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """Whole or not at all (a temporary sibling renamed into place), as results.json and the checkpoints."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path
 
 

@@ -20,6 +20,7 @@ from llm_stages.errors import ConfigError
 from llm_stages.evaluate import generation, likelihood, lm_eval_adapter, preference
 from llm_stages.evaluate.task import EvalContext, TaskFn, TaskResult
 from llm_stages.models import check_model_dir, load_model, load_tokenizer
+from llm_stages.run_dir import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def evaluate(cfg: DictConfig, *, report: bool = True) -> dict:
         results.append(result)
     summary = {"suite": suite.get("name"), "model": str(cfg.model.get("path") or cfg.model.get("name")),
                "head": ctx.head, "seed": int(cfg.seed), "tasks": {r.name: _as_json(r) for r in results}}
-    (output_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(output_dir / "results.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if report:
         print(markdown_table(COLUMNS, table_rows(results)))
         _log_wandb(cfg, results)
@@ -168,8 +169,8 @@ def evaluate_exports(pipeline: DictConfig, step: DictConfig, overrides: list[str
     columns = ["export", *summary]
     rows = [[stage, *(_metric(result, key) for key in summary)] for stage, result in results.items()]
     table = markdown_table(columns, rows)
-    (directory / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    (directory / "table.md").write_text(table + "\n")
+    write_text_atomic(directory / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(directory / "table.md", table + "\n")
     log_wandb_table(cfg, "pipeline/eval", columns, rows, name=f"pipeline-{pipeline.name}-eval", directory=directory)
     return {"table": table, "rows": rows, "columns": columns, "dir": str(directory)}
 
