@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -73,11 +72,13 @@ class RowClock(LightningClock):
     """bench.ours.LightningClock, whose record also holds what the table needs beyond the step times."""
 
     def on_train_end(self, trainer, pl_module) -> None:
-        cuda = torch.cuda.is_available()
+        from llm_stages.perf import peak_memory_gb  # what every run logs as perf/peak_*
+
+        peak = peak_memory_gb(trainer)
         self.clock.dump(self.path, params=sum(p.numel() for p in pl_module.model.parameters()),
-                        device=torch.cuda.get_device_name() if cuda else "cpu",
-                        cuda_max_allocated_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+                        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                        cuda_max_allocated_gb=peak.get("perf/cuda_max_allocated_gb"),
+                        peak_rss_gb=peak["perf/peak_rss_gb"])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
