@@ -26,13 +26,13 @@ import torch
 
 from bench.clock import summarise
 from bench.ours import LightningClock
+from llm_stages.vllm_client import DEFAULT_PYTHON as VLLM_PYTHON  # where `make vllm` puts it
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 460  # from the command's start (gpu_check.sh: DeepSpeed's install too) to the last row's end
 # GRPO's generation through vLLM: the overrides that select it. The trainer runs in this environment and
 # starts its vLLM server with the `make vllm` one (rollout.vllm.python, default .venv-vllm/bin/python).
 VLLM_OVERRIDES = ("rollout.backend=vllm",)
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 GRPO = ("stage=grpo", "module.num_generations=4", "datamodule.batch_size=4", "module.mini_batch_size=16",
         "module.ppo_epochs=1", "rollout.generation.max_new_tokens=32")
 
