@@ -6,7 +6,7 @@ every stage for 20 steps on `model=qwen_0_5b_init` with `trainer=gpu` (bf16-mixe
 at 16 x 2048 tokens, and GRPO with the vLLM backend (VLLM_OVERRIDES) when `.venv-vllm` exists. Each row has a time
 limit and the whole check a budget (8 minutes), so a hung row costs its limit, not the check.
 
-`--dry-run` (CPU): the same rows' configs composed and checked (llm_stages.config.check_config); the
+`--dry-run` (CPU): the same rows' configs composed and checked (llm_stages.checks.check_config); the
 rows a CPU can run, run for real on the tiny model for 2 steps with `trainer=cpu`; rows that need
 CUDA are listed as skipped.
 """
@@ -26,7 +26,7 @@ import torch
 
 from bench.clock import summarise
 from bench.ours import LightningClock
-from llm_stages.vllm_client import DEFAULT_PYTHON as VLLM_PYTHON  # where `make vllm` puts it
+from llm_stages.checks import DEFAULT_VLLM_PYTHON as VLLM_PYTHON  # where `make vllm` puts it
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 460  # from the command's start (gpu_check.sh: DeepSpeed's install too) to the last row's end
@@ -57,7 +57,7 @@ ROWS = [
     Row("rm", ("stage=rm",), mfu=True),
     Row("dpo", ("stage=dpo",), limit_s=75),
     Row("kto", ("stage=kto",), limit_s=75),
-    Row("ppo", ("stage=ppo", "+rollout.rewards.equation={weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, "
+    Row("ppo", ("stage=ppo", "+rollout.rewards.equation={weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.demo_equation, "
                 "_partial_: true}}", "datamodule.batch_size=8", "module.mini_batch_size=8", "module.ppo_epochs=1",
                 "rollout.generation.max_new_tokens=32"), limit_s=90),
     Row("grpo", GRPO, limit_s=75),
@@ -72,7 +72,7 @@ class RowClock(LightningClock):
     """bench.ours.LightningClock, whose record also holds what the table needs beyond the step times."""
 
     def on_train_end(self, trainer, pl_module) -> None:
-        from llm_stages.perf import peak_memory_gb  # what every run logs as perf/peak_*
+        from llm_stages.training.perf import peak_memory_gb  # what every run logs as perf/peak_*
 
         peak = peak_memory_gb(trainer)
         self.clock.dump(self.path, params=sum(p.numel() for p in pl_module.model.parameters()),
@@ -128,7 +128,8 @@ def missing(row: Row, *, dry_run: bool) -> str | None:
 
 def check(cli: list[str]) -> str | None:
     """The config a row would run, composed and checked as `python -m llm_stages` does; the error or None."""
-    from llm_stages.config import check_config, compose
+    from llm_stages.checks import check_config
+    from llm_stages.config import compose
 
     try:
         check_config(compose(cli))
@@ -157,7 +158,7 @@ def run_row(row: Row, cli: list[str], *, workdir: Path, limit_s: float, warmup: 
     out.update(status="ok", steps_per_s=rates["steps_per_s"], tokens_per_s=rates["tokens_per_s"],
                cuda_gb=record.get("cuda_max_allocated_gb"), rss_gb=record["peak_rss_gb"], device=record["device"])
     if row.mfu and peak and rates["tokens_per_s"]:
-        from llm_stages.perf import mfu
+        from llm_stages.training.perf import mfu
 
         out["mfu"] = mfu(record["params"], rates["tokens_per_s"], peak)
     return out
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     prepare_data(workdir, dry_run=args.dry_run)
-    from llm_stages.perf import peak_tflops
+    from llm_stages.training.perf import peak_tflops
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_tflops(device) if cuda else None

@@ -45,7 +45,7 @@ def run(spec: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from llm_stages.losses.rl import clipped_policy_loss, clipped_value_loss, gae, kl_penalty, shaped_rewards, whiten
-    from llm_stages.rewards import answer_match
+    from llm_stages.rollout.rewards import answer_match
 
     w, o = spec["workload"], spec["workload"]["options"]
     device = torch.device("cuda" if spec["trainer"] == "gpu" else "cpu")

@@ -13,7 +13,7 @@ allocated with --trainer gpu), and ours/baseline ratios; the first K steps are w
 the median over R repeats. Writes bench/results/<date>-<model>.json and .md (the table, also printed).
 
 MFU (model FLOPs utilisation) is reported where the device's peak is known (--trainer gpu on a GPU
-in llm_stages/perf.py's table, or --peak-tflops): 6 x parameters x real tokens/s / peak for a
+in llm_stages/training/perf.py's table, or --peak-tflops): 6 x parameters x real tokens/s / peak for a
 trained step (8 x for DPO with a reference copy), the PaLM estimate without attention FLOPs; padding
 positions are not counted, so it is the useful-work MFU. A realistic GPU measurement needs more tokens
 per step than the CPU defaults, e.g.
@@ -137,7 +137,7 @@ def _median(results: list[dict]) -> dict:
 
 def add_mfu(median: dict, *, params: int, flops_per_param_token: int | None, peak_tflops: float | None) -> None:
     """Model FLOPs utilisation of one side: its model FLOPs per second over the device's peak."""
-    from llm_stages.perf import mfu
+    from llm_stages.training.perf import mfu
 
     if peak_tflops and flops_per_param_token and "tokens_per_s" in median:
         median["mfu"] = mfu(params, median["tokens_per_s"], peak_tflops, flops_per_param_token)
@@ -231,7 +231,7 @@ def _meta(args, device: str) -> dict:
 def _gpu_peak_tflops() -> float | None:
     import torch
 
-    from llm_stages.perf import peak_tflops
+    from llm_stages.training.perf import peak_tflops
 
     return peak_tflops(torch.cuda.get_device_name(0))
 

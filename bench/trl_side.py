@@ -22,9 +22,9 @@ from bench.clock import StepClock
 
 
 def answer_match(prompts, completions, answer, **_):
-    """llm_stages.rewards.answer_match, called the way TRL calls reward functions (conversational
+    """llm_stages.rollout.rewards.answer_match, called the way TRL calls reward functions (conversational
     completions arrive as message lists; the dataset's `answer` column as a keyword)."""
-    from llm_stages.rewards import answer_match as ours
+    from llm_stages.rollout.rewards import answer_match as ours
 
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
     return ours(texts, answers=answer)

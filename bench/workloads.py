@@ -136,5 +136,5 @@ def our_overrides(w: Workload, *, checkpoint: str, data_path: str, cache_dir: st
                       f"module.cliprange_value={o['cliprange_value']}", f"module.vf_coef={o['vf_coef']}",
                       f"module.gamma={o['gamma']}", f"module.lam={o['lam']}", f"module.reward_clip={o['reward_clip']}",
                       # The same rule reward the naive baseline and TRL's GRPO get.
-                      "+rollout.rewards.correct={weight: 1.0, fn: {_target_: llm_stages.rewards.answer_match, _partial_: true}}"]
+                      "+rollout.rewards.correct={weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.answer_match, _partial_: true}}"]
     return overrides

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from llm_stages.adapters import exportable
-from llm_stages.export import export_hf
+from llm_stages.training.export import export_hf
 
 
 class ExportHF(L.Callback):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from llm_stages.sharding import generation_context, is_sharded
-from llm_stages.tables import record_table
+from llm_stages.training.sharding import generation_context, is_sharded
+from llm_stages.training.tables import record_table
 
 DEFAULT_PROMPTS = ["What is 12 + 30?", "Compute 45 - 17.", "Calculate 8 plus 67.", "Write one sentence about rivers."]
 

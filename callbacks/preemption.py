@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 class SaveOnSignal(L.Callback):
     """Lightning turns SIGTERM into an exception raised between two training steps; this callback
     makes the first SIGINT do the same (a second one interrupts at once) and, when that exception
-    comes, writes `<dirpath>/last.ckpt` (atomically: llm_stages.run_dir.AtomicCheckpointIO) from the state
+    comes, writes `<dirpath>/last.ckpt` (atomically: llm_stages.training.run_dir.AtomicCheckpointIO) from the state
     after the last finished step. `ckpt_path=last` or `resume=auto` then resumes from it exactly."""
 
     def __init__(self, dirpath: str):

@@ -7,13 +7,13 @@ import time
 import lightning as L
 import torch
 
-from llm_stages.perf import mfu, peak_memory_gb, peak_tflops
+from llm_stages.training.perf import mfu, peak_memory_gb, peak_tflops
 
 
 class ThroughputMonitor(L.Callback):
     """Logs perf/tokens_per_s and perf/samples_per_s (all ranks together) and, on a GPU with a known
-    (or given) bf16 peak, perf/mfu: model FLOPs utilisation per device (llm_stages.perf.mfu).
-    Every stage, RL included: the peak memory so far (see llm_stages.perf.peak_memory_gb)."""
+    (or given) bf16 peak, perf/mfu: model FLOPs utilisation per device (llm_stages.training.perf.mfu).
+    Every stage, RL included: the peak memory so far (see llm_stages.training.perf.peak_memory_gb)."""
 
     def __init__(self, peak_tflops: float | None = None):
         self.peak = peak_tflops

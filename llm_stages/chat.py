@@ -17,7 +17,7 @@ from transformers import TextStreamer
 
 from llm_stages.data.template import render_text, template_messages
 from llm_stages.errors import ConfigError
-from llm_stages.sampling import check_sampling_settings, eos_ids, generation_config, generation_defaults
+from llm_stages.rollout.sampling import check_sampling_settings, eos_ids, generation_config, generation_defaults
 
 USAGE = ("usage: python -m llm_stages chat [model.path=<export>] [system=<text>] [seed=N] [device=cuda]\n"
          "       [generation.{max_new_tokens,do_sample,temperature,top_p,top_k}=...]   (conf/chat.yaml)")
@@ -113,7 +113,8 @@ def main(overrides: list[str]) -> int:
     if any(o in ("-h", "--help") for o in overrides):
         print(f"{USAGE}\n{HELP}")
         return 0
-    from llm_stages.config import check_config, compose
+    from llm_stages.checks import check_config
+    from llm_stages.config import compose
     from llm_stages.data.render import ensure_chat_template
     from llm_stages.models import load_model, load_tokenizer
 

@@ -266,3 +266,10 @@ def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None) -> to
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters, dtype %s", cfg.get("name"), n_params / 1e6, dtype)
     return model
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A reward model's score of each right-padded row (N,): the export's own forward, which reads
+    the score at the last token that is not padding. RM training and validation and RL scoring all
+    score rows built by llm_stages.data.reward_sequence with it."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1).float()

@@ -17,14 +17,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 from llm_stages.adapters import exportable, load_trainable_model
-from llm_stages.config import check_config
+from llm_stages.checks import check_config
 from llm_stages.errors import ConfigError, DataFormatError, TrainingInterrupted
-from llm_stages.export import export_hf
-from llm_stages.loggers import build_loggers
+from llm_stages.training.export import export_hf
+from llm_stages.training.loggers import build_loggers
 from llm_stages.models import load_tokenizer
-from llm_stages.perf import peak_memory_gb
-from llm_stages.redact import redact_secrets
-from llm_stages.run_dir import AtomicCheckpointIO, remove_stale_temporaries, resolve_checkpoint
+from llm_stages.training.perf import peak_memory_gb
+from llm_stages.training.redact import redact_secrets
+from llm_stages.training.run_dir import AtomicCheckpointIO, remove_stale_temporaries, resolve_checkpoint
 
 # Lightning warns at every periodic checkpoint of a manually optimised module that the state saved is
 # the one after the optimiser step: global_step counts finished steps, so that is the state to resume.

@@ -19,10 +19,10 @@ from llm_stages.data.kinds.prompt import PromptBatch, PromptExample, collate_pro
 from llm_stages.data.sources import Record
 from llm_stages.errors import ConfigError, DataFormatError
 from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, task_data
-from llm_stages.rewards import answer_match
-from llm_stages.rollout import Sample, Sampler, Scorer
-from llm_stages.run_dir import write_text_atomic
-from llm_stages.sampling import eos_ids
+from llm_stages.rollout.rewards import answer_match
+from llm_stages.rollout.rollout import Sample, Sampler, Scorer
+from llm_stages.training.run_dir import write_text_atomic
+from llm_stages.rollout.sampling import eos_ids
 
 # Greedy unless the task says otherwise; the keys are rollout.generation's.
 DEFAULT_GENERATION = {"max_new_tokens": 256, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}

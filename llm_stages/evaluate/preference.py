@@ -16,7 +16,8 @@ from llm_stages.data.datamodule import PairDataModule
 from llm_stages.data.kinds.pair import collate_pairs
 from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, task_data
 from llm_stages.stages.dpo import DPO
-from llm_stages.stages.reward import reward_report, reward_scores
+from llm_stages.models import reward_scores
+from llm_stages.stages.reward import reward_report
 
 SUBSET_KEYS = ("subset", "category")
 

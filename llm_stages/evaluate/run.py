@@ -14,13 +14,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llm_stages.config import CONFIG_DIR, check_config
+from llm_stages.checks import check_config
+from llm_stages.config import CONFIG_DIR
 from llm_stages.data.demo import ensure_configured
 from llm_stages.errors import ConfigError
 from llm_stages.evaluate import generation, likelihood, lm_eval_adapter, preference
 from llm_stages.evaluate.task import EvalContext, TaskFn, TaskResult
 from llm_stages.models import check_model_dir, load_model, load_tokenizer
-from llm_stages.run_dir import write_text_atomic
+from llm_stages.training.run_dir import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ denominator of a token-mean loss is the token count of the *whole* accumulated b
 ranks), which is only known once all its micro-batches are in hand.
 
 Under sharded strategies (`trainer=fsdp2|fsdp|deepspeed`) the same loop runs;
-what differs (sharding, skipping gradient sync, clipping) is in llm_stages.strategies.
+what differs (sharding, skipping gradient sync, clipping) is in llm_stages.training.strategies.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from llm_stages import strategies
+from llm_stages.training import strategies
 from llm_stages.data.collate import ResumableBatchSampler
 from llm_stages.errors import ConfigError
-from llm_stages.optim import OptimConfig, build_optimizer
+from llm_stages.training.optim import OptimConfig, build_optimizer
 
 
 class Stage(L.LightningModule):
@@ -60,7 +60,7 @@ class Stage(L.LightningModule):
 
     def configure_model(self) -> None:
         """Lightning's hook for sharding, called with the strategy set up: the strategy's own way of
-        sharding, gradient sync and clipping is chosen here, once (see llm_stages.strategies)."""
+        sharding, gradient sync and clipping is chosen here, once (see llm_stages.training.strategies)."""
         self.parallel = strategies.for_strategy(self.trainer.strategy)
         self.parallel.shard(self)
 

@@ -18,7 +18,7 @@ Each training step is one iteration:
 token sum / (replies x max_new_tokens)); each equals TRL 1.16's loss on the same tensors.
 Defaults follow TRL's GRPOTrainer (beta 0, epsilon 0.2, one pass, rewards scaled by the group std).
 `dynamic_sampling` (DAPO, off by default): groups whose replies all scored the same are replaced by
-groups answering the next prompts (llm_stages.dynamic_sampling).
+groups answering the next prompts (llm_stages.rollout.dynamic_sampling).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from __future__ import annotations
 import torch
 
 from llm_stages.data.kinds.prompt import PromptBatch
-from llm_stages.dynamic_sampling import fill_informative_groups
+from llm_stages.rollout.dynamic_sampling import fill_informative_groups
 from llm_stages.errors import ConfigError
 from llm_stages.losses.advantages import AdvantageInputs, advantage_settings
 from llm_stages.losses.rl import GRPO_LOSS_TYPES, grpo_loss_sum, grpo_per_token_loss, kl_penalty
-from llm_stages.rollout import Replies, Trajectory
+from llm_stages.rollout.rollout import Replies, Trajectory
 from llm_stages.stages.rl import RLStage, StepMeans
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_stages import strategies
+from llm_stages.training import strategies
 from llm_stages.data.kinds.pair import PairBatch
 from llm_stages.data.kinds.shared_pair import SharedPairBatch
 from llm_stages.losses.causal import IGNORE_INDEX, labelled_logits, sequence_logps
@@ -86,7 +86,7 @@ def sequence_scores(model, batch: PairBatch | SharedPairBatch):
 def shared_reward_scores(model, batch: SharedPairBatch) -> torch.Tensor:
     """A reward model's score of each sequence (2 * pairs,) of shared-prompt rows, read at the token
     the export's own forward reads it at in the sequence's own row (the last that is not padding;
-    `stages.reward.reward_scores`): the score head on the body's hidden state there."""
+    `models.reward_scores`): the score head on the body's hidden state there."""
     hf = _hf_model(model)
     body = getattr(hf, hf.base_model_prefix)
     hidden = body(input_ids=batch.input_ids, attention_mask=_model_mask(model, batch.attention_mask),

@@ -5,7 +5,7 @@ export, or on a copy of the actor), the frozen reference (the initial actor) and
 (an RM export and/or rule functions). Each training step is one iteration:
 
 1. rollout    sample replies to a batch of prompts with the actor (KV cache, no grad) and
-              score each (llm_stages.rollout);
+              score each (llm_stages.rollout.rollout);
 2. compare    log-probs of actor and reference, values of the critic (no grad);
 3. advantages per-token reward = -kl_coef * KL(actor || reference), plus the clipped score on
               the last reply token; GAE over the reply; whitened advantages;
@@ -30,8 +30,8 @@ from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import (KLController, approx_kl, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
                                   kl_penalty, masked_mean, shaped_rewards, whiten)
 from llm_stages.models import load_tokenizer
-from llm_stages.rollout import Sample, Trajectory, position_ids
-from llm_stages.sampling import disable_dropout
+from llm_stages.rollout.rollout import Sample, Trajectory, position_ids
+from llm_stages.rollout.sampling import disable_dropout
 from llm_stages.stages.rl import RLStage, StepMeans
 
 

@@ -15,17 +15,11 @@ import torch
 from llm_stages.data.kinds.pair import PairBatch
 from llm_stages.data.kinds.shared_pair import SharedPairBatch
 from llm_stages.losses.reward import pairwise_reward_loss
+from llm_stages.models import reward_scores
 from llm_stages.stages import pair_scoring
 from llm_stages.stages.base import Stage
 
 log = logging.getLogger(__name__)
-
-
-def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """A reward model's score of each right-padded row (N,): the export's own forward, which reads
-    the score at the last token that is not padding. RM training and validation and RL scoring all
-    score rows built by llm_stages.data.reward_sequence with it."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1).float()
 
 
 class RewardPairwise(Stage):

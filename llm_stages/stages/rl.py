@@ -1,4 +1,4 @@
-"""What the RL stages (PPO, GRPO) share around their algorithm: the rollout (llm_stages.rollout,
+"""What the RL stages (PPO, GRPO) share around their algorithm: the rollout (llm_stages.rollout.rollout,
 built by Hydra from the config's `rollout:` node), per-token log-probs, the minibatch epochs, logging, and
 validation by reward.
 
@@ -21,10 +21,10 @@ from llm_stages.adapters import frozen_reference, reference_of
 from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import entropy_from_logits, importance_weights
-from llm_stages.rollout import Replies, Rollout, RolloutBuffer, Trajectory, position_ids
-from llm_stages.sampling import disable_dropout
+from llm_stages.rollout.rollout import Replies, Rollout, RolloutBuffer, Trajectory, position_ids
+from llm_stages.rollout.sampling import disable_dropout
 from llm_stages.stages.base import Stage
-from llm_stages.tables import record_table
+from llm_stages.training.tables import record_table
 
 
 class RLStage(Stage):

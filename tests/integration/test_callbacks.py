@@ -77,7 +77,7 @@ def test_ppo_export_hf_every_n_steps_counts_optimiser_steps(make_cfg, tmp_path):
     out = tmp_path / "ppo"
     # 4 replies / minibatch 2 x 2 epochs = 4 optimiser steps per iteration; exports after passing 6 and 12
     train(make_cfg("stage=ppo", "callbacks=default", "callbacks.generation_samples=null", "trainer.max_steps=12",
-                   "+rollout.rewards.eq={weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, _partial_: true}}",
+                   "+rollout.rewards.eq={weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.demo_equation, _partial_: true}}",
                    "module.mini_batch_size=2", "module.ppo_epochs=2", "datamodule.batch_size=4",
                    "rollout.generation.max_new_tokens=6", "module.export_critic=true", "trainer.limit_val_batches=1",
                    "datamodule.val_batch_size=4", "callbacks.export_hf.every_n_steps=6", "callbacks.export_hf.keep=null",
@@ -88,7 +88,7 @@ def test_ppo_export_hf_every_n_steps_counts_optimiser_steps(make_cfg, tmp_path):
 
 def test_throughput_mfu_with_a_given_peak(make_cfg, tmp_path):
     from callbacks.throughput import ThroughputMonitor
-    from llm_stages.perf import peak_tflops
+    from llm_stages.training.perf import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("cpu") is None
     module, datamodule = build(make_cfg("stage=sft"))

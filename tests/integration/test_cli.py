@@ -70,7 +70,7 @@ def test_smollm2_loads_offline_from_the_gguf_wheel(tmp_path):
 
     from llm_stages.config import CONFIG_DIR
     from llm_stages.errors import ConfigError
-    from llm_stages.export import export_hf
+    from llm_stages.training.export import export_hf
     from llm_stages.models import load_model, load_tokenizer
 
     cfg = OmegaConf.load(CONFIG_DIR / "model" / "smollm2.yaml")

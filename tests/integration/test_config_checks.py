@@ -102,7 +102,7 @@ def test_a_config_mistake_is_one_line_before_anything_loads(case, make_cfg, mode
 
 
 def test_a_good_model_dir_passes_the_checks(make_cfg, model_dirs):
-    from llm_stages.config import check_config
+    from llm_stages.checks import check_config
 
     check_config(make_cfg(f"model.path={model_dirs['good']}"))
 

@@ -17,7 +17,7 @@ from llm_stages.data.collate import collate_causal
 from llm_stages.data.render import render_conversation
 from llm_stages.errors import ConfigError, DataFormatError
 from llm_stages.evaluate.run import evaluate, evaluate_exports, generate
-from llm_stages.export import export_hf
+from llm_stages.training.export import export_hf
 from llm_stages.models import load_model, load_tokenizer
 from llm_stages.losses.causal import token_cross_entropy
 

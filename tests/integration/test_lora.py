@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from llm_stages.adapters import is_adapted
-from llm_stages.export import export_hf
+from llm_stages.training.export import export_hf
 from llm_stages.models import load_model
 from llm_stages.train import build, train
 
@@ -126,7 +126,7 @@ def test_rl_under_lora_reference_is_the_base_and_critic_has_its_own_adapter(make
     grpo = make_cfg("stage=grpo", f"model.path={base_dir}", "peft=lora", "module.beta=0.04", "trainer.max_steps=2",
                     "module.num_generations=2", "module.mini_batch_size=8", "datamodule.batch_size=4",
                     "trainer.limit_val_batches=0", "validate_before_fit=false",
-                    "+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, "
+                    "+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.format_match, "
                     "_partial_: true, pattern: '.*[0-9].*'}}", output_dir=tmp_path / "grpo")
     module, _ = build(grpo)
     assert module.reference is None

@@ -14,7 +14,7 @@ import torch
 
 from llm_stages.train import build, train
 
-DIGIT_REWARD = ("+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, "
+DIGIT_REWARD = ("+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.format_match, "
                 "_partial_: true, pattern: '.*[0-9].*'}}")
 # One GRPO iteration = one optimiser step: 2 prompts x 4 replies in one minibatch, one epoch.
 GRPO = ["stage=grpo", "module.num_generations=4", "datamodule.batch_size=2", "module.mini_batch_size=8",

@@ -18,7 +18,7 @@ import pytest
 
 from llm_stages.__main__ import check_run_dir_shared
 from llm_stages.errors import ConfigError
-from llm_stages.run_dir import launch_rank, log_file_suffix
+from llm_stages.training.run_dir import launch_rank, log_file_suffix
 from llm_stages.train import train
 from tests.conftest import REPO, TEST_MODEL
 
@@ -32,7 +32,7 @@ STAGES = {"sft": ["stage=sft"], "dpo": ["stage=dpo"]}
 # audit events), into $AUDIT_OUT/writes_<launch rank>.json at exit.
 AUDITED_CLI = """
 import atexit, json, os, runpy, sys
-from llm_stages.run_dir import launch_rank
+from llm_stages.training.run_dir import launch_rank
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 touched = []
 def hook(event, args):

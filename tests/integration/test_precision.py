@@ -14,7 +14,7 @@ from llm_stages.train import build
 
 ACCUM = ["datamodule.batch_size=2", "datamodule.grad_accum=2"]  # 2 micro-batches per optimiser step
 RL = ["rollout.generation.max_new_tokens=8", "module.ppo_epochs=1"]
-DIGIT_REWARD = ("{weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, "
+DIGIT_REWARD = ("{weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.format_match, _partial_: true, "
                 "pattern: '.*[0-9].*'}}")
 # Two optimiser steps each. RL stages take one batch of prompts per rollout (grad_accum stays 1, by
 # design): their accumulation is micro_batch_size < mini_batch_size, two micro-batches per step.

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from llm_stages.config import compose
 from llm_stages.errors import TrainingInterrupted
-from llm_stages.run_dir import resolve_checkpoint
+from llm_stages.training.run_dir import resolve_checkpoint
 from llm_stages.train import train
 from tests.conftest import TEST_MODEL
 

@@ -17,9 +17,9 @@ from llm_stages.data.kinds.pair import collate_pairs
 from llm_stages.data.kinds.prompt import PromptExample, collate_prompts
 from llm_stages.data.render import IGNORE_INDEX
 from llm_stages.errors import ConfigError
-from llm_stages.export import export_hf
+from llm_stages.training.export import export_hf
 from llm_stages.models import load_tokenizer
-from llm_stages.rollout import Sample, Trajectory
+from llm_stages.rollout.rollout import Sample, Trajectory
 from llm_stages.train import build, train
 from tests.integration.test_rl_stages import GRPO, PPO, _fit
 
@@ -90,7 +90,7 @@ def test_sampling_ignores_the_checkpoints_generation_config(make_cfg, policy_dir
     plain, penalised = policy_dirs
     sampled = {}
     for name, path in (("plain", plain), ("penalised", penalised)):
-        with caplog.at_level(logging.WARNING, logger="llm_stages.sampling"):
+        with caplog.at_level(logging.WARNING, logger="llm_stages.rollout.sampling"):
             module, datamodule = build(make_cfg(*GRPO, f"model.path={path}", "rollout.generation.max_new_tokens=24"))
         datamodule.setup("fit")
         [prompts] = next(iter(datamodule.train_dataloader()))
@@ -113,7 +113,7 @@ def test_first_minibatch_ratio_is_one_under_lora_dropout(make_cfg, monkeypatch, 
     import llm_stages.stages.ppo as ppo
 
     # A random model's replies hold a digit about half the time: rewards that vary within groups.
-    digit = "+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
+    digit = "+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
     overrides = {"ppo": PPO, "grpo": [*GRPO, digit]}[stage]
     cfg = make_cfg(*overrides, "peft=lora", "peft.dropout=0.05", "trainer.max_steps=4", "optim.lr=1e-2")
     module, datamodule = build(cfg)

@@ -12,13 +12,13 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForSequenceClassification
 
 from llm_stages.errors import ConfigError
-from llm_stages.export import export_hf
+from llm_stages.training.export import export_hf
 from llm_stages.models import load_tokenizer
 from llm_stages.train import build, train
 
 FAST = ["rollout.generation.max_new_tokens=8", "datamodule.batch_size=4", "datamodule.val_batch_size=8",
         "trainer.limit_val_batches=1", "validate_before_fit=false"]
-PPO = ["stage=ppo", "+rollout.rewards.equation={weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, _partial_: true}}",
+PPO = ["stage=ppo", "+rollout.rewards.equation={weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.demo_equation, _partial_: true}}",
        "module.mini_batch_size=2", "module.ppo_epochs=2", *FAST]
 GRPO = ["stage=grpo", "module.num_generations=4", "module.mini_batch_size=8", "module.ppo_epochs=2", *FAST]
 
@@ -90,7 +90,7 @@ def test_rl_stage_needs_a_reward(make_cfg):
 @pytest.mark.parametrize("loss_type,beta", [("token_mean", 0.0), ("sequence_mean", 0.05)])
 def test_grpo_trains(make_cfg, loss_type, beta):
     # A random model's replies hold a digit about half the time: rewards that vary within groups.
-    digit = "{weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
+    digit = "{weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
     cfg = make_cfg(*GRPO, f"module.loss_type={loss_type}", f"module.beta={beta}", "trainer.max_steps=4",
                    f"+rollout.rewards.digit={digit}")
     module, datamodule = build(cfg)
@@ -213,7 +213,7 @@ def test_rl_under_ddp_keeps_ranks_identical(make_cfg, tmp_path, stage, demo_dir)
     overrides = {"ppo": PPO, "grpo": GRPO}[stage] + ["trainer.max_steps=8", *TEST_MODEL, *QUIET,
                                                       f"paths.data_dir={demo_dir.parent}", f"paths.log_dir={tmp_path}"]
     if stage == "grpo":
-        overrides.append("+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, "
+        overrides.append("+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.format_match, "
                          "_partial_: true, pattern: '.*[0-9].*'}}")
     script = tmp_path / "ddp_rl.py"
     script.write_text(DDP_SCRIPT)
@@ -253,7 +253,7 @@ def test_grpo_estimator_with_kl_in_reward_dynamic_sampling_and_overlong(make_cfg
 def test_grpo_dynamic_sampling_resumes_exactly(make_cfg, tmp_path):
     """The prompt batches drawn for extra rounds count as consumed: a run resumed after iteration 2
     answers the same prompts in iteration 3 as an uninterrupted one (and ends at the same position)."""
-    digit = "{weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
+    digit = "{weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
     cfg = make_cfg(*GRPO, "module.dynamic_sampling=true", "module.max_extra_rounds=2", f"+rollout.rewards.digit={digit}",
                    "trainer.max_steps=12")  # 3 iterations
 

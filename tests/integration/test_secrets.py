@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from llm_stages.redact import scrub, secret_values
+from llm_stages.training.redact import scrub, secret_values
 from tests.conftest import REPO, TEST_MODEL
 
 HF_KEY = "hf_" + "q" * 10 + "Zx81" * 5       # the shape of a Hugging Face token

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from llm_stages.errors import ConfigError
-from llm_stages.strategies import DeepSpeed, check_fsdp1
+from llm_stages.training.strategies import DeepSpeed, check_fsdp1
 from llm_stages.train import build, resolve_checkpoint
 from tests.conftest import REPO, TEST_MODEL
 
@@ -164,7 +164,7 @@ def test_checkpoint_directories_resolve_like_files(make_cfg, tmp_path):
 
 
 def test_fsdp1_refuses_rl_stages(make_cfg):
-    reward = "{weight: 1.0, fn: {_target_: llm_stages.rewards.demo_equation, _partial_: true}}"
+    reward = "{weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.demo_equation, _partial_: true}}"
     ppo = ["stage=ppo", f"+rollout.rewards.equation={reward}"]
     module, _ = build(make_cfg(*ppo))
     with pytest.raises(ConfigError, match="use trainer=fsdp2"):
@@ -184,7 +184,7 @@ def test_deepspeed_clips_to_optim_max_grad_norm(make_cfg):
 
 
 def test_decoder_layers_come_from_no_split_modules(make_cfg):
-    from llm_stages.sharding import DecoderLayerPolicy, decoder_layer_names, decoder_layers
+    from llm_stages.training.sharding import DecoderLayerPolicy, decoder_layer_names, decoder_layers
 
     module, _ = build(make_cfg("stage=sft"))
     assert decoder_layer_names(module.model) == {"Qwen2DecoderLayer"}

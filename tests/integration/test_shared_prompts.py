@@ -60,7 +60,7 @@ def test_smollm2_log_probs_and_rewards_equal_with_shared_prompts(demo_dir):
     from llm_stages.data.kinds.shared_pair import collate_shared_pairs
     from llm_stages.models import find_gguf, load_model, load_tokenizer
     from llm_stages.stages.pair_scoring import sequence_scores, shared_reward_scores
-    from llm_stages.stages.reward import reward_scores
+    from llm_stages.models import reward_scores
 
     cfg = OmegaConf.load(CONFIG_DIR / "model" / "smollm2.yaml")
     try:

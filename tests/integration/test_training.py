@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_stages.data.collate import MicroBatches, collate_causal
-from llm_stages.export import export_hf
+from llm_stages.training.export import export_hf
 from llm_stages.losses import token_cross_entropy
 from llm_stages.models import load_tokenizer
 from llm_stages.train import build as _build

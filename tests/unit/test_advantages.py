@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from llm_stages.dynamic_sampling import fill_informative_groups, informative_groups
+from llm_stages.rollout.dynamic_sampling import fill_informative_groups, informative_groups
 from llm_stages.errors import ConfigError
 from llm_stages.losses.advantages import (AdvantageInputs, AdvantageSettings, advantage_settings, discounted_returns,
                                           group_advantages, grpo, reinforce_pp, reinforce_pp_baseline, rloo)
-from llm_stages.overlong import overlong_penalty
-from llm_stages.rollout import Replies, Sample, Scores
+from llm_stages.rollout.overlong import overlong_penalty
+from llm_stages.rollout.rollout import Replies, Sample, Scores
 
 
 def t(x):

@@ -7,7 +7,8 @@ nothing, "42. (Step 3 of 3)" as 3, and 20-digit integers compared as floats.
 
 import pytest
 
-from llm_stages.rewards import answer_closeness, answer_match, final_answer, numeric_answer
+from llm_stages.data.answers import final_answer, numeric_answer
+from llm_stages.rollout.rewards import answer_closeness, answer_match
 
 GRADER = [
     # tuples, lists, sets, intervals are not numbers with their separators dropped

@@ -137,3 +137,48 @@ sys.exit(1 if failed else 0)
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
+# The layers, lowest first (docs/architecture.md): a module imports only from its own layer or below.
+LAYERS = [
+    ("ground", ["llm_stages", "llm_stages.errors", "llm_stages.checks", "llm_stages.models", "llm_stages.adapters",
+                "llm_stages.losses"]),
+    ("training", ["llm_stages.training", "llm_stages.config"]),
+    ("data", ["llm_stages.data", "callbacks"]),
+    ("rollout", ["llm_stages.rollout"]),
+    ("stages", ["llm_stages.stages"]),
+    ("evaluate", ["llm_stages.evaluate"]),
+    ("entry points", ["llm_stages.train", "llm_stages.pipeline", "llm_stages.chat", "llm_stages.__main__",
+                      "llm_stages.assets"]),  # assets: the script that builds the shipped tokenizer
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix naming `module`'s package or module."""
+    best, best_length = None, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_length:
+                best, best_length = index, len(prefix)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS (and docs/architecture.md)"
+    return best
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{name} ({LAYERS[layer_of(name)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
+                  for name, targets in graph.items() for target in targets if layer_of(target) > layer_of(name))
+
+
+def test_layer_order_finds_an_upward_import():
+    assert upward_imports({"llm_stages.models": {"llm_stages.stages.dpo"}, "llm_stages.stages.dpo": set()}) == [
+        "llm_stages.models (ground) -> llm_stages.stages.dpo (stages)"]
+
+
+def test_no_import_runs_up_the_layers():
+    upward = upward_imports(import_graph())
+    assert not upward, "imports that run up the layers:\n" + "\n".join(upward)
+
+
+def test_few_top_level_modules():
+    top = sorted(p.name for p in (ROOT / "llm_stages").glob("*.py"))
+    assert len(top) <= 14, f"{len(top)} top-level modules in llm_stages/: {top}; put new ones in a subpackage by layer"

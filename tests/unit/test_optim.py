@@ -1,6 +1,6 @@
 import pytest
 
-from llm_stages.optim import lr_factor
+from llm_stages.training.optim import lr_factor
 
 
 def test_warmup_then_cosine_to_floor():
@@ -34,7 +34,7 @@ def test_logged_configs_never_carry_secrets():
 def test_fused_adamw_takes_the_same_steps_as_the_per_tensor_loop():
     import torch
 
-    from llm_stages.optim import OptimConfig, build_optimizer
+    from llm_stages.training.optim import OptimConfig, build_optimizer
 
     weights = {}
     for fused in (True, False):

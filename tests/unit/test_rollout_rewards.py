@@ -2,8 +2,9 @@
 
 import torch
 
-from llm_stages.rewards import answer_match, demo_equation, final_answer, format_match
-from llm_stages.rollout import RolloutBuffer, Trajectory
+from llm_stages.data.answers import final_answer
+from llm_stages.rollout.rewards import answer_match, demo_equation, format_match
+from llm_stages.rollout.rollout import RolloutBuffer, Trajectory
 
 
 def trajectory(n: int, width: int = 3) -> Trajectory:

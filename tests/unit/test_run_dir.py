@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_stages import run_dir
-from llm_stages.run_dir import AtomicCheckpointIO, newest_checkpoint, remove_stale_temporaries
+from llm_stages.training import run_dir
+from llm_stages.training.run_dir import AtomicCheckpointIO, newest_checkpoint, remove_stale_temporaries
 
 
 def test_a_checkpoint_is_written_beside_its_target_then_renamed(tmp_path, monkeypatch):

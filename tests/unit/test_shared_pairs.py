@@ -16,7 +16,7 @@ from llm_stages.errors import ConfigError
 from llm_stages.losses import dpo_loss
 from llm_stages.losses.reward import pairwise_reward_loss
 from llm_stages.stages.pair_scoring import sequence_scores, shared_prompt_unsupported, shared_reward_scores
-from llm_stages.stages.reward import reward_scores
+from llm_stages.models import reward_scores
 
 X = -100
 PAD = 0

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from llm_stages.data.answers import final_answer
 from llm_stages.data.columns import cannot_tell, prepare, record_tools, with_system
 from llm_stages.data.describe import Description, decode, length_stats
 from llm_stages.data.kinds.conversation import messages_messages, sharegpt_messages
@@ -19,7 +20,6 @@ from llm_stages.data.render import Rendered, with_system_prompt
 from llm_stages.data.sources import Record
 from llm_stages.data.template import render_text, template_messages
 from llm_stages.errors import DataFormatError
-from llm_stages.rewards import final_answer
 
 
 class Prompt(NamedTuple):
@@ -38,7 +38,7 @@ _THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
 # --- read ----------------------------------------------------------------------------------------
 
 def reference_answer(answer) -> str | None:
-    """The final answer of a reference (`rewards.final_answer`: gsm8k's `#### 42`, a MATH
+    """The final answer of a reference (`answers.final_answer`: gsm8k's `#### 42`, a MATH
     solution's last `\\boxed{...}`, else the text), thousands separators dropped from a plain number."""
     final = final_answer(answer)
     return final.replace(",", "") if final and _THOUSANDS.fullmatch(final) else final

@@ -1,6 +1,6 @@
 """Credentials kept out of everything a run writes: the logged hyperparameters, Hydra's `.hydra/`
 files and a sweep's `multirun.yaml`. (W&B's own record of the command line is turned off in
-llm_stages.loggers.) Pass keys through environment variables (WANDB_API_KEY, HF_TOKEN), not overrides."""
+llm_stages.training.loggers.) Pass keys through environment variables (WANDB_API_KEY, HF_TOKEN), not overrides."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class SaveRedactedConfig(Callback):
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         from hydra.types import RunMode
 
-        from llm_stages.run_dir import launch_rank, write_text_atomic
+        from llm_stages.training.run_dir import launch_rank, write_text_atomic
 
         if launch_rank() != "0":
             return  # the other processes of a multi-process launch: rank 0 writes the run's files

@@ -18,10 +18,9 @@ from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.data.render import Example
 from llm_stages.data.reward_sequence import reply_end, reward_sequence
 from llm_stages.errors import ConfigError
-from llm_stages.models import load_model, load_tokenizer
-from llm_stages.overlong import overlong_penalty
-from llm_stages.sampling import Sample, Sampler, finish_sample  # noqa: F401 (finish_sample: for other samplers)
-from llm_stages.stages.reward import reward_scores
+from llm_stages.models import load_model, load_tokenizer, reward_scores
+from llm_stages.rollout.overlong import overlong_penalty
+from llm_stages.rollout.sampling import Sample, Sampler, finish_sample  # noqa: F401 (finish_sample: for other samplers)
 
 
 class Scores(NamedTuple):
@@ -94,10 +93,10 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class Scorer(torch.nn.Module):
-    """A reply's score: the weighted sum of rule rewards (`rewards`: {name: {fn: <see llm_stages.rewards>,
+    """A reply's score: the weighted sum of rule rewards (`rewards`: {name: {fn: <see llm_stages.rollout.rewards>,
     weight: w}}) and a reward model (`reward_model`: a model config {path: <RM export>, dtype} and a
     weight), minus `missing_eos_penalty` for replies cut off before EOS, plus DAPO's `overlong` penalty
-    (llm_stages.overlong). A module, so the reward model moves with the stage (frozen: checkpoints leave it out)."""
+    (llm_stages.rollout.overlong). A module, so the reward model moves with the stage (frozen: checkpoints leave it out)."""
 
     def __init__(self, tokenizer, eos: list[int], *, rewards: dict | None, reward_model: dict | None,
                  missing_eos_penalty: float | None, overlong: tuple[int, int, float] | None = None):
@@ -109,7 +108,7 @@ class Scorer(torch.nn.Module):
             self.reward_model_weight = float(reward_model.get("weight", 1.0))
         if not self.rewards and self.reward_model is None:
             raise ConfigError("an RL stage needs a reward: rollout.reward_model.path (an RM export) and/or "
-                              "rollout.rewards (rule functions, see llm_stages.rewards)")
+                              "rollout.rewards (rule functions, see llm_stages.rollout.rewards)")
         self.tokenizer, self.eos_ids, self.missing_eos_penalty = tokenizer, eos, missing_eos_penalty
         self.overlong = overlong  # (max_new_tokens, overlong_buffer, overlong_penalty_factor), or None
         self.reply_end = reply_end(tokenizer, eos)
@@ -168,7 +167,7 @@ class Rollout(torch.nn.Module):
                  vllm: dict | None = None):
         super().__init__()
         if backend == "vllm":
-            from llm_stages.vllm_client import VLLMSampler
+            from llm_stages.rollout.vllm_client import VLLMSampler
 
             self.sampler = VLLMSampler(model, tokenizer, generation, val_generation, settings=dict(vllm or {}))
         elif backend == "hf":

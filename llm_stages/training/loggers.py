@@ -12,7 +12,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import csv_logs, wandb
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from llm_stages.run_dir import write_text_atomic
+from llm_stages.training.run_dir import write_text_atomic
 
 
 def build_loggers(group, *, resuming: bool) -> list:

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 
-from llm_stages import sharding
+from llm_stages.training import sharding
 from llm_stages.errors import ConfigError
 
 

@@ -2,9 +2,9 @@
 (`make vllm` -> .venv-vllm: vLLM pins a transformers older than ours, so it cannot share our venv). So this
 file imports only the standard library, torch, safetensors and vllm, never llm_stages.
 
-    .venv-vllm/bin/python llm_stages/vllm_server.py --model <HF checkpoint dir> --address <socket path | host:port>
+    .venv-vllm/bin/python llm_stages/rollout/vllm_server.py --model <HF checkpoint dir> --address <socket path | host:port>
 
-`llm_stages.vllm_client.VLLMServer` starts it (or attaches to one by address). The protocol is
+`llm_stages.rollout.vllm_client.VLLMServer` starts it (or attaches to one by address). The protocol is
 `multiprocessing.connection` (pickled dicts, authenticated with the key in $LLM_STAGES_VLLM_AUTHKEY, hex):
 each request {"op": ..., ...} gets {"ok": True, "result": ...} or {"ok": False, "error": <traceback>}.
 

@@ -1,4 +1,4 @@
-"""Our side of `rollout.backend=vllm`: `VLLMServer` starts llm_stages/vllm_server.py in the vLLM environment
+"""Our side of `rollout.backend=vllm`: `VLLMServer` starts llm_stages/rollout/vllm_server.py in the vLLM environment
 (.venv-vllm, `make vllm`), or attaches to a running one by address, and talks to it (multiprocessing.connection,
 an authkey); `VLLMSampler` draws the RL stages' replies from it and sends it the policy's weights whenever
 they changed (after an optimiser step), before the next rollout.
@@ -26,15 +26,14 @@ from pathlib import Path
 
 import torch
 
+from llm_stages.checks import vllm_python
 from llm_stages.errors import ConfigError
-from llm_stages.sampling import Sample, Sampler, finish_sample
-from llm_stages.vllm_server import address_of, checksum
+from llm_stages.rollout.sampling import Sample, Sampler, finish_sample
+from llm_stages.rollout.vllm_server import address_of, checksum
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = Path(__file__).with_name("vllm_server.py")
-DEFAULT_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 
 
@@ -61,16 +60,6 @@ def scratch_dir(kind: str) -> Path:
         except PermissionError:
             pass
     return Path(tempfile.mkdtemp(prefix=f"llm_stages_vllm_{os.getpid()}_{kind}_", dir=SHM))
-
-
-def vllm_python(python: str | None) -> Path:
-    path = Path(python).expanduser() if python else DEFAULT_PYTHON
-    if not path.is_absolute():
-        path = REPO / path
-    if not path.exists():
-        raise ConfigError(f"rollout.backend=vllm needs the vLLM environment: {path} does not exist; run `make vllm` "
-                          "(or set rollout.vllm.python=<python of a venv with vllm>, or rollout.vllm.address=<running server>)")
-    return path
 
 
 class VLLMServer:

@@ -1,7 +1,7 @@
 """What RL sampling needs to draw replies from the distribution the loss assumes: only the
 settings the loss models, no dropout, each token's log-prob as it was sampled, and no setting
 taken from the checkpoint's generation_config.json; and the sampler that draws them from the policy itself
-(`Sampler`, returning a `Sample`), which the vLLM backend (llm_stages.vllm_client) replaces."""
+(`Sampler`, returning a `Sample`), which the vLLM backend (llm_stages.rollout.vllm_client) replaces."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def generation_defaults(model: torch.nn.Module, config: GenerationConfig):
         hf_model.generation_config = saved
 
 
-# --- the sampler: replies drawn from the policy itself (rollout.backend=hf; llm_stages.vllm_client: vllm) ---
+# --- the sampler: replies drawn from the policy itself (rollout.backend=hf; llm_stages.rollout.vllm_client: vllm) ---
 
 class Sample(NamedTuple):
     """Sampled replies: prompts left-padded to P, replies right-padded to R."""

@@ -3,7 +3,7 @@ with `rollout.overlong_buffer` set, a reply that runs into the last `overlong_bu
 length limit (`rollout.generation.max_new_tokens`) loses reward in proportion, the whole
 `rollout.overlong_penalty_factor` at the limit; as verl's DAPORewardManager (`overlong_buffer_cfg`).
 The scorer adds it to the reward and logs it as the component `overlong` (env/reward/overlong).
-DAPO's dynamic sampling is llm_stages.dynamic_sampling."""
+DAPO's dynamic sampling is llm_stages.rollout.dynamic_sampling."""
 
 from __future__ import annotations
 

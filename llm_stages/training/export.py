@@ -6,8 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-from llm_stages.run_dir import temporary_sibling
-from llm_stages.sharding import full_state_dict, global_rank
+from llm_stages.training.run_dir import temporary_sibling
+from llm_stages.training.sharding import full_state_dict, global_rank
 
 
 def export_hf(model, tokenizer, out_dir: str | os.PathLike) -> Path:

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from llm_stages.rollout import Replies, Sample, Scores
+from llm_stages.rollout.rollout import Replies, Sample, Scores
 
 
 def informative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
