@@ -119,7 +119,12 @@ def check_config(cfg) -> None:
     if rollout.get("backend") == "vllm" and not (rollout.get("vllm") or {}).get("address"):
         vllm_python((rollout.get("vllm") or {}).get("python"))  # no vLLM environment: one line saying `make vllm`
     reward_model = (cfg.get("rollout") or {}).get("reward_model") or {}
-    for key, path in (("rollout.reward_model.path", reward_model.get("path")), ("module.critic_path", module.get("critic_path"))):
+    if OmegaConf.select(cfg, "module.teacher", default=None) is not None and OmegaConf.is_missing(cfg.module.teacher, "path"):
+        raise ConfigError("module.teacher.path is not set: pass module.teacher.path=<directory of the teacher's "
+                          "Hugging Face checkpoint, e.g. an SFT export>")
+    teacher = OmegaConf.select(cfg, "module.teacher.path", default=None)
+    for key, path in (("rollout.reward_model.path", reward_model.get("path")), ("module.critic_path", module.get("critic_path")),
+                      ("module.teacher.path", teacher)):
         if path:
             check_model_dir(path, key=key, tokenizer=False)
 
