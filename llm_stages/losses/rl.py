@@ -156,16 +156,44 @@ def importance_weights(old_logprobs: torch.Tensor, sampled_logprobs: torch.Tenso
     return weights * mask, ((ratio > cap) & mask.bool()).float()
 
 
-GRPO_LOSS_TYPES = ("token_mean", "sequence_mean", "dr_grpo")
+# cispo (MiniMax-M1): the importance weight is clipped and detached instead of the update, aggregated per token.
+GRPO_LOSS_TYPES = ("token_mean", "sequence_mean", "dr_grpo", "cispo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def log_importance_weights(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                           level: str = "token") -> torch.Tensor:
+    """log(pi / pi_old): per token (N, R), or per reply (N, 1) as GSPO's length-normalised sequence
+    likelihood ratio, the mean of the reply's token log-ratios (the Qwen team's objective for MoE stability)."""
+    log_ratio = logprobs - old_logprobs
+    if level == "token":
+        return log_ratio
+    if level == "sequence":
+        mask = mask.to(log_ratio.dtype)
+        return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {level!r}")
 
 
 def grpo_per_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, *, epsilon: float, epsilon_high: float | None = None, beta: float = 0.0,
-                        ref_logprobs: torch.Tensor | None = None):
-    """GRPO's per-token loss: the clipped ratio objective (`advantages` per token (N, R), or (N, 1) per
-    reply, broadcast), plus `beta` * k3 KL to the reference when
-    beta > 0 (0 on padding, see `kl_penalty`). Returns (loss, policy loss, clip flags, kl or None), each (N, R)."""
-    policy_loss, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, epsilon, epsilon_high)
+                        ref_logprobs: torch.Tensor | None = None, importance_sampling_level: str = "token",
+                        cispo: bool = False):
+    """GRPO's per-token loss (`advantages` per token (N, R), or (N, 1) per reply, broadcast), plus `beta`
+    * k3 KL to the reference when beta > 0 (0 on padding, see `kl_penalty`). The objective is PPO's
+    clipped ratio, the ratio per token or per reply (GSPO, `importance_sampling_level="sequence"`), or
+    with `cispo` the REINFORCE term -sg(min(ratio, epsilon_high)) * A * logp, which keeps every token's
+    gradient. Returns (loss, policy loss, clip flags, kl or None), each (N, R)."""
+    log_weights = log_importance_weights(logprobs, old_logprobs, mask, importance_sampling_level)
+    if cispo:
+        ratio, high = torch.exp(log_weights), epsilon if epsilon_high is None else epsilon_high
+        policy_loss = -torch.clamp(ratio, max=high).detach() * advantages * logprobs
+        clipped = ((ratio > high) & (advantages > 0)).to(logprobs.dtype)
+    elif importance_sampling_level == "token":
+        policy_loss, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, epsilon, epsilon_high)
+    else:  # one ratio per reply, clipped per reply
+        policy_loss, clipped = clipped_policy_loss(log_weights, torch.zeros_like(log_weights), advantages, epsilon,
+                                                   epsilon_high)
+    policy_loss, clipped = policy_loss.expand_as(logprobs), clipped.expand_as(logprobs)
     if not beta:
         return policy_loss, policy_loss, clipped, None
     kl = kl_penalty(logprobs, ref_logprobs, "k3", mask)
@@ -181,7 +209,7 @@ def grpo_loss_sum(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str,
     normaliser that does not favour short or long replies."""
     mask = mask.to(per_token.dtype)
     rows = torch.tensor(float(per_token.shape[0]), device=per_token.device)
-    if loss_type == "token_mean":
+    if loss_type in ("token_mean", "cispo"):
         return (per_token * mask).sum(), mask.sum()
     if loss_type == "sequence_mean":
         return masked_mean(per_token, mask, dim=1).sum(), rows

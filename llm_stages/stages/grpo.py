@@ -29,7 +29,8 @@ from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.rollout.dynamic_sampling import fill_informative_groups
 from llm_stages.errors import ConfigError
 from llm_stages.losses.advantages import AdvantageInputs, advantage_settings
-from llm_stages.losses.rl import GRPO_LOSS_TYPES, grpo_loss_sum, grpo_per_token_loss, kl_penalty
+from llm_stages.losses.rl import (GRPO_LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS, grpo_loss_sum, grpo_per_token_loss,
+                                  kl_penalty)
 from llm_stages.rollout.rollout import Replies, Trajectory
 from llm_stages.stages.rl import RLStage, StepMeans
 
@@ -38,9 +39,15 @@ class GRPO(RLStage):
     def __init__(self, model, tokenizer, optim, *, num_generations: int = 8, beta: float = 0.0, epsilon: float = 0.2,
                  epsilon_high: float | None = None, scale_rewards: str | bool = "group", loss_type: str = "token_mean",
                  advantage: str = "grpo", kl_coef: float = 0.0, gamma: float = 1.0, dynamic_sampling: bool = False,
-                 max_extra_rounds: int = 4, **kwargs):
+                 max_extra_rounds: int = 4, importance_sampling_level: str = "token", **kwargs):
         if loss_type not in GRPO_LOSS_TYPES:
             raise ConfigError(f"module.loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+        if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ConfigError(f"module.importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS} "
+                              f"(sequence: GSPO), got {importance_sampling_level!r}")
+        if loss_type == "cispo" and (epsilon_high is None or epsilon_high <= 0):
+            raise ConfigError("module.loss_type=cispo clips the importance weight at module.epsilon_high (its "
+                              f"epsilon_max, e.g. 4.0), got {epsilon_high}: set module.epsilon_high=<number > 0>")
         settings = advantage_settings(dict(advantage=advantage, scale_rewards=scale_rewards, kl_coef=kl_coef, gamma=gamma),
                                       beta)
         if num_generations < 2:
@@ -50,6 +57,7 @@ class GRPO(RLStage):
         self.advantage, self.needs_reference = settings, beta > 0 or kl_coef > 0
         self.num_generations, self.beta, self.epsilon, self.epsilon_high = num_generations, beta, epsilon, epsilon_high
         self.loss_type, self.dynamic_sampling, self.max_extra_rounds = loss_type, dynamic_sampling, max_extra_rounds
+        self.importance_sampling_level = importance_sampling_level
         self.reuses_rollout = False
 
     def training_step(self, batch: list[PromptBatch], batch_idx: int) -> torch.Tensor:
@@ -121,7 +129,8 @@ class GRPO(RLStage):
         old = mb.logprobs if self.reuses_rollout else logprobs.detach()
         per_token, policy_loss, clipped, kl = grpo_per_token_loss(
             logprobs, old, mb.advantages, mask, epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
-            ref_logprobs=mb.ref_logprobs)
+            ref_logprobs=mb.ref_logprobs, importance_sampling_level=self.importance_sampling_level,
+            cispo=self.loss_type == "cispo")
         weights = self.importance_weights(old, mb.sampled_logprobs, mask)  # vLLM sampled: TRL's truncated IS
         if weights is not None:
             per_token, policy_loss = per_token * weights, policy_loss * weights
