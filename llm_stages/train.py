@@ -23,6 +23,7 @@ from llm_stages.training.export import export_hf
 from llm_stages.training.loggers import build_loggers
 from llm_stages.models import load_tokenizer
 from llm_stages.training.perf import peak_memory_gb
+from llm_stages.training.quiet import quiet_third_party
 from llm_stages.training.redact import redact_secrets
 from llm_stages.training.run_dir import AtomicCheckpointIO, remove_stale_temporaries, resolve_checkpoint
 
@@ -90,6 +91,7 @@ def _sweep_group() -> str | None:
 
 def train(cfg: DictConfig) -> dict:
     """Run one stage. Returns its metrics: val/loss before and after, train/loss, export path."""
+    quiet_third_party()
     check_config(cfg)  # a mistake in one line, before a model or data is loaded
     remove_stale_temporaries(cfg.paths.output_dir)  # what a killed export or checkpoint write left
     ckpt_path = resolve_checkpoint(cfg)
