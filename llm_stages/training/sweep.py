@@ -111,16 +111,23 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sweep_jobs(config)
-        if not jobs:
+        if jobs is None:
+            # Another sweeper (optuna) picks each trial's values as it goes: the settings every trial
+            # shares are checked once; a trial's row names the values it chose.
+            self._shared = set(config.hydra.overrides.task)
+            self._stop_on_error("the sweep", list(config.hydra.overrides.task))
             return
         shared = self._shared = set.intersection(*(set(job) for job in jobs))  # rows and errors name what varies
         for number, overrides in enumerate(jobs):
-            error = job_error(overrides)
-            if error is not None:
-                varying = " ".join(o for o in overrides if o not in shared) or " ".join(overrides)
-                print(f"error: sweep job #{number} ({varying}): {error}; nothing was trained "
-                      f"(fix the value and rerun the sweep)", file=sys.stderr)
-                sys.exit(2)
+            varying = " ".join(o for o in overrides if o not in shared) or " ".join(overrides)
+            self._stop_on_error(f"sweep job #{number} ({varying})", overrides)
+
+    @staticmethod
+    def _stop_on_error(what: str, overrides: list[str]) -> None:
+        error = job_error(overrides)
+        if error is not None:
+            print(f"error: {what}: {error}; nothing was trained (fix the value and rerun the sweep)", file=sys.stderr)
+            sys.exit(2)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         from hydra.types import RunMode

@@ -100,3 +100,21 @@ def test_rows_are_replaced_by_job_number_and_kept_in_order(tmp_path):
                                                                                   ("1", "failed", "")]
     assert (tmp_path / "summary.md").read_text().splitlines()[2:] == [
         "| 0 | optim.lr=1 | completed |  | 0.5 | 0.625 |  |  |", "| 1 | optim.lr=2 | failed |  |  |  |  |  |"]
+
+
+@pytest.mark.slow  # composes a config per job
+@pytest.mark.parametrize("sweeper, task, message", [
+    (BASIC, ["stage=sft", "seed=1,2", "optim.lr=1e-3,-1"],
+     "error: sweep job #1 (seed=1 optim.lr=-1): optim.lr=-1: expected a number > 0, e.g. 1e-5; nothing was trained"),
+    ("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", ["stage=sft", "trainer.max_steps=0"],
+     "error: the sweep: trainer.max_steps=0: expected an integer >= 1"),  # optuna: the settings its trials share
+])
+def test_the_first_bad_job_is_one_line_and_exit_2(tmp_path, capsys, sweeper, task, message):
+    from llm_stages.training.sweep import SweepSummary
+
+    config = OmegaConf.create({"hydra": {"sweeper": {"_target_": sweeper}, "sweep": {"dir": str(tmp_path / "sweep")},
+                                         "overrides": {"task": task}}})
+    with pytest.raises(SystemExit) as exit_:
+        SweepSummary().on_multirun_start(config)
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith(message)
+    assert not (tmp_path / "sweep").exists()
