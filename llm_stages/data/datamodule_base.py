@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 # Why a kind's `render` drops a record (its `Rendered.dropped`), as the load warning says it.
 DROP_REASONS = {"identical_pair": "identical pair: chosen equals rejected, no preference to learn",
-                "no_trained_tokens": "no reply token left within datamodule.max_length"}
+                "no_trained_tokens": "no reply token left within datamodule.max_length",
+                "no_assistant_turn": "no assistant turn to train on",
+                "prompt_too_long": "prompt longer than datamodule.max_prompt_length"}
 
 
 class CausalDataModule(L.LightningDataModule):
