@@ -49,6 +49,9 @@ def check_run_dir_shared(cfg: DictConfig, hydra_overrides: list[str]) -> None:
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from llm_stages.training.quiet import quiet_third_party
+
+    quiet_third_party()  # before the heavy imports: some libraries speak as they load
     from llm_stages.train import train  # heavy imports after Hydra has parsed the command line
 
     try:

@@ -117,7 +117,9 @@ def main(overrides: list[str]) -> int:
     from llm_stages.config import compose
     from llm_stages.data.render import ensure_chat_template
     from llm_stages.models import load_model, load_tokenizer
+    from llm_stages.training.quiet import quiet_third_party
 
+    quiet_third_party()
     cfg = compose(overrides, config_name="chat")
     check_config(cfg)
     check_sampling_settings(cfg.generation, key="generation")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -23,8 +24,10 @@ from llm_stages.training.export import export_hf
 from llm_stages.training.loggers import build_loggers
 from llm_stages.models import load_tokenizer
 from llm_stages.training.perf import peak_memory_gb
+from llm_stages.training.quiet import quiet_third_party
 from llm_stages.training.redact import redact_secrets
-from llm_stages.training.run_dir import AtomicCheckpointIO, remove_stale_temporaries, resolve_checkpoint
+from llm_stages.training.run_dir import (AtomicCheckpointIO, remove_stale_temporaries, resolve_checkpoint,
+                                         write_text_atomic)
 
 # Lightning warns at every periodic checkpoint of a manually optimised module that the state saved is
 # the one after the optimiser step: global_step counts finished steps, so that is the state to resume.
@@ -90,6 +93,7 @@ def _sweep_group() -> str | None:
 
 def train(cfg: DictConfig) -> dict:
     """Run one stage. Returns its metrics: val/loss before and after, train/loss, export path."""
+    quiet_third_party()
     check_config(cfg)  # a mistake in one line, before a model or data is loaded
     remove_stale_temporaries(cfg.paths.output_dir)  # what a killed export or checkpoint write left
     ckpt_path = resolve_checkpoint(cfg)
@@ -123,6 +127,7 @@ def train(cfg: DictConfig) -> dict:
     metrics["steps"] = trainer.global_step
     metrics.update(peak_memory_gb(trainer))  # of training (and validation before it); max over ranks
     metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+    metrics.update(_best_scores(trainer))
 
     after = trainer.validate(module, datamodule=datamodule, verbose=False) if trainer.limit_val_batches else []
     module.release()
@@ -141,10 +146,20 @@ def train(cfg: DictConfig) -> dict:
         _print_summary(metrics)
         for logger in loggers:
             if isinstance(logger, WandbLogger):
+                # offline: no URL until `wandb sync`; the run's local directory instead
+                metrics["wandb_run"] = logger.experiment.url or str(Path(logger.experiment.dir).parent)
                 # Lightning leaves the W&B run open; the next train() in this process (a pipeline,
                 # a test) would otherwise log into it instead of starting its own.
                 logger.experiment.finish()
+        # What a sweep's summary (llm_stages.training.sweep) reads back for this job.
+        write_text_atomic(Path(cfg.paths.output_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _best_scores(trainer) -> dict:
+    """`<metric>_best`: the best value of each metric a checkpoint callback monitors."""
+    return {f"{cb.monitor}_best": float(cb.best_model_score) for cb in trainer.checkpoint_callbacks
+            if getattr(cb, "monitor", None) and getattr(cb, "best_model_score", None) is not None}
 
 
 def _print_summary(metrics: dict) -> None:

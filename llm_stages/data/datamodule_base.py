@@ -28,6 +28,12 @@ from llm_stages.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
 
+# Why a kind's `render` drops a record (its `Rendered.dropped`), as the load warning says it.
+DROP_REASONS = {"identical_pair": "identical pair: chosen equals rejected, no preference to learn",
+                "no_trained_tokens": "no reply token left within datamodule.max_length",
+                "no_assistant_turn": "no assistant turn to train on",
+                "prompt_too_long": "prompt longer than datamodule.max_prompt_length"}
+
 
 class CausalDataModule(L.LightningDataModule):
     """Reads `data.path` (and a validation source), builds `Example`s with `build_examples`, and
@@ -78,14 +84,19 @@ class CausalDataModule(L.LightningDataModule):
     def rendered_records(self, path: Path, split: str):
         """(record, example) for each record of `path` that renders to one (evaluation keeps the
         record beside its example: its id fields); drops and truncations counted in `stats`."""
+        first_dropped: dict[str, Record] = {}
         for record, item in self._read_records(path, self.read, split):
             rendered = self.render(record, item)
             if rendered.truncated:
                 self._count(f"{split}_truncated")
             if rendered.dropped:
-                self._drop(f"{split}_dropped_{rendered.dropped}", record)
+                self._count(f"{split}_dropped_{rendered.dropped}")
+                first_dropped.setdefault(rendered.dropped, record)
                 continue
             yield record, rendered.example
+        for why, record in first_dropped.items():  # one line per reason, loud: nothing is dropped silently
+            log.warning("%s: %d records dropped (%s), the first at %s:%d", path, self.stats[f"{split}_dropped_{why}"],
+                        DROP_REASONS.get(why, why.replace("_", " ")), record.path, record.line)
 
     def settings(self) -> dict:
         """Everything besides the file and tokenizer that changes the examples (the cache key)."""
@@ -322,8 +333,3 @@ class CausalDataModule(L.LightningDataModule):
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
 
-    def _drop(self, key: str, record: Record) -> None:
-        """Skip a record that has nothing to train on, loudly: counted, and the first few named."""
-        self._count(key)
-        if self.stats[key] <= 3:
-            log.warning("%s:%d: record dropped (%s)", record.path, record.line, key.split("_dropped_")[1].replace("_", " "))

@@ -21,6 +21,7 @@ from llm_stages.errors import ConfigError
 from llm_stages.evaluate import generation, likelihood, lm_eval_adapter, preference
 from llm_stages.evaluate.task import EvalContext, TaskFn, TaskResult
 from llm_stages.models import check_model_dir, load_model, load_tokenizer
+from llm_stages.training.quiet import quiet_third_party
 from llm_stages.training.run_dir import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def check_suite(cfg: DictConfig) -> DictConfig:
 def evaluate(cfg: DictConfig, *, report: bool = True) -> dict:
     """Run the suite `cfg.eval` on `cfg.model`; returns what results.json holds. `report`: print the
     table and log it to W&B (a pipeline's eval step reports one table of all its exports instead)."""
+    quiet_third_party()
     check_config(cfg)
     suite = check_suite(cfg)
     output_dir = Path(str(cfg.paths.output_dir))
@@ -184,6 +186,7 @@ def _metric(result: dict, key: str) -> float | None:
 def generate(cfg: DictConfig) -> Path:
     """`python -m llm_stages generate model.path=... data.path=prompts.jsonl`: completions of every
     prompt as jsonl (prompt, completion, the record's id fields), with the generation task's sampler."""
+    quiet_third_party()
     check_config(cfg)
     settings = cfg.generate
     output = Path(str(settings.output))

@@ -86,6 +86,8 @@ class WandbLogger(wandb.WandbLogger):
             kwargs.setdefault("resume", "allow")
         kwargs.setdefault("settings", {"x_disable_meta": True})
         super().__init__(save_dir=save_dir, id=id, **kwargs)
+        # Lightning passes anonymous=None, which W&B warns has no effect; not passing it is the same.
+        self._wandb_init.pop("anonymous", None)
 
     @property
     @rank_zero_experiment

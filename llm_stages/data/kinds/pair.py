@@ -7,6 +7,7 @@ rejected rows, so one forward pass scores both."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -145,8 +146,10 @@ def detect_format(record: Record) -> str:
 
 def read_pair(record: Record, fmt: str = "auto", columns: Mapping | None = None) -> Pair:
     """A preference pair. Empty replies are valid (the end-of-turn token is what is scored); whether
-    the two replies are identical is `render`'s to tell (the DataModule counts and skips them)."""
+    the two replies are identical is `render`'s to tell (the DataModule counts and skips them). A
+    `margin` that is not a finite number is a bad record here, at load, not a NaN loss later."""
     record = prepare(record, columns)
+    margin_of(record)
     pair = read_as(record, fmt, PAIR_READERS, detect_format, "preference")
     return pair._replace(tools=record_tools(record))
 
@@ -161,6 +164,10 @@ def margin_of(record: Record) -> float:
     if not isinstance(margin, (int, float)) or isinstance(margin, bool):
         raise DataFormatError(record.path, f"expected a number, got {type(margin).__name__}", line=record.line,
                               field="margin")
+    if not math.isfinite(margin):
+        # JSON readers take NaN / Infinity; in the loss it would make every step's loss NaN.
+        raise DataFormatError(record.path, f"expected a finite number, got {margin}; fix or drop the value, or "
+                              "skip such records with data.on_bad_record=skip", line=record.line, field="margin")
     return float(margin)
 
 
