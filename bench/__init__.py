@@ -1,1 +1,1 @@
-"""Measurements (speed, memory). Never asserted in tests; results go in issue notes and bench/results."""
+"""Measurements (speed, memory). Never asserted in tests; results go in bench/results and bench/README.md."""

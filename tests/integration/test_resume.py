@@ -117,7 +117,7 @@ def test_kill_before_the_first_validation_resumes_from_the_periodic_checkpoint(t
 
 def test_sigterm_before_the_first_checkpoint_then_a_kill_resume_to_the_newest_state(tmp_path, demo_dir, uninterrupted):
     """The sequence that left a stale last.ckpt beside last-v1.ckpt: SIGTERM before any checkpoint,
-    resume, periodic checkpoints, a kill, resume with the README's `ckpt_path=last`."""
+    resume, periodic checkpoints, a kill, resume with docs/runs.md's `ckpt_path=last`."""
     run_dir, loggers = tmp_path / "run", "logger=[csv,wandb]"
     checkpoints = run_dir / "checkpoints"
     _interrupted(run_dir, demo_dir, 2, "sigterm", loggers)

@@ -18,8 +18,8 @@ def t(x):
     return torch.tensor(x, dtype=torch.float32)
 
 
-def _todays_grpo(scores, group, scale, mask):
-    """GRPO's advantages as the stage computed them before the registry (commit 0e136dc), line for line."""
+def _direct_grpo(scores, group, scale, mask):
+    """GRPO's advantages written out directly, line for line: what the registry's `grpo` must equal."""
     grouped = scores.view(-1, group)
     centred = grouped - grouped.mean(1, keepdim=True)
     if scale == "group":
@@ -31,11 +31,11 @@ def _todays_grpo(scores, group, scale, mask):
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_grpo_is_bit_identical_to_todays(scale):
+def test_grpo_is_bit_identical_to_the_direct_formula(scale):
     g = torch.Generator().manual_seed(0)
     scores, mask = torch.rand(12, generator=g) * 3, (torch.rand(12, 5, generator=g) > 0.3).long()
     ours = AdvantageSettings("grpo", scale_rewards=scale).compute(AdvantageInputs(scores, mask, 4))
-    assert torch.equal(ours, _todays_grpo(scores, 4, scale, mask))
+    assert torch.equal(ours, _direct_grpo(scores, 4, scale, mask))
     assert torch.equal(ours, group_advantages(scores, 4, scale=scale)[:, None] * mask)
 
 

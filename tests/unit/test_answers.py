@@ -1,6 +1,6 @@
 """Final answers of math replies against reference answers: the verdict a careful grader gives.
 
-Each row: (reply, reference, verdict). The main branch before issue 16 misread many of these: "(3,4)" as 34,
+Each row: (reply, reference, verdict). A naive parser misreads many of these: "(3,4)" as 34,
 "1,2,3" as 123, "5-3" as -3, "1/2" and "\\frac{1}{2}" as 2, ".5" as 5, a unicode minus as
 nothing, "42. (Step 3 of 3)" as 3, and 20-digit integers compared as floats.
 """

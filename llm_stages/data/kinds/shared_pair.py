@@ -2,7 +2,7 @@
 out as `[prompt, chosen, rejected]` in one row, with a 4-D attention mask in which chosen tokens see
 the prompt and chosen (causally) and rejected tokens see the prompt and rejected but not chosen, and
 rejected positions restart right after the prompt. Every reply token then has exactly the hidden
-state it has in its own `[prompt, reply]` row, so log-probs and rewards are today's (to float
+state it has in its own `[prompt, reply]` row, so log-probs and rewards equal the two-row layout's (to float
 rounding) for one forward pass over the prompt instead of two.
 
 Several pairs can share a row (`pack=True`): blocks of the mask, first-fit-decreasing into rows no
