@@ -73,7 +73,7 @@ def test_debug_tiny_is_the_tests_model_and_quiet_run(tmp_path):
 
 def test_debug_fast_dev_run_and_overfit(tmp_path):
     fast = _compose(tmp_path, "stage=sft", "debug=fast_dev_run")
-    assert fast.trainer.fast_dev_run is True and not fast.export.enabled and not fast.validate_before_fit
+    assert fast.trainer.fast_dev_run is True and not fast.export.enabled and not fast.validate_before_fit and not fast.logger
     overfit = _compose(tmp_path, "stage=dpo", "debug=overfit", "datamodule.batch_size=4")
     assert OmegaConf.to_container(overfit.data.sources, resolve=True) == [{"path": overfit.data.path}]
     assert overfit.data.mix_size == 4 and overfit.trainer.limit_val_batches == 0 and not overfit.export.enabled
