@@ -18,7 +18,7 @@ if _WORKERS > 1:
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# A smaller model than model=tiny so every test step costs milliseconds.
+# A smaller model than model=tiny so every test step costs milliseconds (conf/debug/tiny.yaml holds the same).
 TEST_MODEL = [
     "model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",
     "model.init.num_attention_heads=2", "model.init.num_key_value_heads=1",
@@ -56,11 +56,14 @@ def make_cfg(tmp_path, demo_dir):
     from llm_stages.config import compose
 
     def _make(*overrides: str, quiet: bool = True, output_dir: Path | None = None):
+        """`quiet` with the tiny model: debug=tiny (TEST_MODEL and QUIET as a config; the overrides win)."""
         base = [f"paths.data_dir={demo_dir.parent}", f"paths.log_dir={tmp_path}/runs"]
         out = output_dir or tmp_path / "run"
+        tiny = all(not o.startswith("model=") or o == "model=tiny" for o in overrides)
+        if tiny and quiet:
+            return compose([*base, "debug=tiny", *overrides], output_dir=str(out))
         overridden = {o.split("=")[0].lstrip("+~") for o in overrides}
         quiet_defaults = [q for q in QUIET if quiet and q.split("=")[0] not in overridden]
-        tiny = all(not o.startswith("model=") or o == "model=tiny" for o in overrides)
         return compose([*base, *(TEST_MODEL if tiny else []), *quiet_defaults, *overrides], output_dir=str(out))
 
     return _make

@@ -20,7 +20,8 @@ from llm_stages.data.sources import Record
 from llm_stages.errors import ConfigError, DataFormatError
 from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, task_data
 from llm_stages.rollout.rewards import answer_match
-from llm_stages.rollout.rollout import Sample, Sampler, Scorer
+from llm_stages.rollout.rollout import Scorer
+from llm_stages.rollout.sampling import Sample, Sampler
 from llm_stages.training.run_dir import write_text_atomic
 from llm_stages.rollout.sampling import eos_ids
 

@@ -13,7 +13,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from llm_stages.rollout.rollout import Replies, Sample, Scores
+from llm_stages.rollout.rollout import Replies, Scores
+from llm_stages.rollout.sampling import Sample
 
 
 def informative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -53,7 +54,8 @@ def fill_informative_groups(first: Replies, next_rollout: Callable[[int], Replie
         if replies is None:
             break
         rounds += 1
-    merged = concat_replies(kept + dropped, pad_token_id)._replace(generation_seconds=seconds)
+    # kept and dropped are parts of the same rollouts: the time is that of the rollouts, counted once
+    merged = concat_replies(kept + dropped, pad_token_id, generation_seconds=seconds)
     take = torch.arange(target * group_size, device=merged.scores.total.device)
     return Filled(select_rows(merged, take), min(have, target), dropped_count, rounds)
 
@@ -66,14 +68,14 @@ def select_groups(replies: Replies, groups: torch.Tensor, group_size: int) -> Re
 def select_rows(replies: Replies, rows: torch.Tensor) -> Replies:
     sample, scores = replies.sample, replies.scores
     index = rows.tolist()
-    return Replies(Sample(*(field[rows] for field in sample)),
+    return Replies(sample.rows(rows),
                    Scores(scores.total[rows], {k: v[rows] for k, v in scores.components.items()},
                           [scores.completions[i] for i in index]),
                    [replies.prompts[i] for i in index], replies.generation_seconds)
 
 
-def concat_replies(parts: list[Replies], pad_token_id: int) -> Replies:
-    """Rollouts stacked, prompts left-padded and replies right-padded to the widest; seconds summed."""
+def concat_replies(parts: list[Replies], pad_token_id: int, *, generation_seconds: float) -> Replies:
+    """Rollouts stacked, prompts left-padded and replies right-padded to the widest."""
     prompt_width = max(p.sample.query.shape[1] for p in parts)
     reply_width = max(p.sample.response.shape[1] for p in parts)
     left = lambda x, value: F.pad(x, (prompt_width - x.shape[1], 0), value=value)  # noqa: E731
@@ -88,4 +90,4 @@ def concat_replies(parts: list[Replies], pad_token_id: int) -> Replies:
     scores = Scores(torch.cat([p.scores.total for p in parts]),
                     {k: torch.cat([p.scores.components[k] for p in parts]) for k in names},
                     [c for p in parts for c in p.scores.completions])
-    return Replies(sample, scores, [q for p in parts for q in p.prompts], sum(p.generation_seconds for p in parts))
+    return Replies(sample, scores, [q for p in parts for q in p.prompts], generation_seconds)

@@ -20,7 +20,7 @@ from llm_stages.data.reward_sequence import reply_end, reward_sequence
 from llm_stages.errors import ConfigError
 from llm_stages.models import load_model, load_tokenizer, reward_scores
 from llm_stages.rollout.overlong import overlong_penalty
-from llm_stages.rollout.sampling import Sample, Sampler, finish_sample  # noqa: F401 (finish_sample: for other samplers)
+from llm_stages.rollout.sampling import Sample, Sampler
 
 
 class Scores(NamedTuple):
@@ -54,6 +54,18 @@ class Trajectory(NamedTuple):
     advantages: torch.Tensor  # (N, R)
     returns: torch.Tensor  # (N, R) value targets (PPO; GRPO: zeros)
     scores: torch.Tensor  # (N,) sequence reward before shaping
+
+    @classmethod
+    def from_sample(cls, sample: Sample, *, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    scores: torch.Tensor, values: torch.Tensor | None = None, rewards: torch.Tensor | None = None,
+                    returns: torch.Tensor | None = None) -> "Trajectory":
+        """The complete trajectory of `sample`; the per-token fields an algorithm has no use for (GRPO:
+        values, rewards, returns) are zeros."""
+        zeros = torch.zeros(sample.response_mask.shape, device=sample.response_mask.device)
+        return cls(sample.query, sample.query_mask, sample.response, sample.response_mask, sample.sampled_logprobs,
+                   logprobs=logprobs, ref_logprobs=ref_logprobs, values=zeros if values is None else values,
+                   rewards=zeros if rewards is None else rewards, advantages=advantages,
+                   returns=zeros if returns is None else returns, scores=scores)
 
     @property
     def input_ids(self) -> torch.Tensor:

@@ -51,10 +51,10 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 def generation_config(generation: dict, tokenizer, eos: list[int]) -> GenerationConfig:
     """Exactly the sampling the loss models: `generation`'s settings, and nothing from the checkpoint."""
-    sample = generation.get("do_sample", True)
+    do_sample = generation.get("do_sample", True)
     settings = {"temperature": generation.get("temperature") or 1.0, "top_p": generation.get("top_p") or 1.0,
-                "top_k": generation.get("top_k") or 0} if sample else {}
-    return GenerationConfig(max_new_tokens=generation["max_new_tokens"], do_sample=sample, **settings,
+                "top_k": generation.get("top_k") or 0} if do_sample else {}
+    return GenerationConfig(max_new_tokens=generation["max_new_tokens"], do_sample=do_sample, **settings,
                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
 
 
@@ -128,6 +128,9 @@ class Sample(NamedTuple):
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.response_mask], 1)
+
+    def rows(self, index: torch.Tensor) -> "Sample":
+        return Sample(*(field[index] for field in self))
 
 
 class Sampler:

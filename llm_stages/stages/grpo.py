@@ -23,14 +23,16 @@ groups answering the next prompts (llm_stages.rollout.dynamic_sampling).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from llm_stages.data.kinds.prompt import PromptBatch
-from llm_stages.rollout.dynamic_sampling import fill_informative_groups
 from llm_stages.errors import ConfigError
 from llm_stages.losses.advantages import AdvantageInputs, advantage_settings
 from llm_stages.losses.rl import (GRPO_LOSS_TYPES, IMPORTANCE_SAMPLING_LEVELS, grpo_loss_sum, grpo_per_token_loss,
                                   kl_penalty)
+from llm_stages.rollout.dynamic_sampling import fill_informative_groups
 from llm_stages.rollout.rollout import Replies, Trajectory
 from llm_stages.stages.rl import RLStage, StepMeans
 
@@ -58,38 +60,38 @@ class GRPO(RLStage):
         self.num_generations, self.beta, self.epsilon, self.epsilon_high = num_generations, beta, epsilon, epsilon_high
         self.loss_type, self.dynamic_sampling, self.max_extra_rounds = loss_type, dynamic_sampling, max_extra_rounds
         self.importance_sampling_level = importance_sampling_level
-        self.reuses_rollout = False
 
     def training_step(self, batch: list[PromptBatch], batch_idx: int) -> torch.Tensor:
         group = self.num_generations
         # 1. Rollout: `group` replies per prompt, consecutive, each scored.
         replies = self.sample_and_score(batch[0], repeats=group)
         if self.dynamic_sampling:
-            replies = self.fill_informative_groups(replies)
+            replies = self.replace_uninformative_groups(replies)
         sample, scores, mask = replies.sample, replies.scores.total, replies.sample.response_mask
 
         # 2. Old and reference log-probs, only where the loss needs them. With one pass over one
-        # minibatch the policy that sampled is the one being updated: its log-probs are the
-        # detached current ones (taken in grpo_loss), and a forward pass is saved.
-        self.reuses_rollout = self.ppo_epochs > 1 or self.mini_batch_size < mask.shape[0]
+        # minibatch (`single_pass`) the policy that sampled is the one being updated: its log-probs
+        # are the detached current ones (taken in grpo_loss), and a forward pass is saved.
+        single_pass = self.ppo_epochs <= 1 and self.mini_batch_size >= mask.shape[0]
         zeros = torch.zeros(mask.shape, device=mask.device)  # what the loss does not read
         with torch.no_grad():
-            logprobs = self.response_logprobs(self.model, sample)[0] * mask if self.reuses_rollout else zeros
+            old_logprobs = zeros if single_pass else self.response_logprobs(self.model, sample)[0] * mask
             ref_logprobs = self.reference_logprobs(sample) * mask if self.needs_reference else zeros
-        if self.reuses_rollout:
-            self.track_logprob_diff(sample.sampled_logprobs, logprobs, mask)  # else in grpo_loss, from the update's own forward
+        if not single_pass:
+            self.track_logprob_diff(sample.sampled_logprobs, old_logprobs, mask)  # else in grpo_loss, from the update's own forward
 
         # 3. Advantages, per token. The KL in reinforce_pp's reward is that of the policy that sampled.
-        kl = kl_penalty(logprobs if self.reuses_rollout else sample.sampled_logprobs, ref_logprobs, "k1", mask) \
+        kl = kl_penalty(sample.sampled_logprobs if single_pass else old_logprobs, ref_logprobs, "k1", mask) \
             if self.advantage.kl_coef else None
         advantages = self.advantage.compute(AdvantageInputs(scores, mask, group, kl), reduce=self._all_reduce)
-        trajectory = Trajectory(*sample, logprobs, ref_logprobs, values=zeros, rewards=zeros, advantages=advantages,
-                                returns=zeros, scores=scores)
+        trajectory = Trajectory.from_sample(sample, logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                            advantages=advantages, scores=scores)
 
         # 4. Update: minibatch epochs, one optimiser step each, weighted as `loss_type` says.
         steps = StepMeans()
+        loss = partial(self.grpo_loss, single_pass=single_pass)
         for micro_batches in self.minibatches(trajectory):
-            steps.add(*self.accumulated_step(micro_batches, self.grpo_loss, self.loss_weight_of))
+            steps.add(*self.accumulated_step(micro_batches, loss, self.loss_weight_of))
         stats = steps.means()
         if kl is not None:
             stats["kl_in_reward"] = (kl * mask).sum() / mask.sum().clamp(min=1)
@@ -98,7 +100,7 @@ class GRPO(RLStage):
         self._mark_batch_consumed()
         return stats["loss"]
 
-    def fill_informative_groups(self, replies: Replies) -> Replies:
+    def replace_uninformative_groups(self, replies: Replies) -> Replies:
         """DAPO's dynamic sampling: `replies` with its all-equal groups replaced by informative groups
         answering the next prompts; logs rollout/kept_groups, rollout/dropped_groups, rollout/extra_rounds."""
         def next_rollout(round_: int) -> Replies | None:
@@ -121,17 +123,19 @@ class GRPO(RLStage):
     def _loss_sum(self, per_token: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return grpo_loss_sum(per_token.float(), mask, self.loss_type, self.generation["max_new_tokens"])
 
-    def grpo_loss(self, mb: Trajectory):
+    def grpo_loss(self, mb: Trajectory, *, single_pass: bool):
+        """Summed loss of a micro-batch. `single_pass`: the policy being updated is the one that sampled
+        (one epoch, one minibatch), so the old log-probs are its own, detached; else those of `mb`."""
         mask = mb.response_mask
         logprobs = self.response_logprobs(self.model, mb)[0]
-        if not self.reuses_rollout:
+        if single_pass:
             self.track_logprob_diff(mb.sampled_logprobs, logprobs, mask)
-        old = mb.logprobs if self.reuses_rollout else logprobs.detach()
+        old = logprobs.detach() if single_pass else mb.logprobs
         per_token, policy_loss, clipped, kl = grpo_per_token_loss(
             logprobs, old, mb.advantages, mask, epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
             ref_logprobs=mb.ref_logprobs, importance_sampling_level=self.importance_sampling_level,
             cispo=self.loss_type == "cispo")
-        weights = self.importance_weights(old, mb.sampled_logprobs, mask)  # vLLM sampled: TRL's truncated IS
+        weights = self.sampler_importance_weights(old, mb.sampled_logprobs, mask)  # vLLM sampled: TRL's truncated IS
         if weights is not None:
             per_token, policy_loss = per_token * weights, policy_loss * weights
         # Stats in the loss's units (the update divides them by the same weight).

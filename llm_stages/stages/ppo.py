@@ -30,8 +30,8 @@ from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import (KLController, approx_kl, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
                                   kl_penalty, masked_mean, shaped_rewards, whiten)
 from llm_stages.models import load_tokenizer
-from llm_stages.rollout.rollout import Sample, Trajectory, position_ids
-from llm_stages.rollout.sampling import disable_dropout
+from llm_stages.rollout.rollout import Trajectory, position_ids
+from llm_stages.rollout.sampling import Sample, disable_dropout
 from llm_stages.stages.rl import RLStage, StepMeans
 
 
@@ -113,7 +113,8 @@ class PPO(RLStage):
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
             advantages = whiten(advantages, mask, reduce=self._all_reduce)
-        trajectory = Trajectory(*sample, logprobs, ref_logprobs, values, rewards, advantages, returns, scores)
+        trajectory = Trajectory.from_sample(sample, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
+                                            advantages=advantages, returns=returns, scores=scores)
 
         # 4. Update: minibatch epochs, one optimiser step on the token mean of each minibatch.
         steps = StepMeans()
@@ -139,7 +140,7 @@ class PPO(RLStage):
             entropy = entropy.detach()
         values = self.values(mb)
         policy_loss, policy_clipped = clipped_policy_loss(logprobs, mb.logprobs, mb.advantages, self.cliprange)
-        weights = self.importance_weights(mb.logprobs, mb.sampled_logprobs, mb.response_mask)  # vLLM sampled
+        weights = self.sampler_importance_weights(mb.logprobs, mb.sampled_logprobs, mb.response_mask)  # vLLM sampled
         if weights is not None:
             policy_loss = policy_loss * weights
         value_loss, value_clipped = clipped_value_loss(values, mb.values, mb.returns, self.cliprange_value)

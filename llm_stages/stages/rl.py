@@ -108,7 +108,7 @@ class RLStage(Stage):
         rollout/logprob_diff_max and _mean: near 1e-6 when sampling draws from the distribution the loss assumes."""
         self._logprob_diffs.append((sampled - trained.detach()).abs()[mask.bool()].float())
 
-    def importance_weights(self, old: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def sampler_importance_weights(self, old: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """The per-token weights of the policy loss correcting for a sampler that is not the trainer
         (losses.rl.importance_weights; rollout.vllm.importance_sampling), or None (the policy sampled itself).
         Logged per iteration as rollout/is_ratio_{mean,min,max} and rollout/is_capped_frac."""
