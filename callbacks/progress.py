@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
 log = logging.getLogger(__name__)
@@ -18,12 +19,7 @@ def _total(trainer) -> float:
 
 class StepProgressBar(RichProgressBar):
     """Lightning's rich progress bar with its training bar counting `trainer.global_step` of
-    `trainer.max_steps`; a resumed run says once where it resumed (`resumed at step 40/600`)."""
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
-        if trainer.global_step > 0 and trainer.is_global_zero:
-            log.info("resumed at step %d/%s", trainer.global_step, trainer.max_steps if trainer.max_steps > 0 else "?")
+    `trainer.max_steps` (a resumed run's bar starts where it resumed)."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"{'step':{len(self.validation_description)}}"  # padded as Lightning pads its own
@@ -47,6 +43,15 @@ class StepProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
         self.refresh()
+
+
+class ReportResume(L.Callback):
+    """One log line where a resumed run continues, in the bar's unit: `resumed at step 40/600`
+    (also where there is no bar, as in a batch job's log)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0 and trainer.is_global_zero:
+            log.info("resumed at step %d/%s", trainer.global_step, trainer.max_steps if trainer.max_steps > 0 else "?")
 
 
 def step_progress_bar(enabled: bool = True) -> StepProgressBar | None:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def _instantiate_group(group: DictConfig | None) -> list:
     """The group's objects; a factory may return None for "not in this run" (callbacks.progress_bar)."""
-    built = [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+    built = [_instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
     return [b for b in built if b is not None]
 
 

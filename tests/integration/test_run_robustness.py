@@ -134,7 +134,7 @@ def test_a_real_run_resumes_past_its_truncated_last_ckpt(make_cfg, tmp_path, cap
     last = checkpoints / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])
     with caplog.at_level(logging.INFO):
-        metrics = train(make_cfg(*run, "trainer.max_steps=6", "resume=auto", "trainer.enable_progress_bar=true"))
+        metrics = train(make_cfg(*run, "trainer.max_steps=6", "resume=auto"))
     assert metrics["steps"] == 6
     assert f"resuming from {best.name} instead" in caplog.text
     assert f"resumed at step {best_step}/6" in caplog.messages
@@ -259,5 +259,5 @@ def test_timed_checkpoint_settings(make_cfg, monkeypatch, tmp_path):
     off = TimedCheckpoint(str(tmp_path), every_minutes=None)
     off.on_train_batch_end(Trainer(), None, None, None, 0)
     assert len(saved) == 2
-    with pytest.raises(ConfigError, match=r"callbacks.timed_checkpoint.every_minutes=0: expected a number of minutes > 0"):
-        TimedCheckpoint(str(tmp_path), every_minutes=0)
+    with pytest.raises(ConfigError, match=r"^callbacks.timed_checkpoint.every_minutes=0: expected a number of minutes > 0"):
+        train(make_cfg(*TINY_SFT, "callbacks=default", "callbacks.timed_checkpoint.every_minutes=0"))
