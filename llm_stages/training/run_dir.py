@@ -190,7 +190,8 @@ def _first_readable(checkpoints: Path, key: str) -> Path | None:
         problem = checkpoint_problem(path)
         if problem is None:
             if problems:
-                log.warning("resume: %s is unreadable (%s); resuming from %s instead", found[0].name, problems[0], path.name)
+                log.warning("resume: %s is unreadable (%s); resuming from %s instead",
+                            found[0].name, problems[0], path.name)
             return path
         problems.append(problem)
     if found:

@@ -47,8 +47,8 @@ class CheckRunDir(Callback):
     def _check(key: str, path: str) -> None:
         problem = run_dir_problem(path)
         if problem:
-            print(f"error: {key}={path}: cannot create the run directory ({problem}); pass {key}=<a writable directory>",
-                  file=sys.stderr)
+            print(f"error: {key}={path}: cannot create the run directory ({problem}); "
+                  f"pass {key}=<a writable directory>", file=sys.stderr)
             sys.exit(2)
 
 
