@@ -26,8 +26,9 @@ from llm_stages.models import load_tokenizer
 from llm_stages.training.perf import peak_memory_gb
 from llm_stages.training.quiet import quiet_third_party
 from llm_stages.training.redact import redact_secrets
-from llm_stages.training.run_dir import (AtomicCheckpointIO, remove_stale_temporaries, resolve_checkpoint,
-                                         write_text_atomic)
+from llm_stages.training.run_dir import (AtomicCheckpointIO, loads_weights_only, remove_stale_temporaries,
+                                         resolve_checkpoint, write_text_atomic)
+from llm_stages.training.run_status import write_status
 
 # Lightning warns at every periodic checkpoint of a manually optimised module that the state saved is
 # the one after the optimiser step: global_step counts finished steps, so that is the state to resume.
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
-    return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+    """The group's objects; a factory may return None for "not in this run" (callbacks.progress_bar)."""
+    built = [_instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+    return [b for b in built if b is not None]
 
 
 def _instantiate(config, **kwargs):
@@ -92,8 +95,24 @@ def _sweep_group() -> str | None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one stage. Returns its metrics: val/loss before and after, train/loss, export path."""
+    """Run one stage. Returns its metrics: val/loss before and after, train/loss, export path. How
+    the run ended (completed, failed and why, interrupted) is left in <run dir>/status.yaml."""
     quiet_third_party()
+    run_dir = cfg.paths.output_dir
+    write_status(run_dir, "running")
+    try:
+        metrics = _train(cfg)
+    except (TrainingInterrupted, KeyboardInterrupt) as e:
+        write_status(run_dir, "interrupted", str(e) or "interrupted by Ctrl-C")
+        raise
+    except BaseException as e:
+        write_status(run_dir, "failed", str(e) or type(e).__name__, error=type(e).__name__)
+        raise
+    write_status(run_dir, "completed", f"{metrics['steps']} steps", steps=metrics["steps"])
+    return metrics
+
+
+def _train(cfg: DictConfig) -> dict:
     check_config(cfg)  # a mistake in one line, before a model or data is loaded
     remove_stale_temporaries(cfg.paths.output_dir)  # what a killed export or checkpoint write left
     ckpt_path = resolve_checkpoint(cfg)
@@ -118,7 +137,8 @@ def train(cfg: DictConfig) -> dict:
 
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path,
+                    weights_only=loads_weights_only(ckpt_path) if ckpt_path else None)
     except SIGTERMException:
         raise TrainingInterrupted(
             f"stopped by a signal at step {trainer.global_step}; checkpoint: {cfg.paths.output_dir}/checkpoints/last.ckpt. "

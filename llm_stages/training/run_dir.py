@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -119,13 +121,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def newest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest state in a checkpoint directory: the most recently written checkpoint, `last.ckpt`
+    """The newest state in a checkpoint directory (see checkpoints_newest_first), readable or not."""
+    found = checkpoints_newest_first(checkpoints)
+    return found[0] if found else None
+
+
+def checkpoints_newest_first(checkpoints: Path) -> list[Path]:
+    """The checkpoints in a checkpoint directory, the most recently written first, `last.ckpt` first
     on a tie (it is written right after the best-so-far one of the same step). A checkpoint is a
     file, or under sharded strategies (fsdp2, deepspeed) a directory of shards named the same way."""
-    found = list(checkpoints.glob("*.ckpt"))
-    if not found:
-        return None
-    return max(found, key=lambda p: (_written_at(p), p.name == "last.ckpt"))
+    return sorted(checkpoints.glob("*.ckpt"), key=lambda p: (_written_at(p), p.name == "last.ckpt"), reverse=True)
 
 
 def _written_at(path: Path) -> int:
@@ -134,22 +139,90 @@ def _written_at(path: Path) -> int:
     return max(f.stat().st_mtime_ns for f in files)
 
 
+def _load_structure(path: Path, weights_only: bool):
+    # mmap: the tensors stay on disk, so reading a checkpoint's structure costs little at any size.
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (a truncated or foreign file), or None when it can. A
+    sharded checkpoint (a directory) is taken as it is when it holds any file."""
+    if path.is_dir():
+        return None if any(p.is_file() for p in path.rglob("*")) else "an empty directory"
+    if not path.is_file():
+        return "no such file"
+    if path.stat().st_size == 0:
+        return "an empty file"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the very end
+        return "truncated? not a whole torch.save archive"
+    try:
+        state = _load_structure(path, weights_only=True)
+    except pickle.UnpicklingError:
+        return None  # readable, holding more than tensors (see loads_weights_only)
+    except Exception as e:  # noqa: BLE001 - a damaged archive fails in many ways; all mean the same here
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    if not isinstance(state, dict) or "state_dict" not in state:
+        return "a torch file, not a Lightning checkpoint: no state_dict in it"
+    return None
+
+
+def loads_weights_only(path: str | os.PathLike) -> bool | None:
+    """Whether a checkpoint file loads with torch.load(weights_only=True) (tensors and plain values
+    only, no code run while unpickling), so the resume can insist on it; None for a sharded
+    directory (its strategy loads it)."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    try:
+        _load_structure(path, weights_only=True)
+    except pickle.UnpicklingError:
+        log.info("resume: %s holds objects beyond tensors and plain values; loading it in full", path.name)
+        return False
+    return True
+
+
+def _first_readable(checkpoints: Path, key: str) -> Path | None:
+    """The newest checkpoint in `checkpoints` that can be resumed from; says so in one line when the
+    newest cannot, and refuses in one line when none can."""
+    found = checkpoints_newest_first(checkpoints)
+    problems = []
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                log.warning("resume: %s is unreadable (%s); resuming from %s instead",
+                            found[0].name, problems[0], path.name)
+            return path
+        problems.append(problem)
+    if found:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in zip(found, problems))
+        raise ConfigError(f"{key}: no readable checkpoint in {checkpoints} ({listed}); pass ckpt_path=<a good "
+                          f"checkpoint>, or move the directory away to start fresh")
+    return None
+
+
 def resolve_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint to resume: `ckpt_path` (a path, or `last`: the newest state in this run dir),
     else with `resume=auto` the newest state in this run dir, else None (a fresh start). `last` and
-    `resume=auto` name the same checkpoint; they differ only when there is none (an error, a fresh start)."""
+    `resume=auto` name the same checkpoint; they differ only when there is none (an error, a fresh start).
+    The newest state is the newest readable one: a checkpoint cut short by a full disk or a killed
+    copy is passed over, with a line saying so."""
     checkpoints = Path(str(cfg.paths.output_dir)) / "checkpoints"
     ckpt = cfg.get("ckpt_path")
     if ckpt:
-        path = newest_checkpoint(checkpoints) if ckpt == "last" else Path(str(ckpt))
+        path = _first_readable(checkpoints, "ckpt_path=last") if ckpt == "last" else Path(str(ckpt))
         if path is None or not path.exists():
             raise ConfigError(f"ckpt_path={ckpt}: no checkpoint at {path or checkpoints / 'last.ckpt'}" +
                               (" (set hydra.run.dir to the run to resume)" if ckpt == "last" else ""))
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ConfigError(f"ckpt_path={ckpt}: cannot resume from {path} ({problem}); pass a checkpoint a run "
+                              f"wrote (<run dir>/checkpoints/*.ckpt), or ckpt_path=last")
         return str(path)
     if cfg.get("resume") not in (None, "auto"):
         raise ConfigError(f"resume={cfg.resume}: expected auto or null")
     if cfg.get("resume") == "auto":
-        found = newest_checkpoint(checkpoints)
+        found = _first_readable(checkpoints, "resume=auto")
         if found:
             log.info("resume=auto: resuming from %s", found)
             return str(found)

@@ -154,7 +154,7 @@ def test_checkpoint_directories_resolve_like_files(make_cfg, tmp_path):
     assert resolve_checkpoint(cfg) == str(checkpoints / "last.ckpt")
 
     old_file = checkpoints / "step000003.ckpt"
-    old_file.write_bytes(b"")
+    torch.save({"state_dict": {}, "global_step": 3}, old_file)  # resume takes only a readable checkpoint
     os.utime(old_file, (1, 1))
     auto = make_cfg("stage=sft", "resume=auto")
     assert resolve_checkpoint(auto) == str(checkpoints / "last.ckpt")
