@@ -13,7 +13,7 @@ CONFIG_DIR = Path(llm_stages.conf.__file__).parent
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    from llm_stages.training.run_dir import log_file_suffix
+    from llm_stages.training.launch import log_file_suffix
 
     # ${log_file_suffix:<job name>} in conf/hydra/default.yaml: one log file per process of a multi-node run.
     OmegaConf.register_new_resolver("log_file_suffix", log_file_suffix, replace=True)
