@@ -48,6 +48,7 @@ def check_command_line(args: list[str]) -> None:
     from hydra._internal.utils import get_args_parser  # Hydra's own command line: the same flags, parsed the same way
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+    from hydra.types import RunMode
 
     parsed = get_args_parser().parse_args(args)
     if any(getattr(parsed, flag) for flag in UNCHECKED_FLAGS):
@@ -77,8 +78,8 @@ def check_command_line(args: list[str]) -> None:
                 raise ConfigError(no_such_option(f"{override.key_or_group}={value} (in {override.input_line})",
                                                  override.key_or_group, options))
         first_job.append(f"{override.get_key_element()}={values[0]}")
-    cfg = compose_with_hydra(first_job, config_name=config_name)
-    if sweeps and not parsed.multirun and cfg.hydra.mode != "MULTIRUN":  # hparams_search=optuna sets MULTIRUN itself
+    cfg = compose_with_hydra(first_job, config_name=config_name, typed=parsed.overrides)
+    if sweeps and not parsed.multirun and cfg.hydra.mode != RunMode.MULTIRUN:  # hparams_search=optuna sets it itself
         raise ConfigError(sweep_needs_multirun(sweeps[0]))
 
 

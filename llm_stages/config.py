@@ -44,8 +44,9 @@ def compose(overrides: list[str] | None = None, *, output_dir: str | None = None
     return cfg
 
 
-def compose_with_hydra(overrides: list[str] | None = None, *, config_name: str = "config"):
-    """The composed config with its `hydra:` node; Hydra's multi-line errors become one ConfigError line."""
+def compose_with_hydra(overrides: list[str] | None = None, *, config_name: str = "config", typed: list[str] | None = None):
+    """The composed config with its `hydra:` node; Hydra's multi-line errors become one ConfigError line
+    naming the override as `typed` (a sweep's first value is composed; the sweep is what was typed)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -53,7 +54,7 @@ def compose_with_hydra(overrides: list[str] | None = None, *, config_name: str =
     try:
         return _hydra_compose(overrides, config_name)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(hydra_error_line(e, overrides, config_name)) from e
+        raise ConfigError(hydra_error_line(e, overrides, config_name, typed)) from e
 
 
 def _hydra_compose(overrides: list[str], config_name: str):
@@ -70,12 +71,14 @@ OVERRIDE_SYNTAX = ("key=value; +key=value adds a key, ~key deletes one; quote a 
                    "brackets: key='a b'")
 
 
-def hydra_error_line(error: Exception, overrides: list[str], config_name: str = "config") -> str:
-    """What a Hydra composition error means, in one line naming the override as typed and what is
-    allowed: a config group's options, the config's keys closest to an unknown one, the syntax."""
+def hydra_error_line(error: Exception, overrides: list[str], config_name: str = "config",
+                     typed: list[str] | None = None) -> str:
+    """What a Hydra composition error of `overrides` means, in one line naming the override as
+    `typed` (default: `overrides`) and what is allowed: a config group's options, the config's keys
+    closest to an unknown one, the syntax."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
-    text = str(error)
+    text, composed, overrides = str(error), overrides, typed or overrides
     if isinstance(error, OverrideParseException):
         why = next((line for line in error.message.splitlines() if not line.startswith(("Error parsing", "See "))),
                    "cannot parse it")
@@ -88,7 +91,7 @@ def hydra_error_line(error: Exception, overrides: list[str], config_name: str = 
     if match := re.match(r"Could not override '([^']+)'", text):
         key = match.group(1)
         typed = _typed(key, overrides) or key
-        near = _closest_keys(key, [o for o in overrides if o != typed], config_name)
+        near = _closest_keys(key, [o for o in composed if _key(o) != key], config_name)
         hint = f"; did you mean {' or '.join(near)}?" if near else ""
         add = typed if typed.startswith("+") else "+" + typed
         return f"{typed}: no such key in the config{hint} (to add a new key: {add})"
