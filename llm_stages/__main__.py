@@ -74,7 +74,7 @@ def check_command_line(args: list[str]) -> None:
             continue
         options = group_options(override.key_or_group)
         for value in values if options is not None else []:
-            if value not in options:
+            if value not in options and value != "null":  # null: the group left out
                 raise ConfigError(no_such_option(f"{override.key_or_group}={value} (in {override.input_line})",
                                                  override.key_or_group, options))
         first_job.append(f"{override.get_key_element()}={values[0]}")
@@ -84,20 +84,23 @@ def check_command_line(args: list[str]) -> None:
 
 
 def print_help(overrides: list[str]) -> None:
-    """`--help`: what Hydra's own help shows (the config groups, the composed config), without the
-    minutes-long walk over every group's options Hydra does under load: the groups are conf/'s folders."""
+    """`--help`: what Hydra's own help shows (the config groups, the composed config), without its
+    walk over every group's options, which takes seconds: the groups here are conf/'s folders."""
     from omegaconf import OmegaConf
 
     cfg = compose(overrides)
-    groups = "\n".join(f"  {group.name}: {', '.join(o for o in group_options(group.name) if not o.startswith('_'))}"
-                       for group in sorted(CONFIG_DIR.iterdir()) if group.is_dir() and group.name not in ("hydra", "__pycache__"))
+    groups = [folder.name for folder in sorted(CONFIG_DIR.iterdir())
+              if folder.is_dir() and folder.name not in ("hydra", "__pycache__")]
+    listed = "\n".join(f"  {group}: {', '.join(o for o in group_options(group) if not o.startswith('_'))}"
+                       for group in groups)
+    composed = "Config" + (f" with {' '.join(overrides)}" if overrides else "")
     print(f"""usage: python -m llm_stages [command] [group=option ...] [key=value ...] [-m] [--cfg job] [--hydra-help]
-commands (the first word): {", ".join(COMMANDS)} (stages without training), {", ".join(OWN_CONFIG_COMMANDS)} (chat --help)
+commands (the first word): {", ".join(COMMANDS)} (stages without training), chat (chat --help)
 
 == Config groups (group=option; conf/<group>/<option>.yaml) ==
-{groups}
+{listed}
 
-== Config{" with " + " ".join(overrides) if overrides else ""} (key=value sets a key, +key=value adds one, ~key deletes one) ==
+== {composed} (key=value sets a key, +key=value adds one, ~key deletes one) ==
 {OmegaConf.to_yaml(cfg)}
 -m: a sweep over comma-separated values (optim.lr=1e-5,1e-4), one run each; --cfg job: print the config, run nothing""")
 

@@ -44,7 +44,8 @@ def compose(overrides: list[str] | None = None, *, output_dir: str | None = None
     return cfg
 
 
-def compose_with_hydra(overrides: list[str] | None = None, *, config_name: str = "config", typed: list[str] | None = None):
+def compose_with_hydra(overrides: list[str] | None = None, *, config_name: str = "config",
+                       typed: list[str] | None = None):
     """The composed config with its `hydra:` node; Hydra's multi-line errors become one ConfigError line
     naming the override as `typed` (a sweep's first value is composed; the sweep is what was typed)."""
     from hydra.errors import HydraException
@@ -78,26 +79,27 @@ def hydra_error_line(error: Exception, overrides: list[str], config_name: str = 
     closest to an unknown one, the syntax."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
-    text, composed, overrides = str(error), overrides, typed or overrides
+    text, named = str(error), typed or overrides
     if isinstance(error, OverrideParseException):
         why = next((line for line in error.message.splitlines() if not line.startswith(("Error parsing", "See "))),
                    "cannot parse it")
         return f"{error.override}: not a valid override ({why}); write {OVERRIDE_SYNTAX}"
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
         group = error.missing_cfg_file.rpartition("/")[0]
-        typed = _typed(group, overrides)
-        where = typed or text.splitlines()[0].rstrip(".")  # an option named inside a config file, not on the command line
+        as_typed = _typed(group, named)
+        # not typed: an option named in a config file's defaults, not on the command line
+        where = as_typed or text.splitlines()[0].rstrip(".")
         return no_such_option(where, group, error.options)
     if match := re.match(r"Could not override '([^']+)'", text):
         key = match.group(1)
-        typed = _typed(key, overrides) or key
-        near = _closest_keys(key, [o for o in composed if _key(o) != key], config_name)
+        as_typed = _typed(key, named) or key
+        near = _closest_keys(key, [o for o in overrides if _key(o) != key], config_name)
         hint = f"; did you mean {' or '.join(near)}?" if near else ""
-        add = typed if typed.startswith("+") else "+" + typed
-        return f"{typed}: no such key in the config{hint} (to add a new key: {add})"
+        add = as_typed if as_typed.startswith("+") else "+" + as_typed
+        return f"{as_typed}: no such key in the config{hint} (to add a new key: {add})"
     if match := re.match(r"Could not append to config. An item is already at '([^']+)'", text):
-        typed = _typed(match.group(1), overrides) or match.group(1)
-        return f"{typed}: {match.group(1)} is already in the config; set it without the +: {typed.lstrip('+')}"
+        as_typed = _typed(match.group(1), named) or match.group(1)
+        return f"{as_typed}: {match.group(1)} is already in the config; set it without the +: {as_typed.lstrip('+')}"
     if match := re.match(r"Ambiguous value for argument '([^']+)'", text):
         return sweep_needs_multirun(match.group(1))
     if match := re.match(r"Could not delete from config. '([^']+)' does not exist", text):

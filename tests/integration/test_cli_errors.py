@@ -71,6 +71,7 @@ def test_a_mistake_is_one_line_naming_the_override(case):
     ["-m", "stage=dpo", "loss=ipo,sigmoid", "optim.lr=1e-5,1e-4", "datamodule.batch_size=range(2,6,2)"],
     ["hparams_search=optuna", "stage=dpo", "optim.lr=interval(1e-6,1e-4)"],  # the Optuna config sets MULTIRUN
     ["--cfg", "job", "stage=pt", "hydra.run.dir=/tmp/run", "hydra.job.chdir=false"],
+    ["-m", "peft=null,lora", "stage=pt"],  # null: the group left out
     ["--hydra-help"],  # Hydra's own pages are left to Hydra
 ])
 def test_what_hydra_runs_passes_the_check(args):
