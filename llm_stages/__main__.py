@@ -74,7 +74,7 @@ def check_command_line(args: list[str]) -> None:
             continue
         options = group_options(override.key_or_group)
         for value in values if options is not None else []:
-            if value not in options and value != "null":  # null: the group left out
+            if value not in options:
                 raise ConfigError(no_such_option(f"{override.key_or_group}={value} (in {override.input_line})",
                                                  override.key_or_group, options))
         first_job.append(f"{override.get_key_element()}={values[0]}")

@@ -54,7 +54,7 @@ def compose_with_hydra(overrides: list[str] | None = None, *, config_name: str =
     overrides = list(overrides or [])
     try:
         return _hydra_compose(overrides, config_name)
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, ValueError) as e:  # ValueError: e.g. a group set to null
         raise ConfigError(hydra_error_line(e, overrides, config_name, typed)) from e
 
 
@@ -102,6 +102,9 @@ def hydra_error_line(error: Exception, overrides: list[str], config_name: str = 
         return f"{as_typed}: {match.group(1)} is already in the config; set it without the +: {as_typed.lstrip('+')}"
     if match := re.match(r"Ambiguous value for argument '([^']+)'", text):
         return sweep_needs_multirun(match.group(1))
+    if text.startswith("Config group override must be a string or a list. Got NoneType"):
+        group = next((_key(o) for o in named if o.endswith("=null") and group_options(_key(o)) is not None), "<group>")
+        return f"{group}=null: a config group is not set to null on the command line; to leave it out, delete it: ~{group}"
     if match := re.match(r"Could not delete from config. '([^']+)' does not exist", text):
         return f"~{match.group(1)}: no such key in the config, nothing to delete"
     return "; ".join(_meaningful_lines(text)) or type(error).__name__

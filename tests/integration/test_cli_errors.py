@@ -53,6 +53,8 @@ MISTAKES = {
     "swept_key_unknown": (["-m", "optim.lrr=1e-5,1e-4"],
                           "optim.lrr=1e-5,1e-4: no such key in the config; did you mean optim.lr? "
                           "(to add a new key: +optim.lrr=1e-5,1e-4)"),
+    "group_set_to_null": (["peft=null"], "peft=null: a config group is not set to null on the command line; to leave "
+                                         "it out, delete it: ~peft"),
     "misspelt_command": (["generat"], "generat: neither a command (first word: generate, eval, chat) nor an "
                                       "override (key=value)"),
 }
@@ -71,7 +73,7 @@ def test_a_mistake_is_one_line_naming_the_override(case):
     ["-m", "stage=dpo", "loss=ipo,sigmoid", "optim.lr=1e-5,1e-4", "datamodule.batch_size=range(2,6,2)"],
     ["hparams_search=optuna", "stage=dpo", "optim.lr=interval(1e-6,1e-4)"],  # the Optuna config sets MULTIRUN
     ["--cfg", "job", "stage=pt", "hydra.run.dir=/tmp/run", "hydra.job.chdir=false"],
-    ["-m", "peft=null,lora", "stage=pt"],  # null: the group left out
+    ["stage=pt", "~data"],  # a config group left out
     ["--hydra-help"],  # Hydra's own pages are left to Hydra
 ])
 def test_what_hydra_runs_passes_the_check(args):
