@@ -104,7 +104,8 @@ def hydra_error_line(error: Exception, overrides: list[str], config_name: str = 
         return sweep_needs_multirun(match.group(1))
     if text.startswith("Config group override must be a string or a list. Got NoneType"):
         group = next((_key(o) for o in named if o.endswith("=null") and group_options(_key(o)) is not None), "<group>")
-        return f"{group}=null: a config group is not set to null on the command line; to leave it out, delete it: ~{group}"
+        return (f"{group}=null: a config group is not set to null on the command line; "
+                f"to leave it out, delete it: ~{group}")
     if match := re.match(r"Could not delete from config. '([^']+)' does not exist", text):
         return f"~{match.group(1)}: no such key in the config, nothing to delete"
     return "; ".join(_meaningful_lines(text)) or type(error).__name__
