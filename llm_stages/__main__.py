@@ -45,12 +45,11 @@ def check_command_line(args: list[str]) -> None:
     override that does not parse, a sweep without -m) is one ConfigError line, answered before Hydra
     (whose own message is a page) and before torch or Lightning load. A sweep is checked as its first
     job, with every option of a swept config group."""
-    from hydra._internal.utils import get_args_parser  # Hydra's own command line: the same flags, parsed the same way
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from hydra.types import RunMode
 
-    parsed = get_args_parser().parse_args(args)
+    parsed = parse_hydra_args(args)
     if any(getattr(parsed, flag) for flag in UNCHECKED_FLAGS):
         return
     commands = ", ".join([*COMMANDS, *OWN_CONFIG_COMMANDS])
@@ -81,6 +80,13 @@ def check_command_line(args: list[str]) -> None:
     cfg = compose_with_hydra(first_job, config_name=config_name, typed=parsed.overrides)
     if sweeps and not parsed.multirun and cfg.hydra.mode != RunMode.MULTIRUN:  # hparams_search=optuna sets it itself
         raise ConfigError(sweep_needs_multirun(sweeps[0]))
+
+
+def parse_hydra_args(args: list[str]):
+    """The command line as Hydra reads it: its flags (-m, --cfg job, ...) and `.overrides`."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own parser: the same flags, read the same way
+
+    return get_args_parser().parse_args(args)
 
 
 def print_help(overrides: list[str]) -> None:
@@ -154,7 +160,7 @@ def cli() -> None:
         sys.argv = command_argv(sys.argv)
         try:
             if {"-h", "--help"} & set(sys.argv[1:]):
-                print_help([a for a in sys.argv[1:] if a not in ("-h", "--help")])
+                print_help(parse_hydra_args(sys.argv[1:]).overrides)
                 return
             check_command_line(sys.argv[1:])
         except ConfigError as e:

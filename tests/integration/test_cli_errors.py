@@ -98,7 +98,7 @@ def test_chat_overrides_are_checked_against_the_chat_config(monkeypatch, capsys)
 
 
 def test_help_lists_the_groups_and_the_composed_config(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["llm_stages", "stage=dpo", "--help"])
+    monkeypatch.setattr(sys, "argv", ["llm_stages", "-m", "stage=dpo", "--help"])
     cli()
     out = capsys.readouterr().out
     assert f"  loss: {LOSSES}\n" in out and "  stage: dpo, eval, generate, grpo, kto, ppo, pt, rm, sft\n" in out
