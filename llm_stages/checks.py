@@ -4,6 +4,7 @@ errors, models and losses, so the CLI can run it before the heavy layers load.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from llm_stages.errors import ConfigError
@@ -115,6 +116,7 @@ def check_config(cfg) -> None:
 
         advantage_settings(module, module.get("beta", 0.0))  # an unknown estimator or a nonsense combination: one line
     _check_overlong(cfg.get("rollout") or {})
+    _check_devices(cfg)
     rollout = cfg.get("rollout") or {}
     if rollout.get("backend") == "vllm" and not (rollout.get("vllm") or {}).get("address"):
         vllm_python((rollout.get("vllm") or {}).get("python"))  # no vLLM environment: one line saying `make vllm`
@@ -134,6 +136,42 @@ def _check_overlong(rollout) -> None:
     if buffer is not None and not (_integer(1)(buffer) and (limit is None or buffer <= limit)):
         raise ConfigError(f"rollout.overlong_buffer={_show(buffer)}: expected an integer in [1, rollout.generation."
                           f"max_new_tokens={limit}] (tokens before the limit where the penalty starts), or null (off)")
+
+
+def _check_devices(cfg) -> None:
+    """A GPU run on a machine without one (or with fewer than asked for) fails here, not deep in Lightning."""
+    trainer, device = cfg.get("trainer") or {}, str(cfg.get("device") or "")  # device: chat's
+    accelerator = str(trainer.get("accelerator", "")).lower()
+    if accelerator not in ("gpu", "cuda") and not device.startswith("cuda"):
+        return
+    import torch  # here, not at the top: only a config that asks for a GPU pays for the import
+
+    visible = torch.cuda.device_count()
+    asked = f"device={device}" if device else _trainer_choice() or f"trainer.accelerator={accelerator}"
+    if visible == 0:
+        raise ConfigError(f"{asked} needs a CUDA GPU; none is visible (torch.cuda.is_available() is False); "
+                          f"use {'device=cpu' if device else 'trainer=cpu'}")
+    devices = trainer.get("devices")
+    if isinstance(devices, int) or str(devices).isdigit():
+        wanted = int(devices)  # -1: every visible one
+    elif isinstance(devices, Sequence) and not isinstance(devices, str):
+        wanted = len(devices)  # a list of GPU indices
+    else:
+        wanted = 0  # auto
+    if wanted > visible:
+        raise ConfigError(f"trainer.devices={devices}: {visible} CUDA GPU(s) visible; use trainer.devices={visible} or fewer")
+
+
+def _trainer_choice() -> str | None:
+    """`trainer=gpu` for the message, when the accelerator is that trainer option's, not an override's."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    if any(o.lstrip("+").startswith("trainer.accelerator=") for o in hydra.overrides.task):
+        return None
+    return f"trainer={hydra.runtime.choices.get('trainer')}"
 
 
 def _show(value) -> str:

@@ -83,7 +83,8 @@ class SaveRedactedConfig(Callback):
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         from hydra.types import RunMode
 
-        from llm_stages.training.run_dir import launch_rank, write_text_atomic
+        from llm_stages.training.launch import launch_rank
+        from llm_stages.training.run_dir import write_text_atomic
 
         if launch_rank() != "0":
             return  # the other processes of a multi-process launch: rank 0 writes the run's files

@@ -169,7 +169,7 @@ def test_chat_in_a_pseudo_terminal(export):
     ("generation.temperature=0", "error: generation.temperature=0: expected a number > 0"),
     ("+generation.repetition_penalty=1.2", "error: generation.repetition_penalty: sampling takes only max_new_tokens"),
     ("model.path=/nonexistent/export", "error: model.path=/nonexistent/export: no such directory"),
-    ("generation.nope=1", "error: Could not override 'generation.nope'."),
+    ("generation.nope=1", "error: generation.nope=1: no such key in the config"),
 ])
 def test_a_bad_setting_is_one_line_before_loading(override, message, monkeypatch, capsys):
     from llm_stages.__main__ import cli

@@ -18,7 +18,7 @@ import pytest
 
 from llm_stages.__main__ import check_run_dir_shared
 from llm_stages.errors import ConfigError
-from llm_stages.training.run_dir import launch_rank, log_file_suffix
+from llm_stages.training.launch import launch_rank, log_file_suffix
 from llm_stages.train import train
 from tests.conftest import REPO, TEST_MODEL
 
