@@ -282,7 +282,8 @@ def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None, *, ne
         if "gguf_file" not in source:  # GGUF tensors are renamed and dequantised by transformers' own map
             check_loaded_weights(info, key=key.replace("model.", f"{prefix}.", 1), name=name, head=head,
                                  new_head=new_head, allow_partial=bool(cfg.get("allow_partial_load", False)),
-                                 prefix=prefix)
+                                 # A model config without the key (a reward model's) takes it as a new one: `+`.
+                                 prefix=prefix if "allow_partial_load" in cfg else f"+{prefix}")
         if "gguf_file" in source:
             # GGUF weights are dequantised on load; drop the quantiser so save_pretrained writes plain weights.
             model.hf_quantizer = None

@@ -13,17 +13,18 @@ ignore the rest (`**_`). Configure extra arguments with `_partial_: true`, e.g.
 Math answers are read and compared by `llm_stages.data.answers`.
 
 Each function declares what it reads besides the replies with `@reads(...)`: "answers" (each
-prompt's reference answer), "prompts", or "fields.<name>" (a field of the data record). Before
-training, `check_reward_inputs` reads the first records of the data: a reward whose input is missing
-there is an error, since it would score 0 for every reply. Your own functions can declare too.
+prompt's reference answer), "prompts", or "fields.<name>" (a field of the data record). Before the
+first rollout, `check_reward_inputs` reads the first records of the data: a reward whose input is
+missing there is an error, since it would score 0 for every reply. Your own functions can declare
+too (`from llm_stages.rollout.rewards import reads`); undeclared ones are not checked.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterable, Mapping
 import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from llm_stages.data import sources

@@ -89,6 +89,7 @@ def test_range_bounds():
     assert Range(1, integer=True, nullable=True).contains(None) and not Range(1, integer=True).contains(1.5)
 
 
+@pytest.mark.slow
 def test_cli_negative_temperature_is_one_line_and_loads_no_model(tmp_path):
     run = subprocess.run([sys.executable, "-m", "llm_stages", "stage=grpo", "logger=none",
                           "rollout.generation.temperature=-1"], capture_output=True, text=True, cwd=tmp_path, timeout=300,

@@ -94,4 +94,4 @@ def test_a_reward_model_for_scoring_needs_its_trained_head(exports, tokenizer):
         load_reward_model(cfg, tokenizer)
     assert str(error.value) == (f"rollout.reward_model.path={exports['good']}: 1 weight missing from the checkpoint "
                                 "(score.weight); the checkpoint does not match the config (a renamed export or another "
-                                "architecture?). To load it partially on purpose: rollout.reward_model.allow_partial_load=true")
+                                "architecture?). To load it partially on purpose: +rollout.reward_model.allow_partial_load=true")
