@@ -121,7 +121,8 @@ def check_config(cfg) -> None:
 
 def _check_declared_ranges(cfg) -> None:
     """The settings whose ranges are declared beside them: sampling (chat's `generation`, the RL stages'
-    `rollout.generation` and `rollout.val_generation`) and the stage's `module` settings. A preference
+    `rollout.generation` and `rollout.val_generation`, batch inference's `generate.generation`) and the
+    stage's `module` settings. A preference
     loss's own (`loss.*`) are checked with its other settings by loss_settings."""
     from omegaconf import OmegaConf
 
@@ -130,7 +131,7 @@ def _check_declared_ranges(cfg) -> None:
     from llm_stages.losses.rl import GRPO_RANGES, PPO_RANGES
     from llm_stages.ranges import check_ranges, check_sampling_settings
 
-    for key in ("generation", "rollout.generation", "rollout.val_generation"):
+    for key in ("generation", "rollout.generation", "rollout.val_generation", "generate.generation"):
         settings = OmegaConf.select(cfg, key, default=None)
         if settings is not None:
             check_sampling_settings(settings, key=key)

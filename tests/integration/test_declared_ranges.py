@@ -52,6 +52,8 @@ CASES = {
                             ">= 2 (advantages compare the replies within a group)"),
     "kto_zero_weight": (["stage=kto", "module.desirable_weight=0"], "module.desirable_weight=0: expected a number > 0"),
     "kto_negative_beta": (["stage=kto", "module.beta=-0.1"], "module.beta=-0.1: expected a number > 0"),
+    "generate_top_p_above_one": (["stage=generate", "data.path=prompts.jsonl", "generate.generation.top_p=1.5"],
+                                 "generate.generation.top_p=1.5: expected a number in (0, 1], or null"),
     "chat_zero_temperature": (["--config-name=chat", "generation.temperature=0"],
                               "generation.temperature=0: expected a number > 0, or null (greedy: "
                               "generation.do_sample=false)"),
@@ -72,9 +74,9 @@ def test_a_value_outside_its_range_is_one_line(case, make_cfg):
     assert str(error.value) == line
 
 
-@pytest.mark.parametrize("stage", ["dpo", "kto", "ppo", "grpo"])
-def test_the_shipped_defaults_are_in_range(stage, make_cfg):
-    check_config(make_cfg(f"stage={stage}"))
+@pytest.mark.parametrize("stage", ["dpo", "kto", "ppo", "grpo", "generate"])
+def test_the_shipped_defaults_are_in_range(stage, make_cfg, demo_dir):
+    check_config(make_cfg(f"stage={stage}", *([f"data.path={demo_dir}/rl_train.jsonl"] if stage == "generate" else [])))
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "exo_pair", "robust", "simpo", "orpo", "discopop", "bco_pair"])
