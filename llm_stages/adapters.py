@@ -48,7 +48,9 @@ def load_trainable_model(model_cfg, tokenizer, *, head: str = "causal_lm", peft_
     from llm_stages.models import load_model
 
     dtype = getattr(torch, str(model_cfg.get("dtype", "float32")))
-    model = load_model(model_cfg, tokenizer, head=head, quantization=quantization_config(peft_cfg, dtype))
+    # A scalar head is trained from scratch: on a causal LM export (stage=rm, the PPO critic) it starts fresh.
+    model = load_model(model_cfg, tokenizer, head=head, quantization=quantization_config(peft_cfg, dtype),
+                       new_head=head == "reward")
     if peft_cfg:
         model = apply_lora(model, peft_cfg, head=head, gradient_checkpointing=bool(model_cfg.get("gradient_checkpointing")))
     return model

@@ -1,6 +1,6 @@
 """Checking a composed config before anything is loaded: every value a run depends on, answered with one
 ConfigError line naming the key, the value and what is allowed. A ground-floor module: it imports only
-errors, models and losses, so the CLI can run it before the heavy layers load."""
+errors, ranges, models and losses, so the CLI can run it before the heavy layers load."""
 
 from __future__ import annotations
 
@@ -57,12 +57,6 @@ RULES = [
     ("rollout.reward_model.dtype", _one_of(*DTYPES), f"one of {', '.join(DTYPES)}"),
     ("data.on_bad_record", _one_of("error", "skip"), "error or skip"),
     ("resume", _one_of(None, "auto"), "auto or null"),
-    # `chat` (conf/chat.yaml): sampling settings
-    ("generation.max_new_tokens", _integer(1), "an integer >= 1 (tokens)"),
-    ("generation.do_sample", lambda v: isinstance(v, bool), "true or false"),
-    ("generation.temperature", _number(lambda x: x > 0), "a number > 0 (greedy: generation.do_sample=false)"),
-    ("generation.top_p", _number(lambda x: 0 < x <= 1), "a number in (0, 1]"),
-    ("generation.top_k", _integer(0), "an integer >= 0 (0: no top-k cut)"),
     ("rollout.overlong_penalty_factor", _number(lambda x: x >= 0), "a number >= 0"),
     ("rollout.backend", _one_of("hf", "vllm"), "hf (the policy's generate) or vllm (a vLLM server; make vllm)"),
     ("rollout.vllm.importance_sampling", _one_of(None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
@@ -89,6 +83,7 @@ def check_config(cfg) -> None:
         plain = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
         if not allowed(plain):
             raise ConfigError(f"{key}={_show(plain)}: expected {what}")
+    _check_declared_ranges(cfg)
 
     data = cfg.get("data") or {}
     if data and not data.get("sources") and OmegaConf.is_missing(data, "path"):
@@ -129,6 +124,28 @@ def check_config(cfg) -> None:
                       ("module.teacher.path", teacher)):
         if path:
             check_model_dir(path, key=key, tokenizer=False)
+
+
+def _check_declared_ranges(cfg) -> None:
+    """The settings whose ranges are declared beside them: sampling (chat's `generation`, the RL stages'
+    `rollout.generation` and `rollout.val_generation`, batch inference's `generate.generation`) and the
+    stage's `module` settings. A preference
+    loss's own (`loss.*`) are checked with its other settings by loss_settings."""
+    from omegaconf import OmegaConf
+
+    from llm_stages.losses.kto import KTO_RANGES
+    from llm_stages.losses.preference import DPO_MODULE_RANGES
+    from llm_stages.losses.rl import GRPO_RANGES, PPO_RANGES
+    from llm_stages.ranges import check_ranges, check_sampling_settings
+
+    for key in ("generation", "rollout.generation", "rollout.val_generation", "generate.generation"):
+        settings = OmegaConf.select(cfg, key, default=None)
+        if settings is not None:
+            check_sampling_settings(settings, key=key)
+    module_ranges = {"dpo": DPO_MODULE_RANGES, "kto": KTO_RANGES, "ppo": PPO_RANGES, "grpo": GRPO_RANGES}
+    stage = (cfg.get("stage") or {}).get("name")
+    if stage in module_ranges and cfg.get("module") is not None:
+        check_ranges(cfg.module, module_ranges[stage], "module")
 
 
 def _check_overlong(rollout) -> None:

@@ -218,19 +218,72 @@ HEADS = {
 }
 
 
-def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None) -> torch.nn.Module:
+# The parameters of each head (by name prefix): a checkpoint of one head loaded with the other holds the
+# other's weights, which are dropped, and lacks this one's, which start fresh where the stage trains them.
+HEAD_PARAMETERS = {"causal_lm": "lm_head.", "reward": "score."}
+
+
+def check_loaded_weights(info: dict, *, key: str, name: str, head: str, new_head: bool, allow_partial: bool,
+                         prefix: str = "model") -> None:
+    """Every weight of the model came from the checkpoint, with its shape (`info`: from_pretrained's
+    loading info), or one ConfigError naming a few of those that did not. Not errors: the other
+    head's weights (an RM export loaded as a causal LM, or the reverse), and with `new_head` the
+    missing weights of this head (a reward head on an SFT export: the RM stage and the PPO critic
+    train it). `allow_partial` (`<prefix>.allow_partial_load`) loads what matches and logs the rest."""
+    own, other = HEAD_PARAMETERS[head], [p for h, p in HEAD_PARAMETERS.items() if h != head]
+    missing = sorted(k for k in info.get("missing_keys", ()) if not (new_head and k.startswith(own)))
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(tuple(other)))
+    mismatched = sorted(info.get("mismatched_keys", ()))
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{_count(missing, 'weight')} missing from the checkpoint ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if mismatched:
+        shapes = [f"{k}: checkpoint {list(saved)}, model {list(wanted)}" for k, saved, wanted in mismatched]
+        parts.append(f"{_count(mismatched, 'weight')} of another shape ({_few(shapes)})")
+    what = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    if allow_partial:
+        log.warning("%s=%s: %s; %s.allow_partial_load=true: those start freshly initialised", key, name, what, prefix)
+        return
+    raise ConfigError(f"{key}={name}: {what}; the checkpoint does not match the config (a renamed export or another "
+                      f"architecture?). To load it partially on purpose: {prefix}.allow_partial_load=true")
+
+
+def _count(items, noun: str) -> str:
+    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
+
+
+def _few(names, shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
+
+
+def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None, *, new_head: bool = False,
+               prefix: str = "model") -> torch.nn.Module:
     """The model `cfg` names, with the head a stage needs; `quantization` (a BitsAndBytesConfig,
-    see llm_stages.adapters) loads its linear layers in 4 bit."""
+    see llm_stages.adapters) loads its linear layers in 4 bit. A checkpoint must hold every weight
+    (`check_loaded_weights`); `new_head`: a stage that trains the head may start it fresh. `prefix`
+    is where `cfg` sits in the run's config (model, rollout.reward_model), for error messages."""
     if head not in HEADS:
         raise ConfigError(f"unknown model head {head!r}; known: {sorted(HEADS)}")
     auto_class, fresh_class, head_kwargs = HEADS[head]
     dtype = getattr(torch, str(cfg.get("dtype", "float32")))
     key, source = _source(cfg)
     if source:
-        with explain_load_errors(key, source["pretrained_model_name_or_path"]):
-            model = auto_class.from_pretrained(**source, **head_kwargs, dtype=dtype,
-                                               quantization_config=None if "gguf_file" in source else quantization,
-                                               trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+        name = source["pretrained_model_name_or_path"]
+        with explain_load_errors(key, name):
+            # Mismatched shapes come back in the loading info (instead of a RuntimeError) to be reported below.
+            model, info = auto_class.from_pretrained(**source, **head_kwargs, dtype=dtype,
+                                                     quantization_config=None if "gguf_file" in source else quantization,
+                                                     trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+                                                     output_loading_info=True, ignore_mismatched_sizes=True)
+        if "gguf_file" not in source:  # GGUF tensors are renamed and dequantised by transformers' own map
+            check_loaded_weights(info, key=key.replace("model.", f"{prefix}.", 1), name=name, head=head,
+                                 new_head=new_head, allow_partial=bool(cfg.get("allow_partial_load", False)),
+                                 # A model config without the key (a reward model's) takes it as a new one: `+`.
+                                 prefix=prefix if "allow_partial_load" in cfg else f"+{prefix}")
         if "gguf_file" in source:
             # GGUF weights are dequantised on load; drop the quantiser so save_pretrained writes plain weights.
             model.hf_quantizer = None

@@ -22,7 +22,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from llm_stages.ranges import POSITIVE
+
 log = logging.getLogger(__name__)
+
+# The allowed range of each KTO setting (`module.<name>`), checked with the config: beta 0 carries no
+# signal and a weight <= 0 ignores, or reverses, a label.
+KTO_RANGES = {"beta": POSITIVE, "desirable_weight": POSITIVE, "undesirable_weight": POSITIVE}
 
 # loss_type -> fn(desirable logratios, undesirable logratios, z0, beta) -> (their unweighted losses)
 UNPAIRED_LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]] = {}
@@ -104,4 +110,4 @@ def weight_advice(num_desirable: int, num_undesirable: int, desirable_weight: fl
             f"[{und_low}, {und_high}] (not both)")
 
 
-__all__ = ["UNPAIRED_LOSSES", "KTOLoss", "kl_reference_point", "kto_loss", "weight_advice"]
+__all__ = ["KTO_RANGES", "UNPAIRED_LOSSES", "KTOLoss", "kl_reference_point", "kto_loss", "weight_advice"]

@@ -30,22 +30,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm_stages.errors import ConfigError
+from llm_stages.ranges import NON_NEGATIVE, POSITIVE, Range, check_ranges
 
 PREFERENCE_LOSSES: dict[str, Callable[..., Tensor]] = {}
+# The allowed range of each hyperparameter, by name; a loss that needs a narrower one declares it
+# with `register(..., ranges=)` (LOSS_RANGES). A name without a range (bco_delta) takes any number.
+PARAMETER_RANGES: dict[str, Range] = {
+    "beta": POSITIVE,  # 0 carries no preference signal, a negative beta prefers the rejected replies
+    "label_smoothing": Range(0, 0.5, high_open=True),  # the label-flip rate: at 0.5 the labels say nothing
+    "gamma": NON_NEGATIVE,  # SimPO's target margin
+    "discopop_tau": POSITIVE,  # the temperature of DiscoPOP's gate
+}
+LOSS_RANGES: dict[str, dict[str, Range]] = {}
+# The DPO stage's own settings around its loss.
+DPO_MODULE_RANGES = {"rpo_alpha": Range(0, nullable=True, note="null: no NLL term")}
 # Batch data a length-normalised loss takes next to the log-probs: completion token counts.
 LENGTH_INPUTS = ("chosen_lengths", "rejected_lengths")
 
 
-def register(*names: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+def register(*names: str, ranges: dict[str, Range] | None = None) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator adding a loss to `PREFERENCE_LOSSES` under one or more names (aliases). Its
     keyword-only arguments and their defaults declare its hyperparameters (`loss_parameters`);
-    a `loss=<name>` config needs conf/loss/<name>.yaml with the same keys."""
+    a `loss=<name>` config needs conf/loss/<name>.yaml with the same keys. `ranges`: where a
+    hyperparameter's allowed range differs from PARAMETER_RANGES'."""
 
     def decorator(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         for name in names:
             if name in PREFERENCE_LOSSES:
                 raise ValueError(f"preference loss {name!r} is already registered")
             PREFERENCE_LOSSES[name] = fn
+            LOSS_RANGES[name] = dict(ranges or {})
         return fn
 
     return decorator
@@ -148,7 +162,8 @@ def ipo(
     return (delta - 1 / (2 * beta)) ** 2
 
 
-@register("exo_pair")
+@register("exo_pair", ranges={"label_smoothing": Range(0, 0.5, low_open=True, high_open=True,
+                                                     note="the EXO paper recommends 1e-3")})
 def exo_pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, label_smoothing=1e-3):
     """EXO-pref, Eq. 16 of "Towards Efficient Exact Optimization of Language Model Alignment":
     KL(p_theta || p_label) over {chosen, rejected} with p_label = [1 - eps, eps], eps = label_smoothing.
@@ -404,7 +419,13 @@ def loss_settings(loss: Mapping | None) -> tuple[str, dict]:
             raise ConfigError(f"loss.{key} is not set; loss={name} needs it")
         if isinstance(declared[key], float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"loss.{key}={value}: expected a number")
+    check_ranges(params, parameter_ranges(name), "loss")
     return name, params
+
+
+def parameter_ranges(name: str) -> dict[str, Range]:
+    """The allowed range of each hyperparameter of the loss `name` that has one."""
+    return {k: r for k, r in {**PARAMETER_RANGES, **LOSS_RANGES.get(name, {})}.items() if k in loss_parameters(name)}
 
 
 __all__ = [
@@ -416,6 +437,7 @@ __all__ = [
     "loss_parameters",
     "loss_settings",
     "orpo_loss",
+    "parameter_ranges",
     "register",
     "simpo_loss",
 ]

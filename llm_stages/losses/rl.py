@@ -14,7 +14,36 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from llm_stages.ranges import FRACTION, NON_NEGATIVE, POSITIVE, Range
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+# The allowed range of each of the RL stages' numeric settings (`module.<name>`), checked with the config.
+_SHARED_RANGES = {
+    "ppo_epochs": Range(1, integer=True),
+    "mini_batch_size": Range(1, integer=True),
+    "micro_batch_size": Range(1, integer=True, nullable=True, note="null: the whole minibatch"),
+    "gamma": Range(0, 1, low_open=True),  # the discount of future rewards
+}
+PPO_RANGES = {
+    **_SHARED_RANGES,
+    "kl_coef": NON_NEGATIVE,  # a negative coefficient would reward drifting from the reference
+    "kl_target": Range(0, low_open=True, nullable=True, note="null: a fixed kl_coef"),
+    "kl_horizon": Range(1),
+    "reward_clip": Range(0, low_open=True, nullable=True, note="null: no clipping"),
+    "cliprange": POSITIVE,  # the ratio is clipped to [1 - cliprange, 1 + cliprange]: 0 or less stops every update
+    "cliprange_value": POSITIVE,
+    "vf_coef": NON_NEGATIVE,
+    "lam": FRACTION,  # GAE's lambda
+}
+GRPO_RANGES = {
+    **_SHARED_RANGES,
+    "num_generations": Range(2, integer=True, note="advantages compare the replies within a group"),
+    "beta": NON_NEGATIVE,  # the k3 KL term's weight (0: none)
+    "epsilon": POSITIVE,  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    "epsilon_high": Range(0, low_open=True, nullable=True, note="null: = epsilon"),
+    "kl_coef": NON_NEGATIVE,
+}
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -159,7 +159,7 @@ def load_reward_model(model_cfg, tokenizer) -> torch.nn.Module:
     if load_tokenizer(model_cfg).get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"the reward model at {model_cfg.path} uses a different vocabulary than the policy; scoring "
                           "replies token for token needs the same tokenizer (train the RM from the same base model)")
-    return load_model(model_cfg, tokenizer, head="reward").eval().requires_grad_(False)
+    return load_model(model_cfg, tokenizer, head="reward", prefix="rollout.reward_model").eval().requires_grad_(False)
 
 
 def _rule_reward(name: str, spec) -> tuple:

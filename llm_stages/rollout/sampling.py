@@ -14,23 +14,16 @@ from transformers import GenerationConfig, LogitsProcessor
 
 from llm_stages.adapters import is_adapted
 from llm_stages.data.kinds.prompt import PromptBatch
-from llm_stages.errors import ConfigError
+from llm_stages.ranges import SAMPLING_SETTINGS, check_sampling_settings  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-# What the loss's log-probs model of sampling (softmax of logits / temperature; top_k and top_p
-# truncate it). generate() would take anything else (repetition_penalty, no_repeat_ngram_size, ...)
-# from the checkpoint's generation_config.json, and the ratio would compare different distributions.
-SAMPLING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample")
+# Which settings generate() gets is declared with their ranges in llm_stages.ranges (checked with the
+# config, before any model loads): generate() would take anything else (repetition_penalty,
+# no_repeat_ngram_size, ...) from the checkpoint's generation_config.json, and the ratio would compare
+# different distributions.
 NOT_SAMPLING = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
                 "max_length", "use_cache")
-
-
-def check_sampling_settings(*settings: dict, key: str = "rollout.generation") -> None:
-    for name in {k: None for s in settings for k in s}:
-        if name not in (*SAMPLING_SETTINGS, "batch_size"):
-            raise ConfigError(f"{key}.{name}: sampling takes only {', '.join(SAMPLING_SETTINGS)} and batch_size, "
-                              "the settings RL's log-probs model")
 
 
 def log_ignored_generation_settings(model) -> None:
@@ -140,7 +133,8 @@ class Sampler:
     def __init__(self, model, tokenizer, generation: dict, val_generation: dict | None = None):
         self.generation = dict(generation)
         self.val_generation = {**self.generation, **dict(val_generation or {})}
-        check_sampling_settings(self.generation, self.val_generation)
+        check_sampling_settings(self.generation)
+        check_sampling_settings(self.val_generation, key="rollout.val_generation")
         log_ignored_generation_settings(model)
         self.tokenizer, self.eos_ids = tokenizer, eos_ids(model, tokenizer)
 

@@ -26,7 +26,8 @@ from llm_stages.adapters import frozen_reference
 from llm_stages.data.kinds.unpaired import UnpairedBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.causal import labelled_logits, sequence_logps
-from llm_stages.losses.kto import UNPAIRED_LOSSES, kl_reference_point, kto_loss, weight_advice
+from llm_stages.losses.kto import KTO_RANGES, UNPAIRED_LOSSES, kl_reference_point, kto_loss, weight_advice
+from llm_stages.ranges import check_ranges
 from llm_stages.stages.base import Stage
 from llm_stages.stages.reference import ReferenceLogps
 
@@ -43,10 +44,8 @@ class KTO(Stage):
         super().__init__(model, tokenizer, optim)
         if loss_type not in UNPAIRED_LOSSES:
             raise ConfigError(f"module.loss_type={loss_type}: expected one of {', '.join(UNPAIRED_LOSSES)}")
-        for name, value in (("beta", beta), ("desirable_weight", desirable_weight),
-                            ("undesirable_weight", undesirable_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"module.{name}={value}: expected a number > 0")
+        check_ranges(dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight),
+                     KTO_RANGES, "module")
         self.loss_params = dict(loss_type=loss_type, beta=float(beta), desirable_weight=float(desirable_weight),
                                 undesirable_weight=float(undesirable_weight))
         # apo_zero_unpaired has no reference point: no KL rows need scoring (TRL: calculate_KL=False).

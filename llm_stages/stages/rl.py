@@ -21,6 +21,7 @@ from llm_stages.adapters import frozen_reference, reference_of
 from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.rl import entropy_from_logits, importance_weights
+from llm_stages.rollout.rewards import check_reward_inputs
 from llm_stages.rollout.rollout import Replies, Rollout, RolloutBuffer, Trajectory, position_ids
 from llm_stages.rollout.sampling import disable_dropout
 from llm_stages.stages.base import Stage
@@ -53,6 +54,15 @@ class RLStage(Stage):
         self._importance: list[tuple[torch.Tensor, torch.Tensor]] = []
         # (mode, cap) of the truncated importance sampling when another engine samples (rollout.backend=vllm)
         self.importance_sampling = getattr(self.rollout.sampler, "importance_sampling", None)
+
+    def setup(self, stage: str) -> None:
+        # After the DataModule's setup, before any rollout: a rule reward whose input the data lacks
+        # (no reference answers) would score 0 for every reply.
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and not getattr(self, "_reward_inputs_checked", False):
+            rewards = {name: fn for name, (fn, _weight) in self.rollout.scorer.rewards.items()}
+            check_reward_inputs(rewards, datamodule.data, [getattr(datamodule, "val_path", None)])
+            self._reward_inputs_checked = True
 
     @property
     def generation(self) -> dict:
