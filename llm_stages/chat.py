@@ -17,7 +17,8 @@ from transformers import TextStreamer
 
 from llm_stages.data.template import render_text, template_messages
 from llm_stages.errors import ConfigError
-from llm_stages.rollout.sampling import check_sampling_settings, eos_ids, generation_config, generation_defaults
+from llm_stages.ranges import check_sampling_settings
+from llm_stages.rollout.sampling import eos_ids, generation_config, generation_defaults
 
 USAGE = ("usage: python -m llm_stages chat [model.path=<export>] [system=<text>] [seed=N] [device=cuda]\n"
          "       [generation.{max_new_tokens,do_sample,temperature,top_p,top_k}=...]   (conf/chat.yaml)")

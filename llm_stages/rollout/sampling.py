@@ -14,7 +14,7 @@ from transformers import GenerationConfig, LogitsProcessor
 
 from llm_stages.adapters import is_adapted
 from llm_stages.data.kinds.prompt import PromptBatch
-from llm_stages.ranges import SAMPLING_SETTINGS, check_sampling_settings  # noqa: F401 (re-exported)
+from llm_stages.ranges import SAMPLING_SETTINGS, check_sampling_settings
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,8 @@ class CheckRunDir(Callback):
 def write_status(run_dir: str | os.PathLike, status: str, message: str = "", **details) -> None:
     """Record how the run stands in `<run_dir>/status.yaml`, atomically, from global rank 0 only. A
     run directory that cannot take the file costs a warning, never the run (or the error being recorded)."""
-    from llm_stages.training.run_dir import launch_rank, write_text_atomic  # torch: not at Hydra's start
+    from llm_stages.training.launch import launch_rank
+    from llm_stages.training.run_dir import write_text_atomic  # torch: not at Hydra's start
 
     if launch_rank() != "0":
         return

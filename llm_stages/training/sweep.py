@@ -132,7 +132,7 @@ class SweepSummary(Callback):
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         from hydra.types import RunMode
 
-        from llm_stages.training.run_dir import launch_rank
+        from llm_stages.training.launch import launch_rank
 
         if config.hydra.mode != RunMode.MULTIRUN or launch_rank() != "0":
             return

@@ -32,7 +32,7 @@ STAGES = {"sft": ["stage=sft"], "dpo": ["stage=dpo"]}
 # audit events), into $AUDIT_OUT/writes_<launch rank>.json at exit.
 AUDITED_CLI = """
 import atexit, json, os, runpy, sys
-from llm_stages.training.run_dir import launch_rank
+from llm_stages.training.launch import launch_rank
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 touched = []
 def hook(event, args):
