@@ -23,7 +23,7 @@ SYNTAX = "write key=value; +key=value adds a key, ~key deletes one; quote a valu
 
 MISTAKES = {
     "unknown_stage": (["stage=nope"],
-                      "stage=nope: no such option; stage options: dpo, eval, generate, grpo, kto, ppo, pt, rm, sft "
+                      "stage=nope: no such option; stage options: distill, dpo, eval, generate, grpo, kto, ppo, pt, rm, sft "
                       "(conf/stage/*.yaml)"),
     "unknown_loss": (["stage=dpo", "loss=nonexistent"],
                      f"loss=nonexistent: no such option; loss options: {LOSSES} (conf/loss/*.yaml)"),
@@ -101,7 +101,7 @@ def test_help_lists_the_groups_and_the_composed_config(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["llm_stages", "-m", "stage=dpo", "--help"])
     cli()
     out = capsys.readouterr().out
-    assert f"  loss: {LOSSES}\n" in out and "  stage: dpo, eval, generate, grpo, kto, ppo, pt, rm, sft\n" in out
+    assert f"  loss: {LOSSES}\n" in out and "  stage: distill, dpo, eval, generate, grpo, kto, ppo, pt, rm, sft\n" in out
     assert "== Config with stage=dpo " in out and "\n  name: dpo\n" in out
 
 
