@@ -17,7 +17,6 @@ difference is refused at start.
 
 from __future__ import annotations
 
-import logging
 import random
 
 import torch
@@ -27,13 +26,11 @@ from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.causal import IGNORE_INDEX
 from llm_stages.losses.distill import chunked_distillation
-from llm_stages.models import load_model, load_tokenizer
 from llm_stages.rollout.rollout import position_ids
 from llm_stages.rollout.sampling import Sampler
 from llm_stages.stages.base import Stage
+from llm_stages.stages.teacher import load_teacher
 from llm_stages.training.sharding import is_sharded
-
-log = logging.getLogger(__name__)
 
 
 class Distill(Stage):
@@ -51,9 +48,7 @@ class Distill(Stage):
                 raise ConfigError(f"module.{key}={value}: expected a number in {allowed}")
         self.beta, self.temperature, self.lmbda, self.seq_kd = beta, temperature, lmbda, seq_kd
         self.chunk_size, self.seed = chunk_size, seed
-        teacher_tokenizer = load_tokenizer(teacher)
-        self.vocab_size = shared_vocabulary(tokenizer, teacher_tokenizer, teacher)
-        self.teacher = load_model(teacher, teacher_tokenizer).eval().requires_grad_(False)
+        self.teacher, self.vocab_size = load_teacher(teacher, tokenizer)
         self.sampler = Sampler(model, tokenizer, dict(generation or {})) if (lmbda > 0 or seq_kd) else None
 
     def on_fit_start(self) -> None:
@@ -122,24 +117,6 @@ def lm_head(model, vocab_size: int | None):
         out = out[..., :vocab_size] if vocab_size is not None else out
         return torch.tanh(out / softcap) * softcap if softcap else out
     return logits
-
-
-def shared_vocabulary(student_tokenizer, teacher_tokenizer, teacher_cfg) -> int | None:
-    """None when the two tokenizers are the same (logits compared over every row of the heads); else
-    the number of leading ids both tokenizers map to the same tokens (logits compared over those)."""
-    student, teacher = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if student == teacher:
-        return None
-    shared = min(len(student_tokenizer), len(teacher_tokenizer))
-    by_id = lambda vocab: {i: t for t, i in vocab.items() if i < shared}  # noqa: E731
-    if by_id(student) != by_id(teacher):
-        raise ConfigError(f"module.teacher ({teacher_cfg.get('path') or teacher_cfg.get('name')}) has a vocabulary of "
-                          f"{len(teacher_tokenizer)} tokens and the student {len(student_tokenizer)}, and they differ on "
-                          "shared ids: distillation compares token distributions id by id, so both need the same "
-                          "tokenizer (tokens added at the end of one are fine)")
-    log.info("distill: student %d and teacher %d tokens; compared over the %d ids both have",
-             len(student_tokenizer), len(teacher_tokenizer), shared)
-    return shared
 
 
 def prompt_batch(batch: CausalBatch, pad_id: int) -> PromptBatch:

@@ -84,6 +84,9 @@ class GRPO(RLStage):
         kl = kl_penalty(sample.sampled_logprobs if single_pass else old_logprobs, ref_logprobs, "k1", mask) \
             if self.advantage.kl_coef else None
         advantages = self.advantage.compute(AdvantageInputs(scores, mask, group, kl), reduce=self._all_reduce)
+        if self.distill_coef:  # on-policy distillation: a dense per-token term, not spread over the reply
+            reverse_kl = self.teacher_reverse_kl(sample)
+            advantages = advantages - self.distill_coef * reverse_kl
         trajectory = Trajectory.from_sample(sample, logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                             advantages=advantages, scores=scores)
 
@@ -96,6 +99,8 @@ class GRPO(RLStage):
         if kl is not None:
             stats["kl_in_reward"] = (kl * mask).sum() / mask.sum().clamp(min=1)
         stats["frac_reward_zero_std"] = (scores.view(-1, group).std(1) < 1e-6).float().mean()
+        if self.distill_coef:
+            stats["distill_reverse_kl"] = reverse_kl.sum() / mask.sum().clamp(min=1)
         self.log_rollout("grpo", stats, replies, batch_idx)
         self._mark_batch_consumed()
         return stats["loss"]

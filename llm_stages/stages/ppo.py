@@ -110,6 +110,9 @@ class PPO(RLStage):
         kl = kl_penalty(logprobs, ref_logprobs, self.kl_estimator) * mask
         clipped = scores.clamp(-self.reward_clip, self.reward_clip) if self.reward_clip else scores
         rewards = shaped_rewards(clipped, kl, mask, self.kl_ctl.value)
+        if self.distill_coef:  # on-policy distillation: each token's reverse KL to the teacher, a dense reward
+            reverse_kl = self.teacher_reverse_kl(sample)
+            rewards = rewards - self.distill_coef * reverse_kl
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
             advantages = whiten(advantages, mask, reduce=self._all_reduce)
@@ -128,6 +131,8 @@ class PPO(RLStage):
         stats.update(kl=sequence_kl, kl_coef=torch.tensor(self.kl_ctl.value),
                      explained_variance=explained_variance(values, returns, mask.float(), reduce=self._all_reduce),
                      score_mean=scores.mean(), advantage_mean=masked_mean(advantages, mask))
+        if self.distill_coef:
+            stats["distill_reverse_kl"] = masked_mean(reverse_kl, mask)
         self.log_rollout("ppo", stats, replies, batch_idx)
         self._mark_batch_consumed()
         return stats["loss"]

@@ -25,6 +25,7 @@ from llm_stages.rollout.rewards import check_reward_inputs
 from llm_stages.rollout.rollout import Replies, Rollout, RolloutBuffer, Trajectory, position_ids
 from llm_stages.rollout.sampling import disable_dropout
 from llm_stages.stages.base import Stage
+from llm_stages.stages.teacher import load_teacher
 from llm_stages.training.tables import record_table
 
 
@@ -33,9 +34,11 @@ class RLStage(Stage):
 
     def __init__(self, model, tokenizer, optim, *, rollout: Callable[..., Rollout], ppo_epochs: int = 1,
                  mini_batch_size: int = 8, micro_batch_size: int | None = None, log_samples_every: int = 10,
-                 seed: int = 0, reference: bool = True):
+                 seed: int = 0, reference: bool = True, teacher=None, distill_coef: float = 0.0):
         """`rollout`: rollout.Rollout with its settings (Hydra's partial of the config's `rollout:`
-        node), completed here with the policy and tokenizer; then the update's settings."""
+        node), completed here with the policy and tokenizer; then the update's settings. `distill_coef` > 0
+        adds on-policy distillation: each reply token's reward is lowered by distill_coef times the
+        policy's reverse KL to the frozen `teacher` (any model config) at that token."""
         super().__init__(model, tokenizer, optim)
         self.rollout = rollout(model, tokenizer)
         disable_dropout(model)
@@ -45,6 +48,11 @@ class RLStage(Stage):
             raise ConfigError(f"module.mini_batch_size={mini_batch_size} must be a multiple of "
                               f"module.micro_batch_size={self.micro_batch_size}")
         self.log_samples_every, self.seed = log_samples_every, seed
+        if distill_coef < 0 or (distill_coef > 0 and not (teacher or {}).get("path")):
+            raise ConfigError(f"module.distill_coef={distill_coef}: expected a number >= 0, and > 0 only with "
+                              "module.teacher.path=<the teacher's checkpoint>")
+        self.distill_coef = distill_coef
+        self.teacher, self.teacher_vocab = load_teacher(teacher, tokenizer) if distill_coef else (None, None)
         # The frozen reference is the initial policy.
         # (Under LoRA, the policy with its adapter switched off: see reference_logprobs.)
         self.reference = frozen_reference(model) if reference else None
@@ -101,13 +109,22 @@ class RLStage(Stage):
         with reference_of(self.model, self.reference) as reference:
             return self.response_logprobs(reference, trajectory)[0]
 
-    def response_logprobs(self, model, trajectory, *, with_entropy: bool = False):
+    @torch.no_grad()
+    def teacher_reverse_kl(self, sample) -> torch.Tensor:
+        """log pi(y_t) - log pi_teacher(y_t) of each sampled reply token (N, R), 0 on padding: the
+        one-sample estimate of the reverse KL to the teacher that on-policy distillation minimises."""
+        student = self.response_logprobs(self.model, sample, vocab_size=self.teacher_vocab)[0]
+        teacher = self.response_logprobs(self.teacher, sample, vocab_size=self.teacher_vocab)[0]
+        return (student - teacher) * sample.response_mask
+
+    def response_logprobs(self, model, trajectory, *, with_entropy: bool = False, vocab_size: int | None = None):
         """Per-token log-probs of the sampled replies (a Sample or Trajectory) under `model` (at the
-        sampling temperature), and optionally the per-token entropy; (N, R) each."""
+        sampling temperature; over the first `vocab_size` ids when set), and optionally the per-token
+        entropy; (N, R) each."""
         response, mask = trajectory.response, trajectory.attention_mask
         # Only the positions that predict reply tokens go through the LM head.
         logits = model(input_ids=trajectory.input_ids, attention_mask=mask, position_ids=position_ids(mask),
-                       use_cache=False, logits_to_keep=response.shape[1] + 1).logits[:, :-1].float()
+                       use_cache=False, logits_to_keep=response.shape[1] + 1).logits[:, :-1, :vocab_size].float()
         logits = logits / (self.generation.get("temperature") or 1.0)
         logprobs = torch.log_softmax(logits, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
         entropy = entropy_from_logits(logits) if with_entropy else None
