@@ -50,13 +50,15 @@ class SFTDataModule(CausalDataModule):
     read = staticmethod(conversation.read_conversation)
     detect_format = staticmethod(conversation.detect_format)
 
-    def __init__(self, data, tokenizer, *, max_length: int = 512, packing: bool = False, **kwargs):
+    def __init__(self, data, tokenizer, *, max_length: int = 512, packing: bool = False,
+                 completion_only_loss: bool = True, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
         self.max_length, self.packing = max_length, packing
+        self.completion_only_loss = bool(completion_only_loss)
         ensure_chat_template(tokenizer)
 
     def settings(self) -> dict:
-        return {**super().settings(), "max_length": self.max_length}
+        return {**super().settings(), "max_length": self.max_length, "completion_only_loss": self.completion_only_loss}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set:
@@ -72,7 +74,7 @@ class SFTDataModule(CausalDataModule):
 
     def render(self, record: Record, item: conversation.Conversation) -> Rendered:
         return conversation.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),
-                                   max_length=self.max_length)
+                                   max_length=self.max_length, completion_only_loss=self.completion_only_loss)
 
     def nothing_left(self) -> str:
         return f"no record has an assistant token left to train within datamodule.max_length={self.max_length}"
