@@ -99,7 +99,8 @@ def reply_spans(tokenizer, messages: list[dict], tools: list[dict] | None,
 def _through_turn_end(text: str, start: int, end: int, turn: "TurnEnd") -> int:
     """The end of a reply: through the end-of-turn token right after it (or, when the region already
     holds that token, its last one), then through the template's text after that token when the
-    text continues with it (ChatML's newline)."""
+    text continues with it (ChatML's newline), or through its leading whitespace (Phi-3 writes
+    "\\n" + EOS after a final reply, only "\\n" after the others)."""
     terminator = turn.terminator
     if not terminator:
         return end
@@ -112,7 +113,10 @@ def _through_turn_end(text: str, start: int, end: int, turn: "TurnEnd") -> int:
             return end
         position = end + gap + len(terminator)
     suffix = turn.suffix
-    return position + len(suffix) if suffix and text.startswith(suffix, position) else position
+    if suffix and text.startswith(suffix, position):
+        return position + len(suffix)
+    newline = len(suffix) - len(suffix.lstrip())  # mid-conversation some templates write only the newline
+    return position + newline if newline and text.startswith(suffix[:newline], position) else position
 
 
 def _marker_region(tokenizer, messages, tools, text: str, i: int) -> tuple[int, int]:
