@@ -159,3 +159,46 @@ def _exact_logps(model, batch) -> torch.Tensor:
     labels = batch["input_ids"][:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, IGNORE_INDEX)
     token_logps = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return (token_logps * (labels != IGNORE_INDEX)).sum(-1).view(2, -1)
+
+
+# --- RM: the sequences scored and the loss ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_rm_sequences_and_loss_equal_trls(tmp_path, records, tokenizer):
+    """The same chosen / rejected sequences as RewardTrainer's prepared dataset (the whole chat
+    template rendering, through the newline after `<|im_end|>`, where the score is read), and the same
+    rewards and loss at identical weights, with the prompt forwarded per sequence and once per pair."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import Qwen2ForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from llm_stages.losses.reward import pairwise_reward_loss
+    from llm_stages.stages.reward import RewardPairwise
+
+    _quiet_trl()
+    torch.manual_seed(0)
+    model = Qwen2ForSequenceClassification(_config(tokenizer, num_labels=1)).eval()
+    trainer = RewardTrainer(copy.deepcopy(model), args=_trl_args(RewardConfig, tmp_path),
+                            train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    theirs = list(trainer.train_dataset)
+    with torch.no_grad():
+        trl_rewards, trl_losses = [], []
+        for i in range(0, N_RECORDS, 4):
+            batch = trainer.data_collator(theirs[i:i + 4])
+            loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+            trl_rewards.append(outputs.logits.squeeze(-1).view(2, -1))  # chosen rows, then rejected rows
+            trl_losses.append(loss)
+    for share_prompt in ("false", "true"):
+        dm = _pair_module(tmp_path, records, tokenizer, share_prompt)
+        for ours, trl_row in zip(dm.train_set, theirs):
+            assert ours.chosen.input_ids == trl_row["chosen_ids"]
+            assert ours.rejected.input_ids == trl_row["rejected_ids"]
+        stage = SimpleNamespace(model=model)
+        with torch.no_grad():
+            rewards = [RewardPairwise.rewards(stage, b) for b in _batches(dm)]
+        torch.testing.assert_close(torch.cat([torch.stack(r) for r in rewards], dim=1), torch.cat(trl_rewards, dim=1),
+                                   rtol=0, atol=1e-5)
+        losses = [pairwise_reward_loss(chosen, rejected).mean() for chosen, rejected in rewards]
+        torch.testing.assert_close(torch.stack(losses), torch.stack(trl_losses), rtol=0, atol=1e-5)
