@@ -103,9 +103,14 @@ class PairDataModule(CausalDataModule):
 
     def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256,
                  share_prompt: str | bool = "auto", share_prompt_min_saving: float = 0.2, pack_pairs: bool = True,
-                 **kwargs):
+                 too_long: str = "truncate", **kwargs):
         super().__init__(data, tokenizer, **kwargs)
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.too_long = str(too_long).lower()
+        if self.too_long not in pair.TOO_LONG_SETTINGS:
+            raise ConfigError(f"datamodule.too_long={too_long}: expected one of {', '.join(pair.TOO_LONG_SETTINGS)} "
+                              "(truncate: cut the prompt from the left, then the replies; drop: skip the pair, "
+                              "as TRL's RewardTrainer does)")
         self.share_prompt = str(share_prompt).lower()
         if self.share_prompt not in shared_pair.SHARE_PROMPT_SETTINGS:
             raise ConfigError(f"datamodule.share_prompt={share_prompt}: expected one of auto, true, false")
@@ -118,7 +123,8 @@ class PairDataModule(CausalDataModule):
         ensure_chat_template(tokenizer)
 
     def settings(self) -> dict:
-        return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+        return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
+                "too_long": self.too_long}
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
@@ -147,7 +153,7 @@ class PairDataModule(CausalDataModule):
 
     def render(self, record: Record, item: pair.Pair) -> Rendered:
         return pair.render(self.tokenizer, record, item, system_prompt=self.data.get("system_prompt"),
-                           max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+                           max_length=self.max_length, max_prompt_length=self.max_prompt_length, too_long=self.too_long)
 
     def nothing_left(self) -> str:
         return f"no pair has reply tokens left within datamodule.max_length={self.max_length}"
@@ -189,7 +195,8 @@ class UnpairedDataModule(CausalDataModule):
         ensure_chat_template(tokenizer)
 
     def settings(self) -> dict:
-        return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+        return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
+                "too_long": self.too_long}
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
@@ -198,7 +205,7 @@ class UnpairedDataModule(CausalDataModule):
 
     def render(self, record: Record, item: unpaired.Unpaired) -> Rendered:
         return unpaired.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),
-                               max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+                               max_length=self.max_length, max_prompt_length=self.max_prompt_length, too_long=self.too_long)
 
     def nothing_left(self) -> str:
         return f"no example has reply tokens left within datamodule.max_length={self.max_length}"

@@ -56,7 +56,7 @@ def _config(tokenizer, **extra):
 
 def _trl_args(config_class, tmp_path, **extra):
     return config_class(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, per_device_train_batch_size=4,
-                        max_length=None, dataset_num_proc=None, model_init_kwargs=None, **extra)
+                        dataset_num_proc=None, model_init_kwargs=None, **{"max_length": None, **extra})
 
 
 def _quiet_trl():
@@ -202,3 +202,42 @@ def test_rm_sequences_and_loss_equal_trls(tmp_path, records, tokenizer):
                                    rtol=0, atol=1e-5)
         losses = [pairwise_reward_loss(chosen, rejected).mean() for chosen, rejected in rewards]
         torch.testing.assert_close(torch.stack(losses), torch.stack(trl_losses), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rm_pairs_over_max_length_are_dropped_as_trl_drops_them(tmp_path, records, tokenizer):
+    """RewardTrainer filters out pairs longer than `max_length`; ours truncates them by default (the
+    prompt from the left, then the replies), which moves the score off the end of the reply and so
+    changes the loss on long-prompt data such as hh-rlhf. `datamodule.too_long=drop` keeps exactly
+    TRL's pairs, with TRL's loss."""
+    from datasets import Dataset
+    from transformers import Qwen2ForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from llm_stages.losses.reward import pairwise_reward_loss
+
+    _quiet_trl()
+    torch.manual_seed(0)
+    model = Qwen2ForSequenceClassification(_config(tokenizer, num_labels=1)).eval()
+    max_length = 1024
+    trainer = RewardTrainer(copy.deepcopy(model), args=_trl_args(RewardConfig, tmp_path, max_length=max_length),
+                            train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    theirs = list(trainer.train_dataset)
+    assert 0 < len(theirs) < N_RECORDS  # the slice has pairs over max_length
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, trainer.data_collator(theirs))
+
+    settings = dict(batch_size=1, max_length=max_length, max_prompt_length=max_length // 2, share_prompt="false")
+    dropped = PairDataModule(_write(tmp_path, records), tokenizer, too_long="drop", **settings)
+    dropped.setup()
+    assert [p.chosen.input_ids for p in dropped.train_set] == [r["chosen_ids"] for r in theirs]
+    with torch.no_grad():
+        batch = dropped.collate_one(dropped.train_set)
+        rewards = reward_scores(model, batch.input_ids, batch.attention_mask)
+    n = batch.num_pairs
+    torch.testing.assert_close(pairwise_reward_loss(rewards[:n], rewards[n:]).mean(), trl_loss, rtol=0, atol=1e-5)
+
+    truncated = PairDataModule(_write(tmp_path, records), tokenizer, **settings)
+    truncated.setup()
+    assert len(truncated.train_set) == N_RECORDS
+    assert truncated.stats["train_truncated"] == N_RECORDS - len(theirs)
