@@ -195,8 +195,7 @@ class UnpairedDataModule(CausalDataModule):
         ensure_chat_template(tokenizer)
 
     def settings(self) -> dict:
-        return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
-                "too_long": self.too_long}
+        return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
@@ -205,7 +204,7 @@ class UnpairedDataModule(CausalDataModule):
 
     def render(self, record: Record, item: unpaired.Unpaired) -> Rendered:
         return unpaired.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),
-                               max_length=self.max_length, max_prompt_length=self.max_prompt_length, too_long=self.too_long)
+                               max_length=self.max_length, max_prompt_length=self.max_prompt_length)
 
     def nothing_left(self) -> str:
         return f"no example has reply tokens left within datamodule.max_length={self.max_length}"

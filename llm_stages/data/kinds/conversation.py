@@ -1,7 +1,8 @@
 """Conversations (SFT): read from sharegpt, OpenAI/ColossalAI messages, alpaca, ColossalAI single
 turn or TRL prompt/completion records; rendered through the chat template with the assistant
-replies trained (a prompt/completion record's completion only, by default); collated as causal rows, or packed several to a row (`pack_examples`,
-`collate_packed`) with attention kept inside each conversation."""
+replies trained (a prompt/completion record's completion only, by default); collated as causal
+rows, or packed several to a row (`pack_examples`, `collate_packed`) with attention kept inside
+each conversation."""
 
 from __future__ import annotations
 
