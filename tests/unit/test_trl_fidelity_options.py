@@ -54,3 +54,26 @@ def test_pairs_over_max_length_truncate_or_drop(tmp_path, tokenizer):
     assert len(dropped.train_set) == 1 and dropped.stats["train_dropped_too_long"] == 1
     with pytest.raises(ConfigError, match=r"datamodule.too_long=cut: expected one of truncate, drop"):
         PairDataModule(_data(tmp_path, rows), tokenizer, too_long="cut", **settings)
+
+
+@pytest.mark.slow
+def test_hh_rlhf_transcripts_are_chat_rendered_where_trl_scores_the_raw_text(tmp_path, tokenizer):
+    """Raw hh-rlhf records (`{"chosen": transcript, "rejected": transcript}`) are not conversational
+    to TRL: RewardTrainer scores the transcript text + EOS. Ours reads the turns and renders them
+    with the chat template, as it renders every other format, so the two score different sequences
+    (and their losses differ) unless TRL is given the conversational form of the same pairs."""
+    from datasets import Dataset
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    record = {"chosen": "\n\nHuman: 2 + 2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2 + 2?\n\nAssistant: 5"}
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, dataset_num_proc=None)
+    trainer = RewardTrainer(Qwen2ForSequenceClassification(config), args=args, train_dataset=Dataset.from_list([record]),
+                            processing_class=tokenizer)
+    assert tokenizer.decode(trainer.train_dataset[0]["chosen_ids"]) == record["chosen"] + tokenizer.eos_token
+    dm = PairDataModule(_data(tmp_path, [record]), tokenizer, batch_size=1, share_prompt="false")
+    dm.setup()
+    assert tokenizer.decode(dm.train_set[0].chosen.input_ids) == (
+        "<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n")
