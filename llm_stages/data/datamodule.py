@@ -50,13 +50,15 @@ class SFTDataModule(CausalDataModule):
     read = staticmethod(conversation.read_conversation)
     detect_format = staticmethod(conversation.detect_format)
 
-    def __init__(self, data, tokenizer, *, max_length: int = 512, packing: bool = False, **kwargs):
+    def __init__(self, data, tokenizer, *, max_length: int = 512, packing: bool = False,
+                 completion_only_loss: bool = True, **kwargs):
         super().__init__(data, tokenizer, **kwargs)
         self.max_length, self.packing = max_length, packing
+        self.completion_only_loss = bool(completion_only_loss)
         ensure_chat_template(tokenizer)
 
     def settings(self) -> dict:
-        return {**super().settings(), "max_length": self.max_length}
+        return {**super().settings(), "max_length": self.max_length, "completion_only_loss": self.completion_only_loss}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set:
@@ -72,7 +74,7 @@ class SFTDataModule(CausalDataModule):
 
     def render(self, record: Record, item: conversation.Conversation) -> Rendered:
         return conversation.render(self.tokenizer, item, system_prompt=self.data.get("system_prompt"),
-                                   max_length=self.max_length)
+                                   max_length=self.max_length, completion_only_loss=self.completion_only_loss)
 
     def nothing_left(self) -> str:
         return f"no record has an assistant token left to train within datamodule.max_length={self.max_length}"
@@ -101,9 +103,14 @@ class PairDataModule(CausalDataModule):
 
     def __init__(self, data, tokenizer, *, max_length: int = 512, max_prompt_length: int = 256,
                  share_prompt: str | bool = "auto", share_prompt_min_saving: float = 0.2, pack_pairs: bool = True,
-                 **kwargs):
+                 too_long: str = "truncate", **kwargs):
         super().__init__(data, tokenizer, **kwargs)
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.too_long = str(too_long).lower()
+        if self.too_long not in pair.TOO_LONG_SETTINGS:
+            raise ConfigError(f"datamodule.too_long={too_long}: expected one of {', '.join(pair.TOO_LONG_SETTINGS)} "
+                              "(truncate: cut the prompt from the left, then the replies; drop: skip the pair, "
+                              "as TRL's RewardTrainer does)")
         self.share_prompt = str(share_prompt).lower()
         if self.share_prompt not in shared_pair.SHARE_PROMPT_SETTINGS:
             raise ConfigError(f"datamodule.share_prompt={share_prompt}: expected one of auto, true, false")
@@ -116,7 +123,8 @@ class PairDataModule(CausalDataModule):
         ensure_chat_template(tokenizer)
 
     def settings(self) -> dict:
-        return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+        return {**super().settings(), "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
+                "too_long": self.too_long}
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
@@ -145,7 +153,7 @@ class PairDataModule(CausalDataModule):
 
     def render(self, record: Record, item: pair.Pair) -> Rendered:
         return pair.render(self.tokenizer, record, item, system_prompt=self.data.get("system_prompt"),
-                           max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+                           max_length=self.max_length, max_prompt_length=self.max_prompt_length, too_long=self.too_long)
 
     def nothing_left(self) -> str:
         return f"no pair has reply tokens left within datamodule.max_length={self.max_length}"

@@ -3,7 +3,8 @@ rendering is in `llm_stages/data/kinds/`).
 
 A conversation is rendered with the tokenizer's chat template (any template: see template.py) and
 every token is known to come from a prompt segment (label -100) or an assistant reply (label =
-token, up to and including the end-of-turn token; the template's newline after it stays masked).
+token, through the end-of-turn token and the template's newline after it, as TRL trains and scores
+replies).
 """
 
 from __future__ import annotations

@@ -9,9 +9,11 @@ located in that text:
   adds `<think></think>` only to the last turn, Gemma trims, tool calls become `<tool_call>` markup).
 
 A span starts where the generation prompt ends (what a model writes after `<|im_start|>assistant\\n`,
-including a template's empty think block) and ends with the template's end-of-turn token
+including a template's empty think block) and ends after the template's end-of-turn token
 (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, ...), found once per template from a probe
-conversation; the newline a template writes after that token is not the model's to write.
+conversation, and the text the template writes right after that token (ChatML: the newline after
+`<|im_end|>`). TRL trains and scores that text as part of the reply (SFT's completion mask, DPO's
+completion log-probs), so spans include it: losses and log-probs then equal TRL's on the same data.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def template_messages(tokenizer, messages: list[dict], tools: list[dict] | None)
     reads["reasoning_content"] = reads["reasoning_content"] or "reasoning" in source or "thinking" in source
     out = []
     for message in messages:
-        message = {k: v for k, v in message.items() if k != "train" and v is not None}
+        message = {k: v for k, v in message.items() if k not in ("train", "in_prompt") and v is not None}
         if message.get("tool_calls") and not reads["tool_calls"]:
             calls = "\n".join(f"<tool_call>\n{json.dumps(c['function'], ensure_ascii=False)}\n</tool_call>"
                               for c in message.pop("tool_calls"))
@@ -80,7 +82,7 @@ def reply_spans(tokenizer, messages: list[dict], tools: list[dict] | None,
     messages, tools = template_messages(tokenizer, messages, tools)
     text = render_text(tokenizer, messages, tools)
     regions = _generation_regions(tokenizer, messages, tools, text, trained)
-    terminator = turn_end(tokenizer).terminator
+    end_of_turn = turn_end(tokenizer)
     spans, previous_end = [], 0
     for i in trained:
         region_start, region_end = regions[i] if regions else _marker_region(tokenizer, messages, tools, text, i)
@@ -89,23 +91,32 @@ def reply_spans(tokenizer, messages: list[dict], tools: list[dict] | None,
         # as a prefix of the whole (else at the reply's own text).
         start = len(prompt) if prompt and text.startswith(prompt) and previous_end <= len(prompt) <= region_end \
             else region_start
-        spans.append((start, _through_terminator(text, start, region_end, terminator)))
+        spans.append((start, _through_turn_end(text, start, region_end, end_of_turn)))
         previous_end = spans[-1][1]
     return text, spans
 
 
-def _through_terminator(text: str, start: int, end: int, terminator: str) -> int:
-    """The end of a reply: through the end-of-turn token right after it, or, when the region already
-    holds that token, just after its last one (a template's trailing newline is not generated)."""
+def _through_turn_end(text: str, start: int, end: int, turn: "TurnEnd") -> int:
+    """The end of a reply: through the end-of-turn token right after it (or, when the region already
+    holds that token, its last one), then through the template's text after that token when the
+    text continues with it (ChatML's newline), or through its leading whitespace (Phi-3 writes
+    "\\n" + EOS after a final reply, only "\\n" after the others)."""
+    terminator = turn.terminator
     if not terminator:
         return end
     last = text.rfind(terminator, start, end)
     if last >= 0 and not text[last + len(terminator):end].strip():
-        return last + len(terminator)
-    gap = len(text[end:]) - len(text[end:].lstrip())
-    if text.startswith(terminator, end + gap):
-        return end + gap + len(terminator)
-    return end
+        position = last + len(terminator)
+    else:
+        gap = len(text[end:]) - len(text[end:].lstrip())
+        if not text.startswith(terminator, end + gap):
+            return end
+        position = end + gap + len(terminator)
+    suffix = turn.suffix
+    if suffix and text.startswith(suffix, position):
+        return position + len(suffix)
+    newline = len(suffix) - len(suffix.lstrip())  # mid-conversation some templates write only the newline
+    return position + newline if newline and text.startswith(suffix[:newline], position) else position
 
 
 def _marker_region(tokenizer, messages, tools, text: str, i: int) -> tuple[int, int]:
@@ -147,6 +158,13 @@ def _generation_regions(tokenizer, messages, tools, text: str, trained: list[int
 class TurnEnd(NamedTuple):
     terminator: str  # the special token that ends an assistant turn, as the model writes it ("" when none)
     after: str  # all the template writes after a final assistant reply (ChatML: "<|im_end|>\n")
+
+    @property
+    def suffix(self) -> str:
+        """What the template writes after the end-of-turn token (ChatML: "\n"; "" when no token)."""
+        if not self.terminator or self.terminator not in self.after:
+            return ""
+        return self.after[self.after.index(self.terminator) + len(self.terminator):]
 
 
 def turn_end(tokenizer) -> TurnEnd:

@@ -172,7 +172,8 @@ def test_multiple_choice_log_likelihoods_match_a_hand_computation(setup, make_cf
     assert metrics["acc"] == pytest.approx(sum(acc) / len(acc)) and metrics["acc_norm"] == pytest.approx(sum(acc_norm) / len(acc_norm))
     assert metrics["accuracy"] == metrics["acc_norm"] and 0 < metrics["acc"] < 1  # the answers are not all first
     ppl = result["tasks"]["ppl"]["metrics"]  # replies only: the memorised replies are near-certain
-    assert ppl["loss"] < 0.1 and ppl["tokens"] == sum(len(tokenizer(a)["input_ids"]) + 1 for _, a in FACTS)
+    # each reply's tokens, its <|im_end|> and the newline after it
+    assert ppl["loss"] < 0.1 and ppl["tokens"] == sum(len(tokenizer(a)["input_ids"]) + 2 for _, a in FACTS)
 
 
 def test_bad_input_is_one_line(setup, make_cfg, tmp_path):

@@ -40,16 +40,16 @@ def test_sft_report_counts_format_lengths_and_marked_example(tmp_path, tokenizer
     assert (report.format, report.format_from) == ("sharegpt", "detected")
     assert (report.train_examples, report.val_examples, report.stats) == (2, 0, {})
     assert report.val_from == "none"  # val_ratio 0.05 of 2 records holds out nothing
-    # Exactly the two assistant replies (each with its <|im_end|>) are trained; the newline after stays masked.
+    # Exactly the two assistant replies (each with its <|im_end|> and the newline after it, as TRL) are trained.
     assert report.sample["example"] == (
-        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n[[2 + 3 = 5<|im_end|>]]\n"
-        "<|im_start|>user\nAnd 4 + 4?<|im_end|>\n<|im_start|>assistant\n[[4 + 4 = 8<|im_end|>]]\n")
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n[[2 + 3 = 5<|im_end|>\n]]"
+        "<|im_start|>user\nAnd 4 + 4?<|im_end|>\n<|im_start|>assistant\n[[4 + 4 = 8<|im_end|>\n]]")
 
     def n(text):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    first_trained = n("2 + 3 = 5<|im_end|>") + n("4 + 4 = 8<|im_end|>")
-    second_trained = n("7 - 1 = 6<|im_end|>")
+    first_trained = n("2 + 3 = 5<|im_end|>\n") + n("4 + 4 = 8<|im_end|>\n")
+    second_trained = n("7 - 1 = 6<|im_end|>\n")
     trained = report.lengths["trained"]
     assert (trained["min"], trained["max"], trained["mean"]) == (second_trained, first_trained,
                                                                 (first_trained + second_trained) / 2)
@@ -76,7 +76,7 @@ def test_preference_report_shows_chosen_and_rejected(tmp_path):
     assert (report.format, report.format_from) == ("prompt_pair", "detected")
     assert (report.train_examples, report.val_examples) == (2, 0)
     prompt = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
-    assert report.sample == {"chosen": prompt + "[[2 + 3 = 5<|im_end|>]]\n", "rejected": prompt + "[[2 + 3 = 6<|im_end|>]]\n"}
+    assert report.sample == {"chosen": prompt + "[[2 + 3 = 5<|im_end|>\n]]", "rejected": prompt + "[[2 + 3 = 6<|im_end|>\n]]"}
     assert set(report.lengths) == {"chosen sequence", "chosen trained", "rejected sequence", "rejected trained"}
     text = render_report(report)
     assert "--- chosen" in text and "--- rejected" in text
@@ -131,7 +131,7 @@ def test_cli_prints_the_report(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
     for expected in ("stage:      sft (SFTDataModule)", "train data: chat.jsonl (2 records)", "format:     sharegpt (detected)",
-                     "examples:   2 train / 0 val", "[[2 + 3 = 5<|im_end|>]]", "[[4 + 4 = 8<|im_end|>]]"):
+                     "examples:   2 train / 0 val", "[[2 + 3 = 5<|im_end|>", "[[4 + 4 = 8<|im_end|>"):
         assert expected in lines, run.stdout
     assert any(line.startswith("  trained ") for line in lines)
     assert not (tmp_path / "runs").exists()  # nothing but the tokenization cache is written

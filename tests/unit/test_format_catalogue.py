@@ -46,7 +46,7 @@ def test_conversation_formats_render_exact_text_and_masks(name, tmp_path, tokeni
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n"
         "4<|im_end|>\n<|im_start|>user\nand 3 + 3?<|im_end|>\n<|im_start|>assistant\n6<|im_end|>\n")
     trained = [tokenizer.decode([t]) for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
-    assert "".join(trained) == "4<|im_end|>6<|im_end|>"
+    assert "".join(trained) == "4<|im_end|>\n6<|im_end|>\n"
 
 
 def test_colossal_single_turn_and_tool_turns(tmp_path):

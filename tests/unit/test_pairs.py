@@ -42,7 +42,7 @@ def test_pair_labels_cover_only_the_final_reply(tokenizer):
     pair = render_pair(tokenizer, prompt, "2 + 2 = 4", "2 + 2 = 5")
     for example, reply in ((pair.chosen, "2 + 2 = 4"), (pair.rejected, "2 + 2 = 5")):
         trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
-        assert tokenizer.decode(trained) == reply + tokenizer.eos_token
+        assert tokenizer.decode(trained) == reply + tokenizer.eos_token + "\n"
     first = next(i for i, label in enumerate(pair.chosen.labels) if label != IGNORE_INDEX)
     assert pair.chosen.input_ids[:first] == pair.rejected.input_ids[:first]  # the prompt is shared
 

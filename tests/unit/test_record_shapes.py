@@ -81,7 +81,7 @@ def test_columns_name_missing_fields_and_unknown_roles(tmp_path, tokenizer):
         SFTDataModule(_data(path, columns={"dialogue": "dialog"}), tokenizer, batch_size=1).setup()
     dm = SFTDataModule(_data(path, columns={"messages": "dialog"}), tokenizer, batch_size=1)
     dm.setup()
-    assert _trained(tokenizer, dm.train_set[0]) == "a<|im_end|>"
+    assert _trained(tokenizer, dm.train_set[0]) == "a<|im_end|>\n"
 
 
 def test_text_and_system_columns(tmp_path, tokenizer):
@@ -121,7 +121,7 @@ def test_per_message_loss_weight_and_numeric_replies(tmp_path, tokenizer):
             {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y", "train": False}]}]
     dm = SFTDataModule(_data(_write(tmp_path, rows), on_bad_record="skip"), tokenizer, batch_size=1)
     dm.setup()
-    assert [_trained(tokenizer, e) for e in dm.train_set] == ["2<|im_end|>"]
+    assert [_trained(tokenizer, e) for e in dm.train_set] == ["2<|im_end|>\n"]
     assert dm.stats == {"train_dropped_no_assistant_turn": 1}  # nothing left to train: counted, not silent
 
 
@@ -151,7 +151,7 @@ def test_tool_use_sft_shows_the_tools_and_trains_the_calls(tmp_path, tokenizer):
         text = tokenizer.decode(example.input_ids)
         assert '<tools>\n{"name": "get_weather", "description": "Weather of a city"' in text  # the schema, in the system turn
         assert _trained(tokenizer, example) == (f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}'
-                                                f"\n</tool_call><|im_end|>{answer}<|im_end|>")
+                                                f"\n</tool_call><|im_end|>\n{answer}<|im_end|>\n")
         assert f"<tool_response>\n{output}\n</tool_response>" in text
 
 
@@ -170,8 +170,8 @@ def test_hh_rlhf_empty_replies_are_valid_and_identical_pairs_skipped(tmp_path, t
     dm = PairDataModule(_data(_write(tmp_path, rows)), tokenizer, batch_size=1)
     dm.setup()
     assert len(dm.train_set) == 3 and dm.stats == {"train_dropped_identical_pair": 1}
-    assert _trained(tokenizer, dm.train_set[1].rejected) == "<|im_end|>"  # only the end of the turn is scored
-    assert _trained(tokenizer, dm.train_set[2].chosen) == "<|im_end|>"
+    assert _trained(tokenizer, dm.train_set[1].rejected) == "<|im_end|>\n"  # only the end of the turn is scored
+    assert _trained(tokenizer, dm.train_set[2].chosen) == "<|im_end|>\n"
 
 
 def test_hh_rlhf_transcripts_that_diverge_before_the_final_turn():
@@ -246,4 +246,4 @@ def test_folders_of_text_and_a_validation_split(tmp_path, tokenizer):
     (repo / "test.jsonl").write_text(json.dumps({"instruction": "t", "output": "u"}) + "\n")
     dm = SFTDataModule(_data(repo, val_split="test", cache_dir=str(tmp_path / "cache")), tokenizer, batch_size=1)
     dm.setup()
-    assert (len(dm.train_set), len(dm.val_set)) == (4, 1) and _trained(tokenizer, dm.val_set[0]) == "u<|im_end|>"
+    assert (len(dm.train_set), len(dm.val_set)) == (4, 1) and _trained(tokenizer, dm.val_set[0]) == "u<|im_end|>\n"

@@ -50,7 +50,7 @@ def test_sft_labels_are_exactly_the_assistant_replies_plus_eos(tokenizer):
     if current:
         spans.append(current)
     eos = tokenizer.eos_token
-    assert [tokenizer.decode(s) for s in spans] == [f"2 + 3 = 5{eos}", f"7 - 4 = 3{eos}"]
+    assert [tokenizer.decode(s) for s in spans] == [f"2 + 3 = 5{eos}\n", f"7 - 4 = 3{eos}\n"]
     assert num_trained_tokens(example.labels) == sum(len(s) for s in spans)
 
 
@@ -75,7 +75,7 @@ def test_tokenizer_without_template_gets_the_default_one(tokenizer):
     example = render_conversation(bare, messages)
     assert bare.decode(example.input_ids) == "S\n\nHuman: hi\nAssistant: yo<|im_end|>\nHuman: again\nAssistant: ok<|im_end|>\n"
     trained = bare.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
-    assert trained == "yo<|im_end|>ok<|im_end|>"
+    assert trained == "yo<|im_end|>\nok<|im_end|>\n"
     assert not ensure_chat_template(tokenizer)  # an existing template is kept
 
 

@@ -1,7 +1,8 @@
 """Conversations (SFT): read from sharegpt, OpenAI/ColossalAI messages, alpaca, ColossalAI single
 turn or TRL prompt/completion records; rendered through the chat template with the assistant
-replies trained; collated as causal rows, or packed several to a row (`pack_examples`,
-`collate_packed`) with attention kept inside each conversation."""
+replies trained (a prompt/completion record's completion only, by default); collated as causal
+rows, or packed several to a row (`pack_examples`, `collate_packed`) with attention kept inside
+each conversation."""
 
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ def colossal_single_messages(record: Record) -> list[dict]:
 
 
 def prompt_completion_messages(record: Record) -> list[dict]:
-    """TRL `{"prompt": str | messages, "completion": str | messages}` (no label: that is unpaired feedback)."""
-    return prompt_messages(record) + replies(record, "completion")
+    """TRL `{"prompt": str | messages, "completion": str | messages}` (no label: that is unpaired feedback).
+    Assistant turns of the prompt are marked `in_prompt`: context, not trained unless asked (`render`)."""
+    prompt = [{**m, "in_prompt": True} if m["role"] == "assistant" else m for m in prompt_messages(record)]
+    return prompt + replies(record, "completion")
 
 
 def prompt_messages(record: Record) -> list[dict]:
@@ -142,10 +145,15 @@ def iter_conversations(records: list[Record], fmt: str = "auto") -> Iterator[tup
 
 # --- render --------------------------------------------------------------------------------------
 
-def render(tokenizer, conversation: Conversation, *, system_prompt: str | None, max_length: int) -> Rendered:
+def render(tokenizer, conversation: Conversation, *, system_prompt: str | None, max_length: int,
+           completion_only_loss: bool = True) -> Rendered:
     """The conversation's tokens with its assistant replies trained, cut to `max_length`; dropped
-    when no assistant turn is trained, or none is left within `max_length`."""
+    when no assistant turn is trained, or none is left within `max_length`. Prompt/completion
+    records train their completion only (TRL's `completion_only_loss`), unless
+    `completion_only_loss=False`, which also trains the assistant turns inside the prompt."""
     messages = with_system_prompt(conversation.messages, system_prompt)
+    if completion_only_loss:
+        messages = [{**m, "train": False} if m.get("in_prompt") else m for m in messages]
     if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
         return Rendered(None, dropped="no_assistant_turn")
     example = render_conversation(tokenizer, messages, tools=conversation.tools)

@@ -223,15 +223,22 @@ def truncate_pair(pair: PairExample, max_length: int, max_prompt_length: int) ->
     return pair._replace(chosen=cut(pair.chosen), rejected=cut(pair.rejected)), True
 
 
+TOO_LONG_SETTINGS = ("truncate", "drop")
+
+
 def render(tokenizer, record: Record, pair: Pair, *, system_prompt: str | None, max_length: int,
-           max_prompt_length: int) -> Rendered:
+           max_prompt_length: int, too_long: str = "truncate") -> Rendered:
     """The pair's two sequences within `max_length`; dropped when the replies are identical (no
-    preference to learn) or when either has no reply token left."""
+    preference to learn), when either has no reply token left, or, with `too_long="drop"`, when
+    either is longer than `max_length` (TRL's RewardTrainer filters such pairs out; truncating
+    instead moves a reward model's score off the end of the reply)."""
     if pair.chosen == pair.rejected:
         return Rendered(None, dropped="identical_pair")
     prompt = with_system_prompt(pair.prompt, system_prompt)
     example = render_pair(tokenizer, prompt, pair.chosen, pair.rejected, tools=pair.tools)._replace(
         margin=margin_of(record))
+    if too_long == "drop" and length(example) > max_length:
+        return Rendered(None, dropped="too_long")
     example, truncated = truncate_pair(example, max_length, max_prompt_length)
     if min(num_trained_tokens(example.chosen.labels), num_trained_tokens(example.rejected.labels)) == 0:
         return Rendered(None, truncated, dropped="no_trained_tokens")
