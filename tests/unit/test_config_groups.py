@@ -25,7 +25,7 @@ EXPECTED_ROLLOUT = {
 SEQUENCES = ("batch_size: 8, grad_accum: 1, group_by_length: false, length_group_cost: 64, length_groups: 4, max_length: 512, "
              "max_prompt_length: 256, num_workers: 0, val_batch_size: 16")
 PAIRS = ("{_target_: llm_stages.data.datamodule.PairDataModule, " + SEQUENCES +
-         ", pack_pairs: true, share_prompt: auto, share_prompt_min_saving: 0.2}")
+         ", pack_pairs: true, share_prompt: auto, share_prompt_min_saving: 0.2, too_long: truncate}")
 EXPECTED_DATAMODULE = {"dpo": PAIRS, "rm": PAIRS,
                        "kto": "{_target_: llm_stages.data.datamodule.UnpairedDataModule, " + SEQUENCES + "}"}
 
