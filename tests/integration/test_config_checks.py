@@ -128,9 +128,9 @@ def test_hub_load_failures_are_one_line_with_the_fix(raised, line):
     assert str(error.value) == line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, line", [
-    pytest.param(["model=qwen"], OFFLINE, marks=pytest.mark.slow),
-    # The fast suite's one run of the real command: refused before any model or data is loaded.
+    (["model=qwen"], OFFLINE),
     (["trainer.max_steps=abc"], "trainer.max_steps=abc: expected an integer >= 1, or -1 (no limit: trainer.max_epochs)"),
 ])
 def test_cli_prints_the_line_and_no_traceback(tmp_path, overrides, line):
