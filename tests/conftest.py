@@ -26,9 +26,18 @@ TEST_MODEL = [
 QUIET = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
+E2E = REPO / "tests" / "e2e"
+
+
 def pytest_collection_modifyitems(items):
-    """The longest tests first: under `pytest -n` the run then ends with many short tests spread over the
-    workers, not with one worker alone on the ~10-minute demo chain."""
+    """Everything under tests/e2e is marked `e2e` and `slow`, so `make test` (-m "not slow") leaves it out
+    and a test added anywhere else, unmarked, is in the fast suite. Then the longest tests first: under
+    `pytest -n` the run ends with many short tests spread over the workers, not with one worker alone on
+    the ~10-minute demo chain."""
+    for item in items:
+        if E2E in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: otherwise file order
 
 

@@ -1,11 +1,9 @@
-"""`python -m llm_stages.data inspect`: the report on SFT, preference and PT files, and the CLI."""
+"""`python -m llm_stages.data inspect`: the report on SFT, preference and PT files, and the CLI (its main,
+in this process: what `python -m llm_stages.data` runs)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 from llm_stages.data.__main__ import main
 from llm_stages.data.describe import length_stats
@@ -119,28 +117,24 @@ def test_usage_without_subcommand(capsys):
     assert capsys.readouterr().err.startswith("usage: python -m llm_stages.data inspect")
 
 
-def _cli(args, cwd):
-    return subprocess.run([sys.executable, "-m", "llm_stages.data", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-
-
-def test_cli_prints_the_report(tmp_path):
+def test_cli_prints_the_report(tmp_path, monkeypatch, capsys):
     _jsonl(tmp_path / "chat.jsonl", SFT_RECORDS)
-    run = _cli(["inspect", "stage=sft", "data=file", "data.path=chat.jsonl", "datamodule.batch_size=1", *_paths(tmp_path)],
-               cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.splitlines()
+    monkeypatch.chdir(tmp_path)  # data.path=chat.jsonl: relative to where the command runs
+    code = main(["inspect", "stage=sft", "data=file", "data.path=chat.jsonl", "datamodule.batch_size=1", *_paths(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    lines = out.splitlines()
     for expected in ("stage:      sft (SFTDataModule)", "train data: chat.jsonl (2 records)", "format:     sharegpt (detected)",
                      "examples:   2 train / 0 val", "[[2 + 3 = 5<|im_end|>", "[[4 + 4 = 8<|im_end|>"):
-        assert expected in lines, run.stdout
+        assert expected in lines, out
     assert any(line.startswith("  trained ") for line in lines)
     assert not (tmp_path / "runs").exists()  # nothing but the tokenization cache is written
 
 
-def test_cli_malformed_json_is_one_error_line(tmp_path):
+def test_cli_malformed_json_is_one_error_line(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(SFT_RECORDS[0]) + "\n" + '{"conversations": [\n', encoding="utf-8")
-    run = _cli(["inspect", "stage=sft", "data=file", f"data.path={path}", *_paths(tmp_path)], cwd=tmp_path)
-    assert run.returncode == 2
-    assert run.stderr.startswith(f"error: {path}:2: invalid JSON"), run.stderr
-    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert main(["inspect", "stage=sft", "data=file", f"data.path={path}", *_paths(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:2: invalid JSON"), err
+    assert len(err.strip().splitlines()) == 1

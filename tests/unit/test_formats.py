@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -62,14 +60,15 @@ def test_text_documents_split_on_blank_lines(tmp_path):
     assert [(r.line, r.data) for r in read_text_documents(path)] == [(1, "a b\nc"), (5, "d e"), (7, "f")]
 
 
-@pytest.mark.slow
-def test_cli_reports_bad_data_in_one_line(tmp_path):
+def test_a_run_reports_bad_data_in_one_line(make_cfg, tmp_path):
+    """What `python -m llm_stages stage=sft data=file data.path=bad.jsonl` prints after `error: `
+    (tests/integration/test_config_checks.py runs the command itself for the exit code and the one line)."""
+    from llm_stages.train import train
+
     path = _write(tmp_path, "bad.jsonl", json.dumps({"conversations": []}) + "\n{oops\n")
-    run = subprocess.run([sys.executable, "-m", "llm_stages", "stage=sft", f"data=file", f"data.path={path}",
-                          "logger=none", f"paths.log_dir={tmp_path}/runs"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2
-    assert f"error: {path}:2: invalid JSON" in run.stderr
-    assert "Traceback" not in run.stderr
+    with pytest.raises(DataFormatError) as error:
+        train(make_cfg("stage=sft", "data=file", f"data.path={path}"))
+    assert str(error.value).startswith(f"{path}:2: invalid JSON") and "\n" not in str(error.value)
 
 
 def test_missing_file_is_a_clear_error_through_the_datamodule_cache(tmp_path, tokenizer):

@@ -83,8 +83,3 @@ def test_interrupted_run_resumes_bit_exact(tmp_path, uninterrupted, how):
     resumed = _weights(run_dir)
     assert resumed.keys() == uninterrupted.keys()
     assert all((resumed[k] == uninterrupted[k]).all() for k in resumed), "resumed weights differ"
-
-
-def test_ckpt_path_last_without_a_checkpoint_is_a_clear_error(tmp_path):
-    code, log = _finish(_start(tmp_path / "empty", tmp_path, "ckpt_path=last"))
-    assert code == 2 and "ckpt_path=last: no checkpoint at" in log

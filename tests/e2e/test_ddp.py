@@ -50,7 +50,7 @@ def fit_and_record(cfg, out_dir: str) -> None:
 DDP_SCRIPT = """
 import sys
 from llm_stages.config import compose
-from tests.integration.test_ddp import fit_and_record
+from tests.e2e.test_ddp import fit_and_record
 fit_and_record(compose(sys.argv[2:], output_dir=sys.argv[1]), sys.argv[1])
 """
 

@@ -16,9 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from llm_stages.__main__ import check_run_dir_shared
-from llm_stages.errors import ConfigError
-from llm_stages.training.launch import launch_rank, log_file_suffix
 from llm_stages.train import train
 from tests.conftest import REPO, TEST_MODEL
 
@@ -106,24 +103,3 @@ def test_two_nodes_follow_one_process_with_twice_the_batch_and_rank0_alone_write
               for rank, paths in writes.items()}
     assert {"checkpoints", "export", "csv", ".hydra", "__main__.log"} <= in_run["0"]
     assert in_run["1.0"] == {"__main___rank1.0.log"}, in_run["1.0"]
-
-
-def test_launch_rank_reads_torchrun_slurm_or_lightning_variables(monkeypatch):
-    for var in ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    assert launch_rank() == "0" and log_file_suffix() == ""
-    monkeypatch.setenv("NODE_RANK", "1")
-    assert launch_rank() == "1.0" and log_file_suffix("__main__") == "_rank1.0"
-    assert log_file_suffix("train_ddp_process_1") == ""  # Lightning's own child: its job name names its log
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    assert launch_rank() == "3"
-    monkeypatch.setenv("RANK", "0")  # torchrun's global rank wins
-    assert launch_rank() == "0"
-
-
-def test_several_nodes_need_one_named_run_dir(make_cfg):
-    cfg = make_cfg("trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1")
-    with pytest.raises(ConfigError, match=r"trainer.num_nodes=2: pass hydra.run.dir="):
-        check_run_dir_shared(cfg, [])
-    check_run_dir_shared(cfg, ["hydra.run.dir=/shared/runs/sft"])
-    check_run_dir_shared(make_cfg(), [])  # one node: the default timestamped dir is fine
