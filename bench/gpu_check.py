@@ -127,12 +127,13 @@ def missing(row: Row, *, dry_run: bool) -> str | None:
 
 
 def check(cli: list[str]) -> str | None:
-    """The config a row would run, composed and checked as `python -m llm_stages` does; the error or None."""
+    """The config a row would run, composed and checked as `python -m llm_stages` does (but for whether its
+    GPUs are visible: the rows are checked here to run on a GPU machine); the error or None."""
     from llm_stages.checks import check_config
     from llm_stages.config import compose
 
     try:
-        check_config(compose(cli))
+        check_config(compose(cli), devices=False)
     except Exception as e:  # noqa: BLE001 - any failure is this row's status
         return f"config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None

@@ -67,9 +67,11 @@ RULES = [
 ]
 
 
-def check_config(cfg) -> None:
+def check_config(cfg, *, devices: bool = True) -> None:
     """Every value a run depends on, checked before any model or data is loaded: a mistake is one
-    ConfigError naming the key, the value and what is allowed, not a traceback minutes later."""
+    ConfigError naming the key, the value and what is allowed, not a traceback minutes later.
+    `devices=False` leaves out whether the accelerators it asks for are visible here (a config
+    checked on one machine to run on another)."""
     from omegaconf import OmegaConf
 
     from llm_stages.models import check_hub_model, check_model_dir
@@ -111,7 +113,8 @@ def check_config(cfg) -> None:
 
         advantage_settings(module, module.get("beta", 0.0))  # an unknown estimator or a nonsense combination: one line
     _check_overlong(cfg.get("rollout") or {})
-    _check_devices(cfg)
+    if devices:
+        _check_devices(cfg)
     rollout = cfg.get("rollout") or {}
     if rollout.get("backend") == "vllm" and not (rollout.get("vllm") or {}).get("address"):
         vllm_python((rollout.get("vllm") or {}).get("python"))  # no vLLM environment: one line saying `make vllm`

@@ -56,7 +56,10 @@ def test_rl_scores_replies_as_the_rm_stage_does(make_cfg, tmp_path, pad, pad_is_
     start = [row.labels.index(next(t for t in row.labels if t != IGNORE_INDEX)) for row in rows]
     prompts = collate_prompts([PromptExample(row.input_ids[:s], "", None) for row, s in zip(rows, start)],
                               tokenizer.pad_token_id)
-    replies = [[t for t in row.labels[s:] if t != IGNORE_INDEX] for row, s in zip(rows, start)]
+    # A labelled reply runs through the template's text after its end-of-turn token (ChatML's "\n", as TRL
+    # scores it); a policy stops at the end-of-turn token and the scorer appends that text itself.
+    labelled = [[t for t in row.labels[s:] if t != IGNORE_INDEX] for row, s in zip(rows, start)]
+    replies = [r[:r.index(tokenizer.eos_token_id) + 1] for r in labelled]
     width = max(map(len, replies))
     response = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in replies])
     response_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in replies])

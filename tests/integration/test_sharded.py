@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from llm_stages.errors import ConfigError
 from llm_stages.training.strategies import DeepSpeed, check_fsdp1
