@@ -31,6 +31,19 @@ def test_stage_x_model_composes_and_resolves(stage, model, make_cfg):
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_trainer_config_composes_and_builds_its_strategy(trainer, make_cfg):
+    """The fast check (make test): each trainer config once; the whole stage grid is the slow test below."""
+    cfg = make_cfg("stage=sft", f"trainer={trainer}", quiet=False)
+    OmegaConf.resolve(cfg)
+    strategy = cfg.trainer.get("strategy")
+    if strategy is not None:
+        assert get_class(strategy._target_)
+        if "deepspeed" not in trainer:
+            assert instantiate(strategy) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", TRAINERS)
 def test_every_trainer_config_composes_with_every_stage(trainer, make_cfg):
     """Every trainer config (cpu, gpu, ddp, fsdp, fsdp2, deepspeed) composes and resolves with
     every stage; its strategy is built too, except DeepSpeed's, which needs the optional, CUDA-only
@@ -78,6 +91,14 @@ def test_every_preference_loss_has_a_config_with_its_declared_parameters(make_cf
     assert make_cfg("stage=dpo", "loss=ipo", "loss.beta=0.5").module.loss == {"name": "ipo", "beta": 0.5}
 
 
+@pytest.mark.parametrize("data", DATA)
+def test_every_data_config_composes(data, make_cfg):
+    """The fast check (make test): each data config once; the whole stage grid is the slow test below."""
+    cfg = make_cfg("stage=sft", f"data={data}")
+    assert cfg.data.name == data and cfg.data.path
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("data", DATA)
 def test_every_data_config_composes_with_every_stage(data, make_cfg):
     for stage in STAGES:
