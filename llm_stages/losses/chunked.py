@@ -1,0 +1,200 @@
+"""Per-token log-probs of labels without the full `[tokens, vocab]` logits.
+
+Every stage scores tokens the same way: the log-probability of each trained token, sometimes the
+entropy of the distribution it was drawn from, and the mean logit (a logged statistic). With a large
+vocabulary and long sequences, the LM head's float logits (and their gradient, and softmax copies) are
+the largest tensors of a step: 8 rows x 2048 tokens x 150k vocab x 4 bytes = 10 GB each.
+
+`token_logprobs` computes all three from the model's last hidden state and the LM head's weight,
+`chunk_size` tokens at a time, forward and backward (a custom autograd function that recomputes each
+chunk's logits in the backward and accumulates the gradients of the hidden states and the head's
+weight chunk by chunk). Peak memory for the head is a few `chunk_size x vocab` float tensors.
+
+`head_outputs(model, keep, ...)` is what the stages call: the model's outputs at its last `keep`
+positions, as hidden states when the chunked head applies to the model (`model.chunked_lm_head`,
+set on the model by llm_stages.models.load_model) or as logits otherwise; `LastPositions.scores`
+then gives the same numbers either way. Where the chunked head cannot run, the logits path runs and
+the log says why, once: a sharded model (its head's weights are only gathered inside its own forward)
+or an LM head that is not a plain linear layer (a LoRA- or modules_to_save-wrapped head, 4-bit).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# Where load_model records the chunk size on the model it loads (None or absent: the logits path).
+CHUNK_ATTRIBUTE = "lm_head_chunk_size"
+_explained: set[str] = set()
+
+
+class TokenScores(NamedTuple):
+    logps: torch.Tensor          # log p(label) at each scored position (0 where not scored)
+    mean_logits: torch.Tensor    # the mean over the vocabulary of the (unscaled) logits; no gradient
+    entropy: torch.Tensor | None  # entropy of the distribution at `temperature`, when asked for
+
+
+# -- the chunked computation -------------------------------------------------------------------
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  softcap: float | None) -> torch.Tensor:
+    """The head's logits of one chunk, in float32, rounded as the model's own forward rounds them."""
+    logits = F.linear(hidden, weight, bias)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+class _ChunkedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, temperature, softcap, with_entropy):
+        n = hidden.shape[0]
+        logps = hidden.new_empty(n, dtype=torch.float32)
+        means, entropy = torch.empty_like(logps), torch.empty_like(logps)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = _chunk_logits(hidden[rows], weight, bias, softcap)
+            scaled = logits / temperature
+            lse = scaled.logsumexp(-1)
+            logps[rows] = scaled.gather(-1, labels[rows, None]).squeeze(-1) - lse
+            means[rows] = logits.mean(-1)
+            if with_entropy:
+                entropy[rows] = lse - (torch.softmax(scaled, -1) * scaled).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, labels, entropy)
+        ctx.settings = (chunk_size, temperature, softcap, with_entropy)
+        ctx.mark_non_differentiable(means)
+        return logps, means, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_means, grad_entropy):
+        hidden, weight, bias, labels, entropy = ctx.saved_tensors
+        chunk_size, temperature, softcap, with_entropy = ctx.settings
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = _chunk_logits(hidden[rows], weight, bias, softcap)
+            probs = torch.softmax(logits / temperature, -1)
+            # d logp(y) / d scaled = onehot(y) - p;  d H / d scaled = -p * (log p + H)
+            grad = -probs * grad_logps[rows, None]
+            grad.scatter_add_(-1, labels[rows, None], grad_logps[rows, None])
+            if with_entropy:
+                log_probs = (logits / temperature).log_softmax(-1)
+                grad -= probs * (log_probs + entropy[rows, None]) * grad_entropy[rows, None]
+            grad /= temperature
+            if softcap:  # d (c tanh(x / c)) / dx = 1 - (logit / c)^2
+                grad *= 1 - (logits / softcap) ** 2
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad @ weight.float()).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad.T @ hidden[rows].float()
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None, None, None, None)
+
+
+def token_logprobs(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, *, chunk_size: int = 1024,
+                   temperature: float = 1.0, softcap: float | None = None, with_entropy: bool = False) -> TokenScores:
+    """Scores of `labels` (n,) from the last hidden states (n, hidden) that predict them, through the
+    linear `head` (then `softcap`, as Gemma-2 caps its logits, then `temperature`), never holding
+    more than `chunk_size` rows of logits. Gradients reach `hidden` and the head's weight and bias."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    logps, means, entropy = _ChunkedHead.apply(hidden, head.weight, head.bias, labels, int(chunk_size),
+                                               float(temperature), softcap, with_entropy)
+    return TokenScores(logps, means, entropy if with_entropy else None)
+
+
+def logits_scores(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                  with_entropy: bool = False) -> TokenScores:
+    """The same scores from logits (..., vocab) the model already produced; `labels` (...)."""
+    logits = logits.float()
+    scaled = logits / temperature
+    # log p(label) = logit[label] - logsumexp(logits): no full log_softmax copy of the logits.
+    logps = scaled.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+    entropy = None
+    if with_entropy:
+        log_probs = F.log_softmax(scaled, -1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return TokenScores(logps, logits.detach().mean(-1), entropy)
+
+
+# -- where the stages call it ------------------------------------------------------------------
+@dataclass
+class LastPositions:
+    """The model's outputs at its last positions: its final hidden states when `head` is set (the
+    LM head runs here, in chunks), else its logits."""
+    values: torch.Tensor
+    head: nn.Linear | None = None
+    softcap: float | None = None
+    chunk_size: int = 1024
+
+    def __getitem__(self, index) -> "LastPositions":
+        return LastPositions(self.values[index], self.head, self.softcap, self.chunk_size)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def scores(self, labels: torch.Tensor, *, temperature: float = 1.0, with_entropy: bool = False) -> TokenScores:
+        """Scores of `labels` (the positions' leading shape) at each position; positions labelled
+        IGNORE_INDEX score 0."""
+        scored = labels != IGNORE_INDEX
+        if self.head is None:
+            out = logits_scores(self.values, labels.clamp(min=0), temperature=temperature, with_entropy=with_entropy)
+            return TokenScores(*(None if t is None else t * scored for t in out))
+        every = bool(scored.all())
+        hidden = self.values if every else self.values[scored]
+        out = token_logprobs(hidden.flatten(0, -2), self.head, (labels if every else labels[scored]).flatten(),
+                             chunk_size=self.chunk_size, temperature=temperature, softcap=self.softcap,
+                             with_entropy=with_entropy)
+        if every:
+            return TokenScores(*(None if t is None else t.view(labels.shape) for t in out))
+        return TokenScores(*(None if t is None else t.new_zeros(labels.shape).masked_scatter(scored, t) for t in out))
+
+
+def chunked_head_unsupported(model: nn.Module) -> str | None:
+    """Why the LM head of `model` cannot run on chunks outside its forward, or None when it can."""
+    from torch.distributed.tensor import DTensor
+
+    if getattr(model, "_is_fsdp_managed_module", False) or any(
+            isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters()):
+        return "the model is sharded (FSDP / DeepSpeed ZeRO-3): its LM head's weights exist only inside its forward"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain linear layer (LoRA/modules_to_save on lm_head, 4-bit)"
+    return None
+
+
+def chunked_head(model: nn.Module) -> tuple[nn.Linear, float | None, int] | None:
+    """(head, softcap, chunk size) when `model` asks for the chunked head and can run it, else None."""
+    chunk_size = getattr(model, CHUNK_ATTRIBUTE, None)
+    if not chunk_size:
+        return None
+    why = chunked_head_unsupported(model)
+    if why:
+        if why not in _explained:
+            _explained.add(why)
+            log.info("model.chunked_lm_head: full logits instead, because %s", why)
+        return None
+    return model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None), int(chunk_size)
+
+
+def head_outputs(model: nn.Module, keep: int, **inputs) -> LastPositions:
+    """`model`'s outputs at its last `keep` positions (hidden states or logits, see LastPositions).
+    Positions before them never reach the LM head (HF's `logits_to_keep`)."""
+    chunked = chunked_head(model)
+    if chunked is None:
+        return LastPositions(model(**inputs, use_cache=False, logits_to_keep=keep).logits)
+    hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    return LastPositions(hidden[:, hidden.shape[1] - keep:], *chunked)
