@@ -318,7 +318,13 @@ def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None, *, ne
         # Read by llm_stages.losses.chunked: the stages score tokens from hidden states, chunk by chunk.
         setattr(model, CHUNK_ATTRIBUTE, _chunk_size(cfg))
     if cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: gradients reach the layers' weights even when the inputs need none (frozen
+        # embeddings under LoRA), and each layer's forward may take keyword arguments.
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters, dtype %s", cfg.get("name"), n_params / 1e6, dtype)

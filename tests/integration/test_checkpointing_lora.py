@@ -29,7 +29,7 @@ def test_gradient_checkpointing_gives_the_same_lora_loss_and_gradients(make_cfg,
     head = f"model.chunked_lm_head={str(chunked).lower()}"
     loss_off, grads_off, calls_off, _ = _step(make_cfg, head, "model.gradient_checkpointing=false")
     loss_on, grads_on, calls_on, module = _step(make_cfg, head, "model.gradient_checkpointing=true")
-    assert module.model.get_base_model().is_gradient_checkpointing
+    assert module.model.get_base_model().is_activation_checkpointing
     assert (calls_off, calls_on) == (1, 2)  # the layer ran again in the backward pass
     torch.testing.assert_close(loss_on, loss_off, atol=1e-6, rtol=0)
     assert grads_off.keys() == grads_on.keys() and all("lora_" in n for n in grads_off)
