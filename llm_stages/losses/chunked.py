@@ -53,6 +53,9 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 class _ChunkedHead(torch.autograd.Function):
+    """Forward and backward one chunk of rows at a time, in place where it can: at most two or three
+    `chunk x vocab` float tensors live at once (the backward recomputes the chunk's logits)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, temperature, softcap, with_entropy):
         n = hidden.shape[0]
@@ -61,12 +64,14 @@ class _ChunkedHead(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
             logits = _chunk_logits(hidden[rows], weight, bias, softcap)
-            scaled = logits / temperature
-            lse = scaled.logsumexp(-1)
-            logps[rows] = scaled.gather(-1, labels[rows, None]).squeeze(-1) - lse
             means[rows] = logits.mean(-1)
-            if with_entropy:
-                entropy[rows] = lse - (torch.softmax(scaled, -1) * scaled).sum(-1)
+            if temperature != 1.0:
+                logits.div_(temperature)
+            lse = logits.logsumexp(-1)
+            logps[rows] = logits.gather(-1, labels[rows, None]).squeeze(-1) - lse
+            if with_entropy:  # H = lse - sum(p * scaled logits)
+                entropy[rows] = lse - (logits - lse[:, None]).exp_().mul_(logits).sum(-1)
+            del logits
         ctx.save_for_backward(hidden, weight, bias, labels, entropy)
         ctx.settings = (chunk_size, temperature, softcap, with_entropy)
         ctx.mark_non_differentiable(means)
@@ -83,22 +88,33 @@ class _ChunkedHead(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logits = _chunk_logits(hidden[rows], weight, bias, softcap)
-            probs = torch.softmax(logits / temperature, -1)
+            # d (c tanh(x / c)) / dx = 1 - (logit / c)^2
+            capped = 1 - (logits / softcap) ** 2 if softcap else None
+            if temperature != 1.0:
+                logits.div_(temperature)
             # d logp(y) / d scaled = onehot(y) - p;  d H / d scaled = -p * (log p + H)
-            grad = -probs * grad_logps[rows, None]
-            grad.scatter_add_(-1, labels[rows, None], grad_logps[rows, None])
+            log_probs = logits.log_softmax(-1)
+            del logits
+            grad = log_probs.exp()  # p
             if with_entropy:
-                log_probs = (logits / temperature).log_softmax(-1)
-                grad -= probs * (log_probs + entropy[rows, None]) * grad_entropy[rows, None]
-            grad /= temperature
-            if softcap:  # d (c tanh(x / c)) / dx = 1 - (logit / c)^2
-                grad *= 1 - (logits / softcap) ** 2
+                log_probs.add_(entropy[rows, None]).mul_(grad).mul_(grad_entropy[rows, None])
+            grad.mul_(-grad_logps[rows, None])
+            if with_entropy:
+                grad.sub_(log_probs)
+            del log_probs
+            grad.scatter_add_(-1, labels[rows, None], grad_logps[rows, None])
+            if temperature != 1.0:
+                grad.div_(temperature)
+            if capped is not None:
+                grad.mul_(capped)
+                del capped
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad @ weight.float()).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += grad.T @ hidden[rows].float()
+                grad_weight.addmm_(grad.T, hidden[rows].float())
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
+            del grad
         return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
                 grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None, None, None, None)
 
