@@ -189,6 +189,8 @@ def chunked_head_unsupported(model: nn.Module) -> str | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear:
         return f"its LM head is a {type(head).__name__}, not a plain linear layer (LoRA/modules_to_save on lm_head, 4-bit)"
+    if head.weight.shape != (head.out_features, head.in_features):  # a flattened shard's empty view outside forward
+        return "its LM head's weight is not whole outside the model's forward (sharded)"
     return None
 
 
@@ -201,7 +203,9 @@ def chunked_head(model: nn.Module) -> tuple[nn.Linear, float | None, int] | None
     if why:
         if why not in _explained:
             _explained.add(why)
-            log.info("model.chunked_lm_head: full logits instead, because %s", why)
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            if not (distributed and torch.distributed.get_rank() > 0):  # one rank says it
+                log.info("model.chunked_lm_head: full logits instead, because %s", why)
         return None
     return model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None), int(chunk_size)
 

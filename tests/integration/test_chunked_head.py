@@ -101,3 +101,10 @@ def test_a_lora_wrapped_lm_head_falls_back_to_the_full_logits_and_says_so(make_c
         assert chunked_head(module.model) is None
     said = [r.getMessage() for r in caplog.records if "chunked_lm_head" in r.getMessage()]
     assert len(said) == 1 and "not a plain linear layer" in said[0], said
+
+
+def test_a_chunk_size_below_one_is_one_clear_error(make_cfg):
+    from llm_stages.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.lm_head_chunk_size=0: expected an integer >= 1 .* model.chunked_lm_head=false"):
+        build(make_cfg("stage=sft", "model.lm_head_chunk_size=0"))
