@@ -59,6 +59,10 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, temperature, softcap, with_entropy):
         n = hidden.shape[0]
+        # The backward recomputes the logits as the forward computed them: under the same autocast.
+        device = hidden.device.type
+        ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                            dtype=torch.get_autocast_dtype(device))
         logps = hidden.new_empty(n, dtype=torch.float32)
         means, entropy = torch.empty_like(logps), torch.empty_like(logps)
         for start in range(0, n, chunk_size):
@@ -87,7 +91,8 @@ class _ChunkedHead(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = _chunk_logits(hidden[rows], weight, bias, softcap)
+            with torch.autocast(**ctx.autocast):
+                logits = _chunk_logits(hidden[rows], weight, bias, softcap)
             # d (c tanh(x / c)) / dx = 1 - (logit / c)^2
             capped = 1 - (logits / softcap) ** 2 if softcap else None
             if temperature != 1.0:
@@ -109,7 +114,8 @@ class _ChunkedHead(torch.autograd.Function):
                 grad.mul_(capped)
                 del capped
             if grad_hidden is not None:
-                grad_hidden[rows] = (grad @ weight.float()).to(hidden.dtype)
+                # In the weight's dtype, as the model's own backward multiplies: no float copy of a bf16 head.
+                grad_hidden[rows] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(grad.T, hidden[rows].float())
             if grad_bias is not None:

@@ -65,3 +65,21 @@ def test_no_gradient_needed_runs_under_no_grad():
         got = token_logprobs(h, head, labels, chunk_size=2)
     assert not got.logps.requires_grad and got.entropy is None
     torch.testing.assert_close(got.logps, logits_scores(head(h), labels).logps.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "autocast"])
+def test_low_precision_scores_equal_the_full_logits_at_bf16_accuracy(dtype):
+    """A bf16 head (or bf16 autocast over a float32 one, whose backward recomputes under the same autocast)."""
+    head, h, labels, _ = _case(n=9, hidden=16, vocab=50)
+    head, h = head.float(), h.detach().float()
+    if dtype is torch.bfloat16:
+        head, h = head.to(dtype), h.to(dtype)
+    h.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast"):
+        want = logits_scores(head(h), labels)
+        want_grads = _grads(head, h, want.logps.sum())
+        got = token_logprobs(h, head, labels, chunk_size=4)
+        got_grads = _grads(head, h, got.logps.sum())
+    torch.testing.assert_close(got.logps, want.logps, atol=1e-5, rtol=1e-5)  # the same bf16 logits, in float
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), atol=2e-2, rtol=2e-2)
