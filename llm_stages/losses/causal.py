@@ -15,17 +15,21 @@ def labelled_outputs(model, labels: torch.Tensor, **inputs) -> tuple[LastPositio
     `token_cross_entropy` / `sequence_logps`. The positions before it (the prompt part every row of
     the batch shares) never reach the LM head: with a large vocabulary that head and its float
     logits are a good part of a step's time and memory."""
-    predicts_label = (labels[:, 1:] != IGNORE_INDEX).any(0)
-    start = int(predicts_label.int().argmax()) if bool(predicts_label.any()) else 0
+    start = _first_predicting(labels)
     return head_outputs(model, labels.shape[1] - start, **inputs), labels[:, start:]
 
 
 def labelled_logits(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """As `labelled_outputs`, always as logits (the full path)."""
-    predicts_label = (labels[:, 1:] != IGNORE_INDEX).any(0)
-    start = int(predicts_label.int().argmax()) if bool(predicts_label.any()) else 0
+    start = _first_predicting(labels)
     logits = model(**inputs, use_cache=False, logits_to_keep=labels.shape[1] - start).logits
     return logits, labels[:, start:]
+
+
+def _first_predicting(labels: torch.Tensor) -> int:
+    """The first position of any row that predicts a label (position t predicts label t + 1)."""
+    predicts_label = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    return int(predicts_label.int().argmax()) if bool(predicts_label.any()) else 0
 
 
 def _positions(outputs) -> LastPositions:

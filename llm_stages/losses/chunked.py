@@ -164,10 +164,6 @@ class LastPositions:
     def __getitem__(self, index) -> "LastPositions":
         return LastPositions(self.values[index], self.head, self.softcap, self.chunk_size)
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.values.shape
-
     def scores(self, labels: torch.Tensor, *, temperature: float = 1.0, with_entropy: bool = False) -> TokenScores:
         """Scores of `labels` (the positions' leading shape) at each position; positions labelled
         IGNORE_INDEX score 0."""
