@@ -8,7 +8,9 @@ the largest tensors of a step: 8 rows x 2048 tokens x 150k vocab x 4 bytes = 10 
 `token_logprobs` computes all three from the model's last hidden state and the LM head's weight,
 `chunk_size` tokens at a time, forward and backward (a custom autograd function that recomputes each
 chunk's logits in the backward and accumulates the gradients of the hidden states and the head's
-weight chunk by chunk). Peak memory for the head is a few `chunk_size x vocab` float tensors.
+weight chunk by chunk). Peak memory for the head is a few `chunk_size x vocab` float tensors; a
+model's final-logit soft-capping (Gemma-2) and the sampling temperature (RL) are applied per chunk.
+`python -m bench.lm_head_memory` measures it against the full logits.
 
 `head_outputs(model, keep, ...)` is what the stages call: the model's outputs at its last `keep`
 positions, as hidden states when the chunked head applies to the model (`model.chunked_lm_head`,
