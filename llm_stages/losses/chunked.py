@@ -16,8 +16,9 @@ model's final-logit soft-capping (Gemma-2) and the sampling temperature (RL) are
 positions, as hidden states when the chunked head applies to the model (`model.chunked_lm_head`,
 set on the model by llm_stages.models.load_model) or as logits otherwise; `LastPositions.scores`
 then gives the same numbers either way. Where the chunked head cannot run, the logits path runs and
-the log says why, once: a sharded model (its head's weights are only gathered inside its own forward)
-or an LM head that is not a plain linear layer (a LoRA- or modules_to_save-wrapped head, 4-bit).
+the log says why, once: a sharded model (its head's weights are only gathered inside its own forward),
+an LM head that is not a plain linear layer (a LoRA- or modules_to_save-wrapped head, 4-bit), or a
+model whose own logits are not the head on its last hidden state (checked at its first forward).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # Where load_model records the chunk size on the model it loads (None or absent: the logits path).
 CHUNK_ATTRIBUTE = "lm_head_chunk_size"
+# Set on a model once its head has been checked against its own logits (or found to differ: why).
+VERIFIED_ATTRIBUTE, MISMATCH_ATTRIBUTE = "_chunked_head_verified", "_chunked_head_mismatch"
 _explained: set[str] = set()
 
 
@@ -203,22 +206,49 @@ def chunked_head(model: nn.Module) -> tuple[nn.Linear, float | None, int] | None
     chunk_size = getattr(model, CHUNK_ATTRIBUTE, None)
     if not chunk_size:
         return None
-    why = chunked_head_unsupported(model)
+    why = chunked_head_unsupported(model) or getattr(model, MISMATCH_ATTRIBUTE, None)
     if why:
-        if why not in _explained:
-            _explained.add(why)
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            if not (distributed and torch.distributed.get_rank() > 0):  # one rank says it
-                log.info("model.chunked_lm_head: full logits instead, because %s", why)
+        _explain(why)
         return None
     return model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None), int(chunk_size)
+
+
+def _explain(why: str) -> None:
+    """Logs once per process, on one rank, why the full logits run instead."""
+    if why in _explained:
+        return
+    _explained.add(why)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not (distributed and torch.distributed.get_rank() > 0):
+        log.info("model.chunked_lm_head: full logits instead, because %s", why)
 
 
 def head_outputs(model: nn.Module, keep: int, **inputs) -> LastPositions:
     """`model`'s outputs at its last `keep` positions (hidden states or logits, see LastPositions).
     Positions before them never reach the LM head (HF's `logits_to_keep`)."""
     chunked = chunked_head(model)
-    if chunked is None:
-        return LastPositions(model(**inputs, use_cache=False, logits_to_keep=keep).logits)
-    hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    return LastPositions(hidden[:, hidden.shape[1] - keep:], *chunked)
+    if chunked is not None:
+        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]
+        if _same_as_own_logits(model, hidden[:, -1], out.logits[:, -1], *chunked[:2]):
+            return LastPositions(hidden[:, hidden.shape[1] - keep:], *chunked)
+    return LastPositions(model(**inputs, use_cache=False, logits_to_keep=keep).logits)
+
+
+@torch.no_grad()
+def _same_as_own_logits(model, hidden: torch.Tensor, logits: torch.Tensor, head: nn.Linear,
+                        softcap: float | None) -> bool:
+    """Whether the head on the last hidden state gives the model's own logits, checked once per
+    model: an architecture that scales its logits some other way (Cohere's logit_scale, Granite's
+    logits_scaling, ...) or whose last hidden state is not the head's input would otherwise give
+    wrong numbers; it gets the full logits from then on."""
+    if getattr(model, VERIFIED_ATTRIBUTE, False):
+        return True
+    ours = _chunk_logits(hidden, head.weight, head.bias, softcap)
+    if torch.allclose(ours, logits.float(), rtol=1e-3, atol=1e-3):
+        setattr(model, VERIFIED_ATTRIBUTE, True)
+        return True
+    setattr(model, MISMATCH_ATTRIBUTE, f"its LM head on its last hidden state does not give its own logits "
+                                       f"({type(model).__name__} transforms them further)")
+    _explain(getattr(model, MISMATCH_ATTRIBUTE))
+    return False

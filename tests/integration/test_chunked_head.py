@@ -108,3 +108,21 @@ def test_a_chunk_size_below_one_is_one_clear_error(make_cfg):
 
     with pytest.raises(ConfigError, match=r"model.lm_head_chunk_size=0: expected an integer >= 1 .* model.chunked_lm_head=false"):
         build(make_cfg("stage=sft", "model.lm_head_chunk_size=0"))
+
+
+def test_a_model_whose_logits_are_not_its_head_on_its_hidden_state_gets_the_full_logits(make_cfg, caplog, monkeypatch):
+    """A softcap the model's forward does not apply stands for any architecture that transforms its
+    logits further: the first forward finds the difference, and the numbers are the full path's."""
+    monkeypatch.setattr(chunked, "_explained", set())
+    module, datamodule = build(make_cfg("stage=sft", "datamodule.length_groups=1"))
+    datamodule.setup("fit")
+    [batch] = next(iter(datamodule.train_dataloader()))
+    want = module.loss_sum(batch)[0]
+    assert getattr(module.model, chunked.VERIFIED_ATTRIBUTE)  # checked once, and equal
+    module.model.config.final_logit_softcapping = 0.5  # Qwen2's forward ignores it
+    delattr(module.model, chunked.VERIFIED_ATTRIBUTE)
+    with caplog.at_level(logging.INFO, logger="llm_stages.losses.chunked"):
+        got = module.loss_sum(batch)[0]
+    assert chunked_head(module.model) is None
+    assert any("does not give its own logits" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
