@@ -83,3 +83,12 @@ def test_low_precision_scores_equal_the_full_logits_at_bf16_accuracy(dtype):
     torch.testing.assert_close(got.logps, want.logps, atol=1e-5, rtol=1e-5)  # the same bf16 logits, in float
     for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad.float(), want_grad.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_no_scored_position_scores_zero_and_backpropagates_zero():
+    head = torch.nn.Linear(4, 8, bias=False)
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    scores = LastPositions(hidden, head, chunk_size=2).scores(torch.full((2, 3), -100))
+    assert torch.equal(scores.logps, torch.zeros(2, 3))
+    scores.logps.sum().backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(head.weight.grad, torch.zeros(8, 4))
