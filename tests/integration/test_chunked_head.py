@@ -31,6 +31,9 @@ STAGES = {
 }
 
 
+LOGGED = ("train", "ppo", "grpo", "rewards", "logps", "logits", "kl")  # the statistics the stages log
+
+
 class FirstStep(L.Callback):
     """The gradients of the first optimiser step and the metrics logged by it."""
 
@@ -43,8 +46,7 @@ class FirstStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.metrics is None:
-            self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train", "ppo",
-                                                                                                     "grpo", "rewards", "logps", "logits", "kl"))}
+            self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(LOGGED)}
 
 
 def first_step(cfg) -> tuple[FirstStep, list[int], torch.nn.Module]:
@@ -70,6 +72,8 @@ def test_chunked_head_gives_the_same_first_step(make_cfg, stage):
     assert chunked_head(on_module.model) is not None and chunked_head(off_module.model) is None
     assert on_widths and set(on_widths) == {1} and max(off_widths) > 1
     assert off.metrics and off.metrics.keys() == on.metrics.keys()
+    stat = {"dpo": "train/logits/chosen", "kto": "train/logits/chosen", "ppo": "ppo/entropy"}.get(stage.split("_")[0])
+    assert stat is None or stat in off.metrics  # the mean logit and the entropy, computed in the chunks
     for name, value in off.metrics.items():
         assert on.metrics[name] == pytest.approx(value, abs=1e-5), name
     assert off.grads and off.grads.keys() == on.grads.keys()
