@@ -15,6 +15,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           Qwen2ForCausalLM, Qwen2ForSequenceClassification)
 
 from llm_stages.errors import ConfigError
+from llm_stages.losses.chunked import CHUNK_ATTRIBUTE
 
 log = logging.getLogger(__name__)
 
@@ -313,12 +314,29 @@ def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None, *, ne
     if tokens:
         # In place on the tokenizer the datamodule tokenizes with and the export saves.
         expand_vocabulary(model, tokenizer, tokens)
+    if head == "causal_lm" and cfg.get("chunked_lm_head", False):
+        # Read by llm_stages.losses.chunked: the stages score tokens from hidden states, chunk by chunk.
+        setattr(model, CHUNK_ATTRIBUTE, _chunk_size(cfg))
     if cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: gradients reach the layers' weights even when the inputs need none (frozen
+        # embeddings under LoRA), and each layer's forward may take keyword arguments.
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters, dtype %s", cfg.get("name"), n_params / 1e6, dtype)
     return model
+
+
+def _chunk_size(cfg) -> int:
+    size = cfg.get("lm_head_chunk_size", 1024)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"model.lm_head_chunk_size={size!r}: expected an integer >= 1 (tokens per LM-head chunk, "
+                          "e.g. 1024), or model.chunked_lm_head=false for the full-logits path")
+    return size
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from llm_stages.data.datamodule import PTDataModule, SFTDataModule
 from llm_stages.data.kinds.choice import option_text, read_choice, render_choice
 from llm_stages.errors import ConfigError, DataFormatError
 from llm_stages.evaluate.task import EvalContext, TaskResult, batches, progress, read_task, task_data
-from llm_stages.losses.causal import labelled_logits, sequence_logps
+from llm_stages.losses.causal import labelled_outputs, sequence_logps
 
 KINDS = ("conversation", "text", "multiple_choice")
 
@@ -33,9 +33,9 @@ def example_logps(ctx: EvalContext, examples: list, desc: str) -> tuple[torch.Te
     logps, counts = [], []
     for group in progress(list(batches(examples, ctx.batch_size)), ctx, desc):
         batch = collate_causal(group, ctx.tokenizer.pad_token_id)
-        logits, labels = labelled_logits(ctx.model, batch.labels.to(ctx.device), input_ids=batch.input_ids.to(ctx.device),
-                                         attention_mask=batch.attention_mask.to(ctx.device))
-        summed, n_tokens, _ = sequence_logps(logits, labels)
+        outputs, labels = labelled_outputs(ctx.model, batch.labels.to(ctx.device), input_ids=batch.input_ids.to(ctx.device),
+                                          attention_mask=batch.attention_mask.to(ctx.device))
+        summed, n_tokens, _ = sequence_logps(outputs, labels)
         logps.append(summed.cpu())
         counts.append(n_tokens.cpu())
     return torch.cat(logps), torch.cat(counts)

@@ -12,14 +12,14 @@ import torch
 
 from llm_stages.data.collate import CausalBatch
 from llm_stages.losses import token_cross_entropy
-from llm_stages.losses.causal import labelled_logits
+from llm_stages.losses.causal import labelled_outputs
 from llm_stages.stages.base import Stage
 
 
 class CausalLM(Stage):
     def forward(self, batch: CausalBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits over the labelled part of the batch, and its labels."""
-        return labelled_logits(self.model, batch.labels, input_ids=batch.input_ids,
+        """The model's outputs over the labelled part of the batch (llm_stages.losses.causal), and its labels."""
+        return labelled_outputs(self.model, batch.labels, input_ids=batch.input_ids,
                                attention_mask=batch.attention_mask, position_ids=batch.position_ids)
 
     def loss_sum(self, batch: CausalBatch):

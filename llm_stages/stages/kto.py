@@ -25,7 +25,7 @@ import torch.distributed as dist
 from llm_stages.adapters import frozen_reference
 from llm_stages.data.kinds.unpaired import UnpairedBatch
 from llm_stages.errors import ConfigError
-from llm_stages.losses.causal import labelled_logits, sequence_logps
+from llm_stages.losses.causal import labelled_outputs, sequence_logps
 from llm_stages.losses.kto import KTO_RANGES, UNPAIRED_LOSSES, kl_reference_point, kto_loss, weight_advice
 from llm_stages.ranges import check_ranges
 from llm_stages.stages.base import Stage
@@ -66,9 +66,9 @@ class KTO(Stage):
     def score(model, batch: UnpairedBatch):
         """(summed reply log-probs, reply token counts, mean reply logits), one per row of `batch`
         (all its rows: completion rows, then KL rows; or `batch.completion_rows()`, ...)."""
-        logits, labels = labelled_logits(model, batch.labels, input_ids=batch.input_ids,
-                                         attention_mask=batch.attention_mask)
-        return sequence_logps(logits, labels)
+        outputs, labels = labelled_outputs(model, batch.labels, input_ids=batch.input_ids,
+                                          attention_mask=batch.attention_mask)
+        return sequence_logps(outputs, labels)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

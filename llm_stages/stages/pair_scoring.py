@@ -10,7 +10,8 @@ import torch
 from llm_stages.training import strategies
 from llm_stages.data.kinds.pair import PairBatch
 from llm_stages.data.kinds.shared_pair import SharedPairBatch
-from llm_stages.losses.causal import IGNORE_INDEX, labelled_logits, sequence_logps
+from llm_stages.losses.causal import IGNORE_INDEX, labelled_outputs, sequence_logps
+from llm_stages.losses.chunked import head_outputs
 
 # Attention implementations that honour a custom 4-D mask (flash-attention kernels only take
 # position_ids / cu_seqlens, which cannot say "rejected does not see chosen").
@@ -62,24 +63,20 @@ def _model_mask(model, mask: torch.Tensor) -> torch.Tensor:
 def sequence_scores(model, batch: PairBatch | SharedPairBatch):
     """(summed reply log-probs, reply token counts, mean reply logits), each (2 * pairs,)."""
     if isinstance(batch, PairBatch):
-        logits, labels = labelled_logits(model, batch.labels, input_ids=batch.input_ids,
-                                         attention_mask=batch.attention_mask)
-        return sequence_logps(logits, labels)
+        outputs, labels = labelled_outputs(model, batch.labels, input_ids=batch.input_ids,
+                                          attention_mask=batch.attention_mask)
+        return sequence_logps(outputs, labels)
     scored = (batch.labels != IGNORE_INDEX) & (batch.predictor >= 0)
     rows, positions = scored.nonzero(as_tuple=True)
     sources = batch.predictor[rows, positions]
     start = int(sources.min()) if sources.numel() else 0  # positions before it never reach the LM head
-    logits = model(input_ids=batch.input_ids, attention_mask=_model_mask(model, batch.attention_mask),
-                   position_ids=batch.position_ids, use_cache=False,
-                   logits_to_keep=batch.input_ids.shape[1] - start).logits
-    picked_logits = logits[rows, sources - start].float()  # (scored tokens, vocab)
-    targets = batch.labels[rows, positions]
-    token_logps = picked_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - picked_logits.logsumexp(-1)
+    outputs = head_outputs(model, batch.input_ids.shape[1] - start, input_ids=batch.input_ids,
+                           attention_mask=_model_mask(model, batch.attention_mask), position_ids=batch.position_ids)
+    scores = outputs[rows, sources - start].scores(batch.labels[rows, positions])  # one per scored token
     sequence, n = batch.sequence[rows, positions], 2 * batch.num_pairs
-    logps = torch.zeros(n, dtype=token_logps.dtype, device=logits.device).index_add(0, sequence, token_logps)
+    logps = scores.logps.new_zeros(n).index_add(0, sequence, scores.logps)
     n_tokens = torch.bincount(sequence, minlength=n)
-    mean_logits = torch.zeros(n, dtype=token_logps.dtype, device=logits.device).index_add(
-        0, sequence, picked_logits.mean(-1)) / n_tokens.clamp(min=1)
+    mean_logits = scores.logps.new_zeros(n).index_add(0, sequence, scores.mean_logits) / n_tokens.clamp(min=1)
     return logps, n_tokens, mean_logits
 
 

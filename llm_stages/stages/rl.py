@@ -20,6 +20,7 @@ import torch
 from llm_stages.adapters import frozen_reference, reference_of
 from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
+from llm_stages.losses.chunked import head_outputs
 from llm_stages.losses.rl import entropy_from_logits, importance_weights
 from llm_stages.rollout.rewards import check_reward_inputs
 from llm_stages.rollout.rollout import Replies, Rollout, RolloutBuffer, Trajectory, position_ids
@@ -123,11 +124,16 @@ class RLStage(Stage):
         entropy; (N, R) each."""
         response, mask = trajectory.response, trajectory.attention_mask
         # Only the positions that predict reply tokens go through the LM head.
-        logits = model(input_ids=trajectory.input_ids, attention_mask=mask, position_ids=position_ids(mask),
-                       use_cache=False, logits_to_keep=response.shape[1] + 1).logits[:, :-1, :vocab_size].float()
-        logits = logits / (self.generation.get("temperature") or 1.0)
-        logprobs = torch.log_softmax(logits, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-        entropy = entropy_from_logits(logits) if with_entropy else None
+        temperature = self.generation.get("temperature") or 1.0
+        if vocab_size is not None:  # over the ids a teacher shares with the policy: the full logits, cut
+            logits = model(input_ids=trajectory.input_ids, attention_mask=mask, position_ids=position_ids(mask),
+                           use_cache=False, logits_to_keep=response.shape[1] + 1).logits[:, :-1, :vocab_size].float()
+            logprobs = torch.log_softmax(logits / temperature, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+            return logprobs, entropy_from_logits(logits / temperature) if with_entropy else None
+        outputs = head_outputs(model, response.shape[1] + 1, input_ids=trajectory.input_ids, attention_mask=mask,
+                               position_ids=position_ids(mask))
+        scores = outputs[:, :-1].scores(response, temperature=temperature, with_entropy=with_entropy)
+        logprobs, entropy = scores.logps, scores.entropy
         return logprobs, entropy
 
     def track_logprob_diff(self, sampled: torch.Tensor, trained: torch.Tensor, mask: torch.Tensor) -> None:
