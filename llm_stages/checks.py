@@ -136,6 +136,7 @@ def _check_declared_ranges(cfg) -> None:
     loss's own (`loss.*`) are checked with its other settings by loss_settings."""
     from omegaconf import OmegaConf
 
+    from llm_stages.losses.distill import DISTILL_RANGES
     from llm_stages.losses.kto import KTO_RANGES
     from llm_stages.losses.preference import DPO_MODULE_RANGES
     from llm_stages.losses.rl import GRPO_RANGES, PPO_RANGES
@@ -145,7 +146,8 @@ def _check_declared_ranges(cfg) -> None:
         settings = OmegaConf.select(cfg, key, default=None)
         if settings is not None:
             check_sampling_settings(settings, key=key)
-    module_ranges = {"dpo": DPO_MODULE_RANGES, "kto": KTO_RANGES, "ppo": PPO_RANGES, "grpo": GRPO_RANGES}
+    module_ranges = {"dpo": DPO_MODULE_RANGES, "kto": KTO_RANGES, "ppo": PPO_RANGES, "grpo": GRPO_RANGES,
+                     "distill": DISTILL_RANGES}
     stage = (cfg.get("stage") or {}).get("name")
     if stage in module_ranges and cfg.get("module") is not None:
         check_ranges(cfg.module, module_ranges[stage], "module")

@@ -23,6 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from llm_stages.ranges import FRACTION, POSITIVE, Range
+
+# The allowed range of each of stage=distill's numeric settings (`module.<name>`), checked with the config.
+DISTILL_RANGES = {
+    "beta": Range(0, 1, note="0: forward KL, 1: reverse KL"),
+    "temperature": POSITIVE,
+    "lmbda": FRACTION,  # the share of micro-batches answered by the student
+    "chunk_size": Range(1, integer=True, note="tokens per LM-head chunk"),
+}
+
 
 def generalized_jsd(student_logps: torch.Tensor, teacher_logps: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token divergence (n,) between two rows of log-probabilities (n, vocab) each, summed over the vocabulary."""

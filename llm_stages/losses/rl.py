@@ -24,6 +24,7 @@ _SHARED_RANGES = {
     "mini_batch_size": Range(1, integer=True),
     "micro_batch_size": Range(1, integer=True, nullable=True, note="null: the whole minibatch"),
     "gamma": Range(0, 1, low_open=True),  # the discount of future rewards
+    "distill_coef": NON_NEGATIVE,  # the weight of the reverse KL to module.teacher in each token's reward
 }
 PPO_RANGES = {
     **_SHARED_RANGES,

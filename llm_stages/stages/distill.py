@@ -25,7 +25,8 @@ from llm_stages.data.collate import CausalBatch
 from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.causal import IGNORE_INDEX
-from llm_stages.losses.distill import chunked_distillation
+from llm_stages.losses.distill import DISTILL_RANGES, chunked_distillation
+from llm_stages.ranges import check_ranges
 from llm_stages.rollout.rollout import position_ids
 from llm_stages.rollout.sampling import Sampler
 from llm_stages.stages.base import Stage
@@ -40,12 +41,8 @@ class Distill(Stage):
                  lmbda: float = 0.0, seq_kd: bool = False, generation: dict | None = None, chunk_size: int = 1024,
                  seed: int = 0):
         super().__init__(model, tokenizer, optim)
-        for key, value, ok, allowed in (("beta", beta, 0 <= beta <= 1, "[0, 1] (0: forward KL, 1: reverse KL)"),
-                                        ("temperature", temperature, temperature > 0, "> 0"),
-                                        ("lmbda", lmbda, 0 <= lmbda <= 1, "[0, 1] (share of on-policy micro-batches)"),
-                                        ("chunk_size", chunk_size, chunk_size >= 1, ">= 1 (tokens)")):
-            if not ok:
-                raise ConfigError(f"module.{key}={value}: expected a number in {allowed}")
+        check_ranges(dict(beta=beta, temperature=temperature, lmbda=lmbda, chunk_size=chunk_size), DISTILL_RANGES,
+                     "module")
         self.beta, self.temperature, self.lmbda, self.seq_kd = beta, temperature, lmbda, seq_kd
         self.chunk_size, self.seed = chunk_size, seed
         self.teacher, self.vocab_size = load_teacher(teacher, tokenizer)

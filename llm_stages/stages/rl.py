@@ -49,8 +49,8 @@ class RLStage(Stage):
             raise ConfigError(f"module.mini_batch_size={mini_batch_size} must be a multiple of "
                               f"module.micro_batch_size={self.micro_batch_size}")
         self.log_samples_every, self.seed = log_samples_every, seed
-        if distill_coef < 0 or (distill_coef > 0 and not (teacher or {}).get("path")):
-            raise ConfigError(f"module.distill_coef={distill_coef}: expected a number >= 0, and > 0 only with "
+        if distill_coef > 0 and not (teacher or {}).get("path"):
+            raise ConfigError(f"module.distill_coef={distill_coef}: a distillation reward needs "
                               "module.teacher.path=<the teacher's checkpoint>")
         self.distill_coef = distill_coef
         self.teacher, self.teacher_vocab = load_teacher(teacher, tokenizer) if distill_coef else (None, None)

@@ -123,3 +123,23 @@ def test_missing_teacher_path_is_one_line(make_cfg):
 
     with pytest.raises(ConfigError, match="module.teacher.path is not set"):
         check_config(make_cfg("stage=distill"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("module.beta=1.5", r"module.beta=1.5: expected a number in \[0, 1\]"),
+    ("module.temperature=0", r"module.temperature=0: expected a number > 0"),
+    ("module.lmbda=-0.1", r"module.lmbda=-0.1: expected a number in \[0, 1\]"),
+    ("module.chunk_size=0", r"module.chunk_size=0: expected an integer >= 1"),
+])
+def test_out_of_range_settings_are_one_line_before_any_model_loads(make_cfg, teacher_dir, override, message):
+    from llm_stages.checks import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(_cfg(make_cfg, teacher_dir, override))
+
+
+def test_a_negative_distillation_reward_is_refused_with_the_config(make_cfg, teacher_dir):
+    from llm_stages.checks import check_config
+
+    with pytest.raises(ConfigError, match=r"module.distill_coef=-1: expected a number >= 0"):
+        check_config(make_cfg("stage=grpo", f"module.teacher.path={teacher_dir}", "module.distill_coef=-1"))
