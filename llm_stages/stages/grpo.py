@@ -85,7 +85,7 @@ class GRPO(RLStage):
             if self.advantage.kl_coef else None
         advantages = self.advantage.compute(AdvantageInputs(scores, mask, group, kl), reduce=self._all_reduce)
         if self.distill_coef:  # on-policy distillation: a dense per-token term, not spread over the reply
-            reverse_kl = self.teacher_reverse_kl(sample)
+            reverse_kl = self.teacher_reverse_kl(sample, None if single_pass else old_logprobs)
             advantages = advantages - self.distill_coef * reverse_kl
         trajectory = Trajectory.from_sample(sample, logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                             advantages=advantages, scores=scores)

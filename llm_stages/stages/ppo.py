@@ -111,7 +111,7 @@ class PPO(RLStage):
         clipped = scores.clamp(-self.reward_clip, self.reward_clip) if self.reward_clip else scores
         rewards = shaped_rewards(clipped, kl, mask, self.kl_ctl.value)
         if self.distill_coef:  # on-policy distillation: each token's reverse KL to the teacher, a dense reward
-            reverse_kl = self.teacher_reverse_kl(sample)
+            reverse_kl = self.teacher_reverse_kl(sample, logprobs)
             rewards = rewards - self.distill_coef * reverse_kl
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten_advantages:

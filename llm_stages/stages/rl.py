@@ -111,10 +111,13 @@ class RLStage(Stage):
             return self.response_logprobs(reference, trajectory)[0]
 
     @torch.no_grad()
-    def teacher_reverse_kl(self, sample) -> torch.Tensor:
+    def teacher_reverse_kl(self, sample, policy_logprobs: torch.Tensor | None = None) -> torch.Tensor:
         """log pi(y_t) - log pi_teacher(y_t) of each sampled reply token (N, R), 0 on padding: the
-        one-sample estimate of the reverse KL to the teacher that on-policy distillation minimises."""
-        student = self.response_logprobs(self.model, sample, vocab_size=self.teacher_vocab)[0]
+        one-sample estimate of the reverse KL to the teacher that on-policy distillation minimises.
+        `policy_logprobs`: the policy's, when the stage already holds them (over the whole vocabulary,
+        so used only where the teacher shares all of it)."""
+        reuse = policy_logprobs is not None and self.teacher_vocab is None
+        student = policy_logprobs if reuse else self.response_logprobs(self.model, sample, vocab_size=self.teacher_vocab)[0]
         teacher = self.response_logprobs(self.teacher, sample, vocab_size=self.teacher_vocab)[0]
         return (student - teacher) * sample.response_mask
 

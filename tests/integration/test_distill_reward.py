@@ -51,6 +51,9 @@ def test_reverse_kl_is_student_minus_teacher_logprob_of_each_sampled_token(make_
     with torch.no_grad():
         expected = (logprobs(module.model) - logprobs(module.teacher)) * sample.response_mask
     torch.testing.assert_close(reverse_kl, expected, rtol=1e-5, atol=1e-5)
+    # The policy's log-probs the stage already holds (PPO's, GRPO's old ones) give the same numbers.
+    held = module.response_logprobs(module.model, sample)[0].detach() * sample.response_mask
+    torch.testing.assert_close(module.teacher_reverse_kl(sample, held), reverse_kl, rtol=0, atol=0)
     assert (reverse_kl[sample.response_mask == 0] == 0).all() and reverse_kl.abs().sum() > 0
 
 
@@ -71,7 +74,8 @@ def test_rl_trains_with_the_distillation_reward(make_cfg, teacher_dir, overrides
     from llm_stages.stages.rl import RLStage
 
     seen, original = [], RLStage.teacher_reverse_kl
-    monkeypatch.setattr(RLStage, "teacher_reverse_kl", lambda self, sample: seen.append(original(self, sample)) or seen[-1])
+    monkeypatch.setattr(RLStage, "teacher_reverse_kl",
+                        lambda self, *args: seen.append(original(self, *args)) or seen[-1])
     metrics = train(make_cfg(*overrides, f"module.teacher.path={teacher_dir}", "module.distill_coef=0.5"))
     assert metrics["steps"] >= 2 and math.isfinite(metrics["train/loss"])
     assert seen and all(kl.abs().sum() > 0 for kl in seen)  # once per iteration, a teacher unlike the policy
