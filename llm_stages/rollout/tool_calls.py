@@ -307,6 +307,6 @@ def decode_turn(tokenizer, ids, parser: ToolCallParser) -> str:
     ids = [int(i) for i in ids]
     special = set(tokenizer.all_special_ids) | {
         i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(token, "special", False)}
-    keep = {tokenizer.convert_tokens_to_ids(marker) for marker in parser.markers
-            if tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids(marker)) == marker}
+    added = tokenizer.get_added_vocab()
+    keep = {added[marker] for marker in parser.markers if marker in added}
     return tokenizer.decode([i for i in ids if i not in special or i in keep], skip_special_tokens=False)
