@@ -114,7 +114,8 @@ def run_python(code: str, *, cpu_seconds: int = 5, memory_mb: int = 512, wall_se
         folder = Path(folder)
         (folder / "main.py").write_text(code)
         environment = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": str(folder), "TMPDIR": str(folder)}
-        limits = [str(max(1, math.ceil(cpu_seconds))), str(memory_mb * 2 ** 20), str(OUTPUT_BYTES)]
+        cpu_seconds = max(1, math.ceil(cpu_seconds))  # RLIMIT_CPU counts whole seconds
+        limits = [str(cpu_seconds), str(memory_mb * 2 ** 20), str(OUTPUT_BYTES)]
         with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
             # Output goes to files (capped by RLIMIT_FSIZE), not pipes, so a print loop cannot fill our memory.
             process = subprocess.Popen([sys.executable, "-I", "-c", _LAUNCHER, *limits], cwd=folder, env=environment,

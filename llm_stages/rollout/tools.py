@@ -150,7 +150,7 @@ def _run(fn: Callable, arguments: dict) -> tuple[object, BaseException | None]:
         if inspect.isawaitable(value):
             value = asyncio.run(_awaited(value))
         return value, None
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a tool calling sys.exit() must not end the training run
         return None, e
 
 

@@ -101,8 +101,9 @@ def test_the_tiny_tokenizer_gets_hermes_as_the_sft_data_writes_tool_calls(tokeni
 
     assert parser_for(tokenizer).name == "hermes"
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
-    messages, _ = template_messages(tokenizer, [{"role": "user", "content": "1+?"},
-                                                {"role": "assistant", "content": "Adding.", "tool_calls": [call]}], None)
+    conversation = [{"role": "user", "content": "1+?"},
+                    {"role": "assistant", "content": "Adding.", "tool_calls": [call]}]
+    messages, _ = template_messages(tokenizer, conversation, None)
     text = render_text(tokenizer, messages)
     turn = text[text.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):]
     ids = tokenizer(turn, add_special_tokens=False)["input_ids"]

@@ -34,6 +34,15 @@ def fail(reason: str) -> str:
     raise KeyError(reason)
 
 
+def leave(code: int) -> str:
+    """Exits.
+
+    Args:
+        code: The exit status.
+    """
+    raise SystemExit(code)
+
+
 def nap(seconds: float) -> str:
     """Sleep.
 
@@ -89,7 +98,8 @@ def test_a_partial_keeps_the_name_and_drops_what_it_binds():
     assert tool.name == "scale"
     assert tool.schema["function"]["parameters"] == {"type": "object", "properties": {
         "factor": {"type": "number", "description": "What to multiply each by."}}, "required": ["factor"]}
-    assert call_tool(tool_table([tool]), ToolCall("scale", {"factor": 2}), timeout=None) == ToolResult("[3.0, 5.0]", None)
+    assert call_tool(tool_table([tool]), ToolCall("scale", {"factor": 2}), timeout=None) == \
+        ToolResult("[3.0, 5.0]", None)
     # the model cannot set what the configuration bound
     assert call_tool(tool_table([tool]), ToolCall("scale", {"factor": 2, "offset": 9}), timeout=None) == ToolResult(
         "error: bad arguments for scale: unexpected argument 'offset'; it takes scale(factor: number)", "bad_arguments")
@@ -130,14 +140,15 @@ def test_two_tools_of_one_name_are_refused():
         tool_table([tool_from_callable(scale), tool_from_callable(functools.partial(scale, offset=2))])
 
 
-TOOLS = tool_table([tool_from_callable(f) for f in (scale, fail, nap, calculator)])
+TOOLS = tool_table([tool_from_callable(f) for f in (scale, fail, leave, nap, calculator)])
 
 
 @pytest.mark.parametrize("call, result", [
     (ToolCall("scale", {"values": [1, 2], "factor": 0.5}), ToolResult("[0.5, 1.0]", None)),
     (ToolCall("calculator", {"expression": "123*456"}), ToolResult("56088", None)),
     (ToolCall("search", {"q": "x"}),
-     ToolResult("error: there is no tool named 'search'; the tools are: calculator, fail, nap, scale", "unknown_tool")),
+     ToolResult("error: there is no tool named 'search'; the tools are: calculator, fail, leave, nap, scale",
+                "unknown_tool")),
     (ToolCall("scale", {"values": [1]}), ToolResult(
         "error: bad arguments for scale: missing a required argument: 'factor'; it takes "
         "scale(values: array, factor: number, offset: integer (optional))", "bad_arguments")),
@@ -145,6 +156,7 @@ TOOLS = tool_table([tool_from_callable(f) for f in (scale, fail, nap, calculator
         "error: bad arguments for calculator: unexpected argument 'expr'; it takes calculator(expression: string)",
         "bad_arguments")),
     (ToolCall("fail", {"reason": "no such key"}), ToolResult("error: fail raised KeyError: 'no such key'", "raised")),
+    (ToolCall("leave", {"code": 3}), ToolResult("error: leave raised SystemExit: 3", "raised")),
     (ToolCall("calculator", {"expression": "1/0"}),
      ToolResult("error: calculator raised ValueError: division by zero", "raised")),
 ])
@@ -239,7 +251,8 @@ def test_run_python_error_and_environment():
 
 
 def test_run_python_memory_and_wall_clock_limits():
-    assert run_python("x = bytearray(400 * 2**20)", memory_mb=128).endswith("MemoryError\nkilled: memory limit of 128 MB")
+    out = run_python("x = bytearray(400 * 2**20)", memory_mb=128)
+    assert out.endswith("MemoryError\nkilled: memory limit of 128 MB")
     start = time.monotonic()
     assert run_python("import time\nprint('started', flush=True)\ntime.sleep(30)", wall_seconds=0.3) == \
         "started\nkilled: wall-clock limit of 0.3 s"
