@@ -198,3 +198,14 @@ def test_qwen3_xml_failures():
         "error: tool call 2: no <function=NAME>...</function> block" + expected,
         "error: tool call 3: text outside <parameter=KEY>...</parameter> in b" + expected,
         "error: tool call 4: <tool_call> is not closed by </tool_call>" + expected])
+
+
+def test_hermes_markers_read_the_same_as_text_or_as_special_tokens(tokenizer):
+    turn = 'Adding.\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call><|im_end|>'
+    expected = ParsedTurn("Adding.", [ToolCall("add", {"a": 1})], [])
+    as_tokens = copy.deepcopy(tokenizer)
+    as_tokens.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    for tok in (tokenizer, as_tokens):
+        ids = tok(turn, add_special_tokens=False)["input_ids"]
+        assert PARSERS["hermes"].parse(decode_turn(tok, ids, PARSERS["hermes"])) == expected
+    assert as_tokens.convert_tokens_to_ids("<tool_call>") in as_tokens.all_special_ids

@@ -10,7 +10,7 @@ import pytest
 from llm_stages.errors import ConfigError
 from llm_stages.rollout.builtin_tools import calculator, run_python
 from llm_stages.rollout.tool_calls import ToolCall
-from llm_stages.rollout.tools import (Tool, ToolResult, call_tool, environment_tools, parse_failure_result,
+from llm_stages.rollout.tools import (ToolResult, call_tool, environment_tools, parse_failure_result,
                                       tool_from_callable, tool_table)
 
 
