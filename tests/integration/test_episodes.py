@@ -238,16 +238,22 @@ class EveryTurnCalls:
         return ParsedTurn(text.strip(), [ToolCall("multiply", {"a": len(text), "b": 2})], [])
 
 
+DIGIT = ("+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.format_match, "
+         "_partial_: true, pattern: '.*[0-9].*'}}")
 TOOLS = "rollout.tools=[{_target_: tests.integration.test_episodes.multiply, _partial_: true}]"
 EPISODES = [TOOLS, "rollout.episode.max_turns=3", "rollout.episode.max_turn_tokens=6"]
 
 
+def ending_quarter(model, tokenizer) -> list[int]:
+    """A quarter of the vocabulary ends a turn: the random tiny model's turns end within a few tokens."""
+    return sorted({tokenizer.eos_token_id, *range(3, len(tokenizer), 4)})
+
+
 @pytest.fixture
 def every_turn_calls(monkeypatch):
-    """Turns that end (a quarter of the vocabulary ends a turn) and are each read as a call."""
+    """Turns that end and are each read as a call."""
     monkeypatch.setattr("llm_stages.rollout.episodes.parser_for", lambda tokenizer: EveryTurnCalls())
-    monkeypatch.setattr("llm_stages.rollout.sampling.eos_ids",
-                        lambda model, tokenizer: sorted({tokenizer.eos_token_id, *range(3, len(tokenizer), 4)}))
+    monkeypatch.setattr("llm_stages.rollout.sampling.eos_ids", ending_quarter)
 
 
 @pytest.mark.slow
@@ -262,6 +268,9 @@ def test_grpo_over_episodes_logs_env_metrics_and_trains(make_cfg, tmp_path, ever
                  "env/truncated_fraction", "env/reward_mean", "val/reward", "val/turns_mean"):
         assert name in columns, name
     turns = [float(r["env/turns_mean"]) for r in rows if r.get("env/turns_mean")]
+    # The update's log-probs of the sampled tokens equal the sampling-time ones, tool turns in between.
+    diffs = [float(r["rollout/logprob_diff_max"]) for r in rows if r.get("rollout/logprob_diff_max")]
+    assert diffs and max(diffs) < 1e-4, diffs
     assert turns and all(1 < t <= 3 for t in turns)
 
 
@@ -313,3 +322,14 @@ def test_ppo_over_episodes_resumes_exactly(make_cfg, tmp_path, every_turn_calls)
     _fit(module, datamodule, cfg, [resumed], ckpt_path=tmp_path / "k2.ckpt")
     for key, value in uninterrupted.rows[2].items():
         assert resumed.rows[0][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_grpo_over_episodes_with_lora_and_a_kl_reference(make_cfg, tmp_path, every_turn_calls):
+    """LoRA: the reference is the policy with its adapter off, over the same episode tokens."""
+    rows = Recorder(prefixes=("grpo/", "env/"))
+    cfg = make_cfg(*GRPO, *EPISODES, DIGIT, "peft=lora", "module.beta=0.04", "optim.lr=1e-2", "trainer.max_steps=8")
+    module, datamodule = build(cfg)
+    _fit(module, datamodule, cfg, [rows])
+    assert len(rows.rows) == 2 and all(r["env/turns_mean"] > 1 for r in rows.rows)
+    assert 0 < rows.rows[1]["grpo/kl"] < 1  # the adapter moved the policy off the reference
