@@ -145,7 +145,7 @@ LAYERS = [
                 "llm_stages.adapters", "llm_stages.losses"]),
     ("training", ["llm_stages.training", "llm_stages.config"]),
     ("data", ["llm_stages.data", "callbacks"]),
-    ("rollout", ["llm_stages.rollout"]),
+    ("rollout", ["llm_stages.rollout", "llm_stages.envs"]),
     ("stages", ["llm_stages.stages"]),
     ("evaluate", ["llm_stages.evaluate"]),
     ("entry points", ["llm_stages.train", "llm_stages.pipeline", "llm_stages.chat", "llm_stages.__main__",
