@@ -160,7 +160,7 @@ def _tool_specs(env, action, action_name: str) -> list[dict]:
         action_class = getattr(action, "func", action)
         schema = action_class.model_json_schema()
         schema["properties"] = {k: v for k, v in schema.get("properties", {}).items() if k != "metadata"}
-        description = inspect.getdoc(action_class) or f"Take a {action_class.__name__} in the environment."
+        description = (inspect.getdoc(action_class) or f"Take a {action_class.__name__} in the environment.").split("\n\n")[0]
         return [{"name": action_name, "description": description, "input_schema": schema}]
     if not isinstance(env, module.MCPEnvironment):
         raise ConfigError(f"rollout.environment.env: {type(env).__name__} is an OpenEnv Environment without MCP tools; "
