@@ -49,6 +49,7 @@ def openenv_environment(env: Callable, action: Callable | None = None, action_na
     """A new environment from `env` (a class or factory of an OpenEnv `Environment`), wrapped as an
     `OpenEnvTools` whose class has the environment's tools as methods (the protocol finds tools among
     a class's functions, so each tool set gets its own subclass)."""
+    _openenv()
     if reward not in ("sum", "last"):
         raise ConfigError(f"rollout.environment.reward={reward!r}: sum (the episode's rewards added) or last")
     instance = env()

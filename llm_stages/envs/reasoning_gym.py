@@ -174,6 +174,9 @@ def score(completions: list[str], fields: list[Mapping] | None = None, **_) -> l
                           "metadata), but this rollout passes the rewards no fields=")
     scores = []
     for completion, record in zip(completions, fields):
+        if not record.get("task"):
+            raise ConfigError(f"llm_stages.envs.reasoning_gym.score: a prompt record has no 'task' field (keys: "
+                              f"{sorted(record)}); write the data with python -m llm_stages.envs.reasoning_gym")
         verifier = _dataset(record["task"], _config_json(record.get("task_config"))).score_answer
         scores.append(float(verifier(extract_answer(completion), _entry(record))))
     return scores

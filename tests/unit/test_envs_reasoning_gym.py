@@ -92,6 +92,13 @@ def test_score_gives_partial_credit_where_the_task_does(rg):
     assert scores[0] == 1.0 and scores[1] < 1.0
 
 
+def test_score_without_the_records_it_reads_is_one_line(rg):
+    with pytest.raises(ConfigError, match="passes the rewards no fields="):
+        rg_env.score(["<answer>3</answer>"], prompts=["How many legs?"], answers=["3"])
+    with pytest.raises(ConfigError, match=r"a prompt record has no 'task' field \(keys: \['answer', 'prompt'\]\)"):
+        rg_env.score(["<answer>3</answer>"], fields=[{"prompt": "How many legs?", "answer": "3"}])
+
+
 def test_task_config_reaches_generation_and_scoring(rg):
     records = rg_env.task_records("basic_arithmetic", 4, seed=0, config={"min_terms": 2, "max_terms": 2,
                                                                           "min_digits": 1, "max_digits": 1})
