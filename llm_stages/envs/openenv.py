@@ -7,7 +7,7 @@ The environment runs in this process, as OpenEnv's own server runs it: its `Envi
 
     rollout:
       environment:
-        _target_: llm_stages.envs.openenv.openenv_environment
+        _target_: llm_stages.envs.openenv.OpenEnvTools
         _partial_: true
         env: {_target_: my_env.server.MyEnvironment, _partial_: true}    # a new one per episode
         action: null              # plain environments: {_target_: my_env.models.MyAction, _partial_: true}
@@ -44,34 +44,26 @@ def _openenv():
     return require("openenv.core.env_server.mcp_environment", "openenv-core", EXTRA, "llm_stages.envs.openenv")
 
 
-def openenv_environment(env: Callable, action: Callable | None = None, action_name: str = "act",
-                        reward: str = "sum", observation_field: str | None = None) -> "OpenEnvTools":
-    """A new environment from `env` (a class or factory of an OpenEnv `Environment`), wrapped as an
-    `OpenEnvTools` whose class has the environment's tools as methods (the protocol finds tools among
-    a class's functions, so each tool set gets its own subclass)."""
-    _openenv()
-    if reward not in ("sum", "last"):
-        raise ConfigError(f"rollout.environment.reward={reward!r}: sum (the episode's rewards added) or last")
-    instance = env()
-    tools = _tool_specs(instance, action, action_name)
-    cls = _tools_class(type(instance).__name__, json.dumps(tools, sort_keys=True, default=str))
-    return cls(instance, action, reward, observation_field)
-
-
-@functools.lru_cache(maxsize=None)
-def _tools_class(env_name: str, tools_json: str) -> type:
-    tools = json.loads(tools_json)
-    methods = {spec["name"]: _tool_method(spec) for spec in tools}
-    return type(f"OpenEnv{env_name}", (OpenEnvTools,), {**methods, "tool_specs": tools})
-
-
 class OpenEnvTools:
-    """One episode's OpenEnv environment (made by `openenv_environment`, which adds the tool methods)."""
+    """One episode's OpenEnv environment. `OpenEnvTools(env=...)` makes the environment and returns it
+    wrapped in a subclass that has the environment's tools as methods: the protocol reads tools off an
+    environment's class, and each tool set needs its own. Configured by this class (not a factory
+    function), so the episode runner can tell before any episode that the environment owns a reward."""
 
-    tool_specs: list[dict] = []
+    def __new__(cls, env: Callable, action: Callable | None = None, action_name: str = "act", *args, **kwargs):
+        _openenv()
+        environment = env()
+        tools = _tool_specs(environment, action, action_name)
+        adapter = super().__new__(_tools_class(type(environment).__name__, json.dumps(tools, sort_keys=True, default=str)))
+        adapter.env = environment
+        return adapter
 
-    def __init__(self, env, action: Callable | None = None, reward: str = "sum", observation_field: str | None = None):
-        self.env, self._action, self._reward_mode, self._observation_field = env, action, reward, observation_field
+    def __init__(self, env: Callable, action: Callable | None = None, action_name: str = "act", reward: str = "sum",
+                 observation_field: str | None = None):
+        # self.env: the environment __new__ made from `env`
+        if reward not in ("sum", "last"):
+            raise ConfigError(f"rollout.environment.reward={reward!r}: sum (the episode's rewards added) or last")
+        self._action, self._reward_mode, self._observation_field = action, reward, observation_field
         self._rewards: list[float] = []
         self.done = False
 
@@ -153,6 +145,15 @@ def _accepted(function: Callable, record: Mapping) -> dict:
 
 
 # --- tools ---------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _tools_class(env_name: str, tools_json: str) -> type:
+    """The subclass of OpenEnvTools with these tools as methods (one per tool set, named after the
+    environment: the name its reward component is logged under)."""
+    tools = json.loads(tools_json)
+    methods = {spec["name"]: _tool_method(spec) for spec in tools}
+    return type(f"OpenEnv{env_name}", (OpenEnvTools,), {**methods, "tool_specs": tools})
+
 
 def _tool_specs(env, action, action_name: str) -> list[dict]:
     """[{name, description, input_schema}] of the environment's tools."""

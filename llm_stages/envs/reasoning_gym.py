@@ -169,7 +169,7 @@ def extract_answer(completion: str) -> str | None:
 def score(completions: list[str], fields: list[Mapping] | None = None, **_) -> list[float]:
     """The task's own verifier (`score_answer`) on each reply's `<answer>`: 1.0 for a right answer,
     partial credit where the task gives it, 0.0 for a wrong or missing one."""
-    if fields is None:
+    if fields is None or any(record is None for record in fields):
         raise ConfigError("llm_stages.envs.reasoning_gym.score reads each prompt's data record (its task and "
                           "metadata), but this rollout passes the rewards no fields=")
     scores = []

@@ -18,7 +18,7 @@ def test_missing_extra_is_one_line_naming_the_install(monkeypatch):
     for name in ("openenv", "openenv.core", "openenv.core.env_server", "openenv.core.env_server.mcp_environment"):
         monkeypatch.setitem(sys.modules, name, None)  # imports now fail as if openenv-core were absent
     with pytest.raises(ConfigError) as error:
-        openenv_env.openenv_environment(object)
+        openenv_env.OpenEnvTools(object)
     assert str(error.value) == ("llm_stages.envs.openenv needs openenv-core, which is not installed: "
                                 "pip install 'llm_stages[openenv]' (or pip install openenv-core)")
 
@@ -41,7 +41,7 @@ def tool_names(environment) -> list[str]:
 def test_mcp_environment_tools_reset_and_reward(games):
     from transformers.utils import get_json_schema
 
-    env = openenv_env.openenv_environment(games.GuessNumber)
+    env = openenv_env.OpenEnvTools(games.GuessNumber)
     assert type(env).__name__ == "OpenEnvGuessNumber"  # the reward component's name
     assert tool_names(env) == ["guess", "hint"]
     assert get_json_schema(type(env).guess)["function"] == {
@@ -74,11 +74,15 @@ def test_configured_as_rollout_environment(games):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    config = OmegaConf.create({"_target_": "llm_stages.envs.openenv.openenv_environment", "_partial_": True,
+    from llm_stages.rollout.rollout import environment_class
+
+    config = OmegaConf.create({"_target_": "llm_stages.envs.openenv.OpenEnvTools", "_partial_": True,
                                "reward": "last",
                                "env": {"_target_": "tests.unit.openenv_games.GuessNumber", "_partial_": True,
                                        "high": 10}})
     factory = instantiate(config)
+    # the runner tells from the configured class, before any episode, that the environment owns a reward
+    assert callable(getattr(environment_class(factory), "get_reward", None))
     first, second = factory(), factory()  # one environment per episode
     assert first.env is not second.env and type(first) is type(second)
     first.reset(secret=4)
@@ -94,7 +98,7 @@ def test_configured_as_rollout_environment(games):
 def test_plain_environment_acts_through_its_action_class(games):
     from transformers.utils import get_json_schema
 
-    env = openenv_env.openenv_environment(games.Counter, action=games.MoveAction, action_name="move")
+    env = openenv_env.OpenEnvTools(games.Counter, action=games.MoveAction, action_name="move")
     assert tool_names(env) == ["move"]
     assert get_json_schema(type(env).move)["function"]["parameters"] == {
         "type": "object", "properties": {"steps": {"type": "integer", "description": "how far to move (negative: down)"}},
@@ -105,7 +109,7 @@ def test_plain_environment_acts_through_its_action_class(games):
     assert env.move(steps=-1) == '{"position": 2, "target": 2}'
     assert env.get_reward() == 1.0 and env.done
 
-    focused = openenv_env.openenv_environment(games.Counter, action=games.MoveAction, observation_field="position")
+    focused = openenv_env.OpenEnvTools(games.Counter, action=games.MoveAction, observation_field="position")
     assert focused.reset(target=1) == "0" and focused.act(steps=1) == "1"
 
 
@@ -113,9 +117,9 @@ def test_plain_environment_acts_through_its_action_class(games):
 def test_configuration_mistakes_are_one_line(games):
     with pytest.raises(ConfigError, match=r"^rollout.environment.env: Counter is an OpenEnv Environment without MCP "
                                           r"tools; set rollout.environment.action"):
-        openenv_env.openenv_environment(games.Counter)
+        openenv_env.OpenEnvTools(games.Counter)
     with pytest.raises(ConfigError, match=r"^rollout.environment.reward='mean': sum .* or last"):
-        openenv_env.openenv_environment(games.GuessNumber, reward="mean")
-    env = openenv_env.openenv_environment(games.Counter, action=games.MoveAction, observation_field="speed")
+        openenv_env.OpenEnvTools(games.GuessNumber, reward="mean")
+    env = openenv_env.OpenEnvTools(games.Counter, action=games.MoveAction, observation_field="speed")
     with pytest.raises(ConfigError, match=r"observation_field='speed': CounterObservation has \['position', 'target'\]"):
         env.reset()
