@@ -28,6 +28,8 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
+import re
 import typing
 from collections.abc import Callable, Mapping
 
@@ -40,8 +42,20 @@ BOOKKEEPING = ("done", "reward", "metadata")
 JSON_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool, "array": list, "object": dict}
 
 
+# FastMCP's wording around a tool's own error message.
+_FASTMCP_PREFIX = re.compile(r"^Error calling tool '[^']*': ")
+
+
 def _openenv():
-    return require("openenv.core.env_server.mcp_environment", "openenv-core", EXTRA, "llm_stages.envs.openenv")
+    module = require("openenv.core.env_server.mcp_environment", "openenv-core", EXTRA, "llm_stages.envs.openenv")
+    logging.getLogger("fastmcp.server.server").addFilter(_drop_tool_errors)
+    return module
+
+
+def _drop_tool_errors(record: logging.LogRecord) -> bool:
+    """FastMCP logs each tool that raised with its traceback; in training a failed call is the model's
+    mistake, shown to it as the tool turn and counted (env/tool_errors), not a fault to print."""
+    return not record.getMessage().startswith("Error calling tool")
 
 
 class OpenEnvTools:
@@ -93,7 +107,8 @@ class OpenEnvTools:
         self._note(observation)
         error = getattr(observation, "error", None)
         if error is not None:
-            raise RuntimeError(getattr(error, "message", None) or str(error))
+            message = getattr(error, "message", None) or str(error)
+            raise RuntimeError(_FASTMCP_PREFIX.sub("", message))  # the episode names the tool already
         return self._text(observation)
 
     def _note(self, observation) -> None:
