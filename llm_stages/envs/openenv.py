@@ -40,8 +40,6 @@ EXTRA = "openenv"
 # Observation fields that are bookkeeping, not what the model reads.
 BOOKKEEPING = ("done", "reward", "metadata")
 JSON_TYPES = {"string": str, "integer": int, "number": float, "boolean": bool, "array": list, "object": dict}
-
-
 # FastMCP's wording around a tool's own error message.
 _FASTMCP_PREFIX = re.compile(r"^Error calling tool '[^']*': ")
 
@@ -68,7 +66,8 @@ class OpenEnvTools:
         _openenv()
         environment = env()
         tools = _tool_specs(environment, action, action_name)
-        adapter = super().__new__(_tools_class(type(environment).__name__, json.dumps(tools, sort_keys=True, default=str)))
+        subclass = _tools_class(type(environment).__name__, json.dumps(tools, sort_keys=True, default=str))
+        adapter = super().__new__(subclass)
         adapter.env = environment
         return adapter
 
