@@ -165,11 +165,17 @@ def ensure_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 2
 
 
 def ensure_configured(data) -> None:
-    """The demo files `data.demo` ({dir, seed}) names, written on first use; nothing when it is unset.
+    """The files the data config generates, written on first use: the demo files `data.demo` ({dir, seed})
+    names, and whatever `data.generate` ({_target_: a function that writes data.path when it is missing or
+    stale, with its keyword arguments}) writes, e.g. a reasoning-gym task. Nothing when both are unset.
     What the DataModule's prepare_data and `inspect` both do before reading."""
     demo = data.get("demo")
     if demo:
         ensure_demo_data(demo["dir"], seed=demo["seed"])
+    if data.get("generate"):
+        from hydra.utils import instantiate
+
+        instantiate(data["generate"], _convert_="all")
 
 
 def main() -> None:
