@@ -333,3 +333,14 @@ def test_grpo_over_episodes_with_lora_and_a_kl_reference(make_cfg, tmp_path, eve
     _fit(module, datamodule, cfg, [rows])
     assert len(rows.rows) == 2 and all(r["env/turns_mean"] > 1 for r in rows.rows)
     assert 0 < rows.rows[1]["grpo/kl"] < 1  # the adapter moved the policy off the reference
+
+
+@pytest.mark.slow
+def test_grpo_estimators_dynamic_sampling_and_overlong_run_per_episode(make_cfg, every_turn_calls):
+    rows = Recorder(prefixes=("grpo/", "env/", "rollout/"))
+    cfg = make_cfg(*GRPO, *EPISODES, DIGIT, "module.advantage=rloo", "module.dynamic_sampling=true",
+                   "module.max_extra_rounds=1", "rollout.overlong_buffer=2", "trainer.max_steps=4")
+    _fit(*build(cfg), cfg, [rows])
+    [row] = rows.rows
+    assert row["env/turns_mean"] > 1 and -1 <= row["env/reward/overlong"] <= 0
+    assert row["rollout/kept_groups"] + row["rollout/dropped_groups"] >= 1
