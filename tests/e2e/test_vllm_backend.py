@@ -21,6 +21,7 @@ from llm_stages.models import load_model, load_tokenizer
 from llm_stages.rollout.rollout import position_ids
 from llm_stages.checks import DEFAULT_VLLM_PYTHON
 from llm_stages.rollout.vllm_client import VLLMSampler, VLLMServer
+from tests.integration.test_episodes import every_turn_calls  # noqa: F401  (a fixture: multi-turn episodes from a random model)
 
 REPO = Path(__file__).resolve().parents[2]
 needs_vllm = pytest.mark.skipif(not DEFAULT_VLLM_PYTHON.exists(), reason="no vLLM environment (.venv-vllm): run `make vllm`")
@@ -230,15 +231,24 @@ def test_grpo_with_vllm_reaches_the_held_out_reward_of_hf(make_cfg, tmp_path):
 @pytest.mark.slow
 @needs_vllm
 @pytest.mark.parametrize("stage,extra", [("grpo", ["peft=lora", "module.num_generations=2", "module.mini_batch_size=8", "module.ppo_epochs=1"]),
+                                         ("grpo", ["episodes", "module.num_generations=2", "module.mini_batch_size=8",
+                                                   "module.ppo_epochs=1"]),
                                          ("ppo", ["+rollout.rewards.equation={weight: 1.0, fn: {_target_: "
                                                   "llm_stages.rollout.rewards.demo_equation, _partial_: true}}",
                                                   "module.mini_batch_size=2", "module.ppo_epochs=1"])])
-def test_each_step_is_sent_to_the_server(make_cfg, stage, extra):
+def test_each_step_is_sent_to_the_server(make_cfg, stage, extra, request):
     """With a large learning rate every optimiser step moves the policy far; were the server not sent the
-    policy's (LoRA: merged) weights after each, its sampled log-probs would drift from the trainer's."""
+    policy's (LoRA: merged) weights after each, its sampled log-probs would drift from the trainer's.
+    "episodes": multi-turn episodes, each turn sampled by the server from the ids so far (tool turns included)."""
     import lightning as L
 
     from llm_stages.train import build
+
+    if "episodes" in extra:
+        from tests.integration.test_episodes import EPISODES
+
+        request.getfixturevalue("every_turn_calls")
+        extra = [*EPISODES, *(e for e in extra if e != "episodes")]
 
     cfg = make_cfg(f"stage={stage}", *VLLM_MODEL, *extra, "rollout.generation.max_new_tokens=8", "datamodule.batch_size=4",
                    "trainer.max_steps=4", "optim.lr=1e-2", "rollout.backend=vllm", "validate_before_fit=false")
@@ -260,3 +270,5 @@ def test_each_step_is_sent_to_the_server(make_cfg, stage, extra):
     assert len(seen) >= 2 and seen[-1]["rollout/logprob_diff_max"] < 1e-3, seen[-1]
     assert seen[-1]["rollout/is_ratio_max"] < 1.01 and "rollout/is_capped_frac" in seen[-1]
     assert seen[-1]["perf/weight_sync_seconds"] > 0
+    if "rollout.episode.max_turns=3" in extra:
+        assert seen[-1]["env/turns_mean"] > 1
