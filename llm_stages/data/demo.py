@@ -165,10 +165,15 @@ def ensure_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 2
 
 
 def ensure_configured(data) -> None:
-    """The demo files `data.demo` ({dir, seed}) names, written on first use; nothing when it is unset.
-    What the DataModule's prepare_data and `inspect` both do before reading."""
+    """The demo files `data.demo` ({dir, seed, task?}) names, written on first use; nothing when it is
+    unset. `task: agent` is the agent demo's (llm_stages/data/demo_agent.py). What the DataModule's
+    prepare_data and `inspect` both do before reading."""
     demo = data.get("demo")
-    if demo:
+    if demo and demo.get("task") == "agent":
+        from llm_stages.data.demo_agent import ensure_agent_data
+
+        ensure_agent_data(demo["dir"], seed=demo["seed"])
+    elif demo:
         ensure_demo_data(demo["dir"], seed=demo["seed"])
 
 
