@@ -1,12 +1,14 @@
 """The agent demo task: three-digit multiplication, which a ~1M-parameter model cannot do in its
 head but can do by calling a calculator tool and copying the result.
 
-SFT transcripts (`{"messages", "tools"}`) show the calculator in only a fraction of the replies
-(`TOOL_FRACTION`); the others answer from memory — the right product, which the model cannot
-learn, so it learns to write a five- or six-digit guess. After SFT the model calls the tool on
-about that fraction of new questions and copies the result correctly, so GRPO with the calculator
-as a live tool starts low and has one clear thing to learn: call it. RL prompts are
-`{"question", "answer"}`. Generated deterministically from a seed:
+SFT transcripts (`{"messages", "tools"}`): three-digit additions and subtractions always call the
+calculator (they teach the call's format, copying the operands into it and the result out of it);
+multiplications call it in only a fraction of the replies (`TOOL_FRACTION`) and otherwise answer
+from memory — the right product, which the model cannot learn, so it learns to write a five- or
+six-digit guess. After SFT the model calls the tool on about that fraction of new multiplications
+and copies correctly when it does, so GRPO with the calculator as a live tool starts low and has
+one clear thing to learn: call it. RL prompts (multiplications only) are `{"question", "answer"}`.
+Generated deterministically from a seed:
 
     python -m llm_stages.data.demo_agent OUT_DIR [--seed 0]
 """
@@ -34,27 +36,35 @@ CALCULATOR_SCHEMA = {
         "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
     },
 }
-QUESTION_TEMPLATES = ["What is {a} * {b}?", "Compute {a} * {b}.", "{a} times {b}?"]
-TOOL_FRACTION = 0.1
-SIZES = {"train": 2000, "val": 100, "test": 200}
+QUESTION_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {word} {b}?"]
+WORDS = {"*": "times", "+": "plus", "-": "minus"}
+TOOL_FRACTION = 0.1  # of the multiplications in the SFT transcripts
+SIZES = {"train": 1000, "val": 100, "test": 200}  # multiplications per split; as many additions/subtractions in SFT
 
 
-def make_problem(a: int, b: int, rng: random.Random) -> dict:
-    return {"question": rng.choice(QUESTION_TEMPLATES).format(a=a, b=b), "expression": f"{a}*{b}", "answer": str(a * b)}
+def make_problem(a: int, op: str, b: int, rng: random.Random) -> dict:
+    answer = a * b if op == "*" else a + b if op == "+" else a - b
+    question = rng.choice(QUESTION_TEMPLATES).format(a=a, op=op, b=b, word=WORDS[op])
+    return {"question": question, "op": op, "expression": f"{a}{op}{b}", "answer": str(answer)}
 
 
 def split_problems(seed: int, sizes: dict[str, int]) -> dict[str, list[dict]]:
-    """Disjoint splits of distinct (a, b) pairs, a and b in 100..999."""
+    """Per split, distinct multiplications and as many additions and subtractions (a >= b), a and b
+    in 100..999; no (a, op, b) in two splits."""
     rng = random.Random(seed)
-    pairs: set[tuple[int, int]] = set()
     total = sum(sizes.values())
-    while len(pairs) < total:
-        pairs.add((rng.randrange(100, 1000), rng.randrange(100, 1000)))
-    ordered = sorted(pairs)
-    rng.shuffle(ordered)
+    products: set[tuple[int, str, int]] = set()
+    others: set[tuple[int, str, int]] = set()
+    while len(products) < total or len(others) < total:
+        a, b, op = rng.randrange(100, 1000), rng.randrange(100, 1000), rng.choice("*+-")
+        (products if op == "*" else others).add((max(a, b), op, min(a, b)) if op == "-" else (a, op, b))
+    products, others = sorted(products)[:total], sorted(others)[:total]
+    rng.shuffle(products)
+    rng.shuffle(others)
     splits, start = {}, 0
     for name, n in sizes.items():
-        splits[name] = [make_problem(a, b, rng) for a, b in ordered[start:start + n]]
+        problems = products[start:start + n] + others[start:start + n]
+        splits[name] = [make_problem(*t, rng) for t in problems]
         start += n
     return splits
 
@@ -74,16 +84,15 @@ def transcript(problem: dict, use_tool: bool) -> dict:
 def write_agent_data(out_dir, seed: int = 0, tool_fraction: float = TOOL_FRACTION,
                      sizes: dict[str, int] | None = None) -> dict[str, Path]:
     """Every file in AGENT_FILES in `out_dir` (deterministic in `seed`); returns name -> path. The test
-    split's transcripts all use the tool: their held-out loss measures the tool-use format."""
+    split's transcripts all call the tool: their held-out loss measures the tool-use format."""
     splits = split_problems(seed, sizes or SIZES)
     rng = random.Random(seed + 1)
     out = Path(out_dir)
     paths = {}
     for split, problems in splits.items():
-        records = {
-            "sft": [transcript(p, split == "test" or rng.random() < tool_fraction) for p in problems],
-            "rl": [{"question": p["question"], "answer": p["answer"]} for p in problems],
-        }
+        sft = [transcript(p, split == "test" or p["op"] != "*" or rng.random() < tool_fraction) for p in problems]
+        rng.shuffle(sft)
+        records = {"sft": sft, "rl": [{"question": p["question"], "answer": p["answer"]} for p in problems if p["op"] == "*"]}
         for kind, items in records.items():
             path = out / AGENT_FILES[f"{kind}_{split}"]
             write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
