@@ -117,7 +117,7 @@ class CausalDataModule(L.LightningDataModule):
         return Example(*item)
 
     # -- tokenization cache ----------------------------------------------------------------------
-    CACHE_VERSION = 3  # bumped whenever rendering changes which tokens are trained
+    CACHE_VERSION = 4  # bumped whenever rendering changes which tokens are trained or what an example holds
 
     def cached_examples(self, path: Path, split: str) -> list:
         """`build_examples`, cached as JSON under `data.cache_dir` (null: no cache), keyed by the
@@ -139,7 +139,7 @@ class CausalDataModule(L.LightningDataModule):
         file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"examples": examples, "stats": stats}, f)
+            json.dump({"examples": examples, "stats": stats}, f, default=str)  # a record field JSON cannot hold: as text
         os.replace(tmp, file)  # concurrent ranks may both write; each write is whole
         return examples
 

@@ -18,7 +18,7 @@ from llm_stages.checks import check_config
 from llm_stages.config import CONFIG_DIR
 from llm_stages.data.demo import ensure_configured
 from llm_stages.errors import ConfigError
-from llm_stages.evaluate import generation, likelihood, lm_eval_adapter, preference
+from llm_stages.evaluate import episodes, generation, likelihood, lm_eval_adapter, preference
 from llm_stages.evaluate.task import EvalContext, TaskFn, TaskResult
 from llm_stages.models import check_model_dir, load_model, load_tokenizer
 from llm_stages.training.quiet import quiet_third_party
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["task", "type", "metric", "value", "examples"]
 # A task's `type` -> its module's run(context, name, task) -> TaskResult. A new type: one module, one line.
-TASK_TYPES: dict[str, TaskFn] = {"generation": generation.run, "preference": preference.run, "likelihood": likelihood.run,
+TASK_TYPES: dict[str, TaskFn] = {"generation": generation.run, "episodes": episodes.run, "preference": preference.run,
+                                 "likelihood": likelihood.run,
                                  "lm_eval": lm_eval_adapter.run}
 
 

@@ -104,23 +104,23 @@ def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, k
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation, backwards over the response tokens.
+    """Generalised advantage estimation, backwards over the tokens the policy sampled (`mask`).
 
-    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}.
-    The episode ends at the last masked token: past it there is no next value and no future
-    advantage (so values or rewards of padding never leak in). Returns (advantages, returns = A + V),
-    both 0 on padding.
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}, where t+1 is the
+    next masked token: the tokens an environment added between an episode's turns are skipped, as
+    steps the policy did not take (their values are neither used nor trained). The episode ends at
+    the last masked token: past it there is no next value and no future advantage (so values or
+    rewards of padding never leak in). Returns (advantages, returns = A + V), both 0 off the mask.
     """
-    steps = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
     next_value = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(steps)):
-        alive = mask[:, t + 1] if t + 1 < steps else torch.zeros_like(mask[:, 0])
-        delta = rewards[:, t] + gamma * next_value * alive - values[:, t]
-        next_advantage = (delta + gamma * lam * next_advantage * alive) * mask[:, t]
-        advantages[:, t] = next_advantage
-        next_value = values[:, t]
+    for t in reversed(range(rewards.shape[1])):
+        sampled = mask[:, t].bool()
+        advantage = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_advantage
+        advantages[:, t] = advantage * sampled
+        next_advantage = torch.where(sampled, advantage, next_advantage)
+        next_value = torch.where(sampled, values[:, t], next_value)
     returns = (advantages + values) * mask
     return advantages, returns
 

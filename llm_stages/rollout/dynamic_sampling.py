@@ -71,7 +71,8 @@ def select_rows(replies: Replies, rows: torch.Tensor) -> Replies:
     return Replies(sample.rows(rows),
                    Scores(scores.total[rows], {k: v[rows] for k, v in scores.components.items()},
                           [scores.completions[i] for i in index]),
-                   [replies.prompts[i] for i in index], replies.generation_seconds)
+                   [replies.prompts[i] for i in index], replies.generation_seconds,
+                   None if replies.episodes is None else [replies.episodes[i] for i in index])
 
 
 def concat_replies(parts: list[Replies], pad_token_id: int, *, generation_seconds: float) -> Replies:
@@ -85,9 +86,11 @@ def concat_replies(parts: list[Replies], pad_token_id: int, *, generation_second
                     torch.cat([left(s.query_mask, 0) for s in samples]),
                     torch.cat([right(s.response, pad_token_id) for s in samples]),
                     torch.cat([right(s.response_mask, 0) for s in samples]),
-                    torch.cat([right(s.sampled_logprobs, 0.0) for s in samples]))
+                    torch.cat([right(s.sampled_logprobs, 0.0) for s in samples]),
+                    torch.cat([right(s.observation_mask, 0) for s in samples]))
     names = parts[0].scores.components
     scores = Scores(torch.cat([p.scores.total for p in parts]),
                     {k: torch.cat([p.scores.components[k] for p in parts]) for k in names},
                     [c for p in parts for c in p.scores.completions])
-    return Replies(sample, scores, [q for p in parts for q in p.prompts], generation_seconds)
+    episodes = None if any(p.episodes is None for p in parts) else [e for p in parts for e in p.episodes]
+    return Replies(sample, scores, [q for p in parts for q in p.prompts], generation_seconds, episodes)

@@ -106,13 +106,18 @@ def generation_defaults(model: torch.nn.Module, config: GenerationConfig):
 # --- the sampler: replies drawn from the policy itself (rollout.backend=hf; llm_stages.rollout.vllm_client: vllm) ---
 
 class Sample(NamedTuple):
-    """Sampled replies: prompts left-padded to P, replies right-padded to R."""
+    """Sampled replies: prompts left-padded to P, replies right-padded to R. A multi-turn episode
+    (llm_stages.rollout.episodes) is one reply: the policy's turns and, between them, the tokens the
+    environment added (tool results, the template's turn markers), which the policy reads but did not sample."""
 
     query: torch.Tensor  # (N, P) prompt ids
     query_mask: torch.Tensor  # (N, P)
-    response: torch.Tensor  # (N, R) sampled ids, padding after the first EOS
-    response_mask: torch.Tensor  # (N, R) 1 up to and including EOS
-    sampled_logprobs: torch.Tensor  # (N, R) each token's log-prob at sampling time (0 on padding)
+    response: torch.Tensor  # (N, R) the reply's ids, padding after its end
+    # (N, R) 1 on the tokens the policy sampled (through each turn's EOS): the only tokens that count in
+    # the loss, the KL, advantages and values
+    response_mask: torch.Tensor
+    sampled_logprobs: torch.Tensor  # (N, R) each token's log-prob at sampling time (0 where not sampled)
+    observation_mask: torch.Tensor  # (N, R) 1 on the tokens an environment added inside an episode (0 for one turn)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -120,7 +125,7 @@ class Sample(NamedTuple):
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.query_mask, self.response_mask], 1)
+        return torch.cat([self.query_mask, self.response_mask | self.observation_mask], 1)
 
     def rows(self, index: torch.Tensor) -> "Sample":
         return Sample(*(field[index] for field in self))
@@ -180,4 +185,4 @@ def finish_sample(query, query_mask, responses: list[torch.Tensor], logprobs: li
     response_mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()  # through the first EOS
     response = response.masked_fill(response_mask == 0, pad_token_id)
     sampled = torch.where(response_mask.bool(), torch.cat([pad(lp, 0.0) for lp in logprobs]), 0.0)
-    return Sample(query, query_mask, response, response_mask, sampled)
+    return Sample(query, query_mask, response, response_mask, sampled, torch.zeros_like(response_mask))

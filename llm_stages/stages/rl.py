@@ -22,6 +22,7 @@ from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.chunked import head_outputs
 from llm_stages.losses.rl import entropy_from_logits, importance_weights
+from llm_stages.rollout.episodes import episode_metrics
 from llm_stages.rollout.rewards import check_reward_inputs
 from llm_stages.rollout.rollout import Replies, Rollout, RolloutBuffer, Trajectory, position_ids
 from llm_stages.rollout.sampling import disable_dropout
@@ -184,6 +185,8 @@ class RLStage(Stage):
         logged.update({"env/reward_mean": scores.mean(), "env/reward_std": scores.std() if scores.numel() > 1 else scores.new_zeros(()),
                        "env/response_length": response_mask.sum(1).float().mean()})
         logged.update({f"env/reward/{k}": v.mean() for k, v in components.items()})
+        if replies.episodes is not None:
+            logged.update({f"env/{k}": torch.tensor(v) for k, v in episode_metrics(replies.episodes).items()})
         logged.update({"perf/rollout_tokens_per_s": response_mask.sum() / self.generation_seconds,
                        "perf/generation_seconds": torch.tensor(self.generation_seconds),
                        "perf/update_seconds": torch.tensor(self.update_seconds)})
@@ -207,8 +210,10 @@ class RLStage(Stage):
         self.log("train/reward", scores.mean(), prog_bar=True, sync_dist=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         if self.log_samples_every and not batch_idx % self.log_samples_every and self.trainer.is_global_zero:
+            completions = replies.scores.completions if replies.episodes is None else [  # the whole episode
+                self.tokenizer.decode(e.tokens, skip_special_tokens=False) for e in replies.episodes]
             rows = [[self.global_step, p, c, round(float(s), 4)]
-                    for p, c, s in list(zip(replies.prompts, replies.scores.completions, scores))[:4]]
+                    for p, c, s in list(zip(replies.prompts, completions, scores))[:4]]
             self._sample_rows += rows
             record_table(self.trainer, "rollouts", ["step", "prompt", "completion", "reward"], rows, self._sample_rows)
 
@@ -219,6 +224,9 @@ class RLStage(Stage):
         scores = replies.scores.total
         stats = {"reward": scores.sum(), "response_length": replies.sample.response_mask.sum().float(),
                  **{f"reward/{k}": v.sum() for k, v in replies.scores.components.items()}}
+        if replies.episodes is not None:  # sums: the validation loop divides by the number of replies
+            stats.update({k: scores.new_tensor(v * (1 if k in ("tool_errors", "parse_failures") else len(replies.episodes)))
+                          for k, v in episode_metrics(replies.episodes).items()})
         self._accumulate_val(None, stats, scores.shape[0])
 
 

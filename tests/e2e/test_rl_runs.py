@@ -39,9 +39,14 @@ def test_smollm2_runs_rl_steps_on_cpu(make_cfg, stage):
 
 
 DDP_SCRIPT = """
-import sys, pathlib, lightning as L
+import os, sys, pathlib, lightning as L
 from llm_stages.config import compose
 from llm_stages.train import build
+if os.environ.get("EVERY_TURN_CALLS"):  # multi-turn episodes from the random tiny model (tests/integration/test_episodes.py)
+    import llm_stages.rollout.episodes, llm_stages.rollout.sampling
+    from tests.integration.test_episodes import EveryTurnCalls, ending_quarter
+    llm_stages.rollout.episodes.parser_for = lambda tokenizer: EveryTurnCalls()
+    llm_stages.rollout.sampling.eos_ids = ending_quarter
 cfg = compose(sys.argv[2:], output_dir=sys.argv[1])
 module, datamodule = build(cfg)
 
@@ -60,7 +65,7 @@ trainer.fit(module, datamodule=datamodule)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "grpo_episodes"])
 def test_rl_under_ddp_keeps_ranks_identical(make_cfg, tmp_path, stage, demo_dir):
     """Two CPU processes, each sampling its own rollouts (seeded by rank): gradients are averaged, so
     both ranks end with the same actor (and critic) after several optimiser steps per iteration."""
@@ -69,15 +74,18 @@ def test_rl_under_ddp_keeps_ranks_identical(make_cfg, tmp_path, stage, demo_dir)
 
     from tests.conftest import QUIET, REPO, TEST_MODEL
 
-    overrides = {"ppo": PPO, "grpo": GRPO}[stage] + ["trainer.max_steps=8", *TEST_MODEL, *QUIET,
-                                                      f"paths.data_dir={demo_dir.parent}", f"paths.log_dir={tmp_path}"]
-    if stage == "grpo":
+    from tests.integration.test_episodes import EPISODES
+
+    overrides = {"ppo": PPO, "grpo": GRPO, "grpo_episodes": GRPO + EPISODES}[stage] + [
+        "trainer.max_steps=8", *TEST_MODEL, *QUIET, f"paths.data_dir={demo_dir.parent}", f"paths.log_dir={tmp_path}"]
+    if stage.startswith("grpo"):
         overrides.append("+rollout.rewards.digit={weight: 1.0, fn: {_target_: llm_stages.rollout.rewards.format_match, "
                          "_partial_: true, pattern: '.*[0-9].*'}}")
     script = tmp_path / "ddp_rl.py"
     script.write_text(DDP_SCRIPT)
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), *overrides], capture_output=True,
-                         text=True, cwd=REPO, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                         text=True, cwd=REPO, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO),
+                                                                **({"EVERY_TURN_CALLS": "1"} if stage == "grpo_episodes" else {})})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     sums = dict(line.rsplit(" ", 1) for rank in (0, 1)
                 for line in (tmp_path / "out" / f"sums_rank{rank}.txt").read_text().splitlines())

@@ -181,7 +181,7 @@ def test_bad_input_is_one_line(setup, make_cfg, tmp_path):
     no_answers = write_jsonl(tmp_path / "no_answers.jsonl", [{"question": q} for q, _ in FACTS])
     with pytest.raises(DataFormatError, match=r"no_answers.jsonl:1: field 'answer': eval task 'facts' scores answers"):
         evaluate(eval_cfg(make_cfg, tmp_path / "a", memorised, {"facts": generation_task(no_answers)}))
-    with pytest.raises(ConfigError, match=r"eval.tasks.x.type=bleu: unknown task type; known: generation, likelihood, lm_eval, preference"):
+    with pytest.raises(ConfigError, match=r"eval.tasks.x.type=bleu: unknown task type; known: episodes, generation, likelihood, lm_eval, preference"):
         evaluate(eval_cfg(make_cfg, tmp_path / "b", memorised, {"x": {"type": "bleu", "data": {"path": "p"}}}))
     with pytest.raises(DataFormatError, match="facts.jsonl:1: .*preference") as error:  # prompts are not pairs
         evaluate(eval_cfg(make_cfg, tmp_path / "c", memorised, {"p": {"type": "preference", "data": {"path": str(setup["prompts"])}}}))

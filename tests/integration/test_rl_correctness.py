@@ -65,7 +65,8 @@ def test_rl_scores_replies_as_the_rm_stage_does(make_cfg, tmp_path, pad, pad_is_
     response_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in replies])
     assert all(r[-1] == tokenizer.eos_token_id for r in replies)
     _, components, _ = rl.rollout.scorer.score([""] * len(rows), [None] * len(rows),
-                                               Sample(prompts.input_ids, prompts.attention_mask, response, response_mask, None))
+                                               Sample(prompts.input_ids, prompts.attention_mask, response, response_mask, None,
+                                                      torch.zeros_like(response_mask)))
     torch.testing.assert_close(components["reward_model"], torch.stack([chosen, rejected], 1).flatten(),
                                atol=1e-5, rtol=1e-5)
 
@@ -99,7 +100,8 @@ def test_sampling_ignores_the_checkpoints_generation_config(make_cfg, policy_dir
         [prompts] = next(iter(datamodule.train_dataloader()))
         sample = module.rollout.sampler.sample(module.model, prompts, repeats=4, generation=module.generation, seed=3)
         zeros = torch.zeros(sample.response.shape)
-        trajectory = Trajectory(*sample, *([zeros] * 6), scores=zeros[:, 0])
+        trajectory = Trajectory.from_sample(sample, logprobs=zeros, ref_logprobs=zeros, advantages=zeros,
+                                            scores=zeros[:, 0])
         with torch.no_grad():
             trained = module.response_logprobs(module.model, trajectory)[0]
         diff = (sample.sampled_logprobs - trained).abs()[sample.response_mask.bool()]

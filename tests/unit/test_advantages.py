@@ -150,7 +150,8 @@ def _replies(scores: list[float], tag: str, prompt_width: int, reply_width: int)
     n = len(scores)
     ids = torch.arange(n)[:, None]
     sample = Sample(ids.expand(n, prompt_width).clone(), torch.ones(n, prompt_width, dtype=torch.long),
-                    ids.expand(n, reply_width).clone(), torch.ones(n, reply_width, dtype=torch.long), -torch.ones(n, reply_width))
+                    ids.expand(n, reply_width).clone(), torch.ones(n, reply_width, dtype=torch.long), -torch.ones(n, reply_width),
+                    torch.zeros(n, reply_width, dtype=torch.long))
     total = t(scores)
     return Replies(sample, Scores(total, {"correct": total * 2}, [f"{tag}{i}" for i in range(n)]),
                    [f"{tag}{i // 2}" for i in range(n)], 1.0)

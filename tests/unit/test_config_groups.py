@@ -12,10 +12,13 @@ from llm_stages.config import compose
 # The `rollout:` nodes stage=ppo and stage=grpo composed when each stage file wrote out the whole block.
 VLLM = ("{address: null, authkey: null, dtype: null, gpu_memory_utilization: 0.3, importance_sampling: token_truncate, "
         "importance_sampling_cap: 2.0, kv_cache_gb: 1, max_model_len: null, python: null, startup_timeout: 300}")
+# The episode settings (docs/agents.md), added with multi-turn episodes.
+EPISODES = ("tools: [], environment: null, context_overflow_reward: 0.0, episode: {max_turns: 4, max_tool_calls: 8, "
+            "max_turn_tokens: null, max_episode_tokens: null, tool_timeout: 10, max_context: null, tool_parser: null}")
 ROLLOUT = ("{_partial_: true, _target_: llm_stages.rollout.rollout.Rollout, backend: hf, generation: {batch_size: null, "
            "do_sample: true, max_new_tokens: 64, temperature: TEMPERATURE, top_k: 0, top_p: 1.0}, missing_eos_penalty: null, "
            "overlong_buffer: null, overlong_penalty_factor: 1.0, reward_model: {dtype: '${model.dtype}', name: reward_model, "
-           "path: null, weight: 1.0}, rewards: REWARDS, val_generation: {do_sample: false}, vllm: " + VLLM + "}")
+           "path: null, weight: 1.0}, rewards: REWARDS, val_generation: {do_sample: false}, vllm: " + VLLM + ", " + EPISODES + "}")
 EXPECTED_ROLLOUT = {
     "ppo": ROLLOUT.replace("TEMPERATURE", "0.7").replace("REWARDS", "{}"),
     "grpo": ROLLOUT.replace("TEMPERATURE", "1.0").replace(

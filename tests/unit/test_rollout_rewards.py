@@ -10,7 +10,8 @@ from llm_stages.rollout.rollout import RolloutBuffer, Trajectory
 def trajectory(n: int, width: int = 3) -> Trajectory:
     ids = torch.arange(n)[:, None].expand(n, width).clone()  # row i holds i everywhere: identifies the experience
     ones = torch.ones(n, width)
-    return Trajectory(ids, ones.long(), ids, ones.long(), ones, ones, ones, ones, ones, ones, ones, torch.arange(n).float())
+    return Trajectory(ids, ones.long(), ids, ones.long(), ones, ones, ones, ones, ones, ones, ones, torch.arange(n).float(),
+                      torch.zeros(n, width, dtype=torch.long))
 
 
 def test_minibatches_cover_every_experience_once_per_epoch():

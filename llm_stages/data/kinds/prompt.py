@@ -93,6 +93,8 @@ class PromptExample(NamedTuple):
     input_ids: list[int]
     prompt: str  # the last user message, for rule rewards
     answer: str | None  # reference answer, when the data has one
+    messages: list[dict] | None = None  # the conversation rendered (system prompt included): episodes render it with their tools
+    fields: dict | None = None  # the whole data record: an environment's reset(**fields), rewards' `fields`
 
 
 def example_from_json(item) -> PromptExample:
@@ -102,7 +104,7 @@ def example_from_json(item) -> PromptExample:
 def render_prompt(tokenizer, messages: list[dict], answer: str | None, tools: list[dict] | None = None) -> PromptExample:
     text = render_text(tokenizer, *template_messages(tokenizer, messages, tools), add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return PromptExample(ids, messages[-1]["content"], answer)
+    return PromptExample(ids, messages[-1]["content"], answer, messages)
 
 
 def render(tokenizer, prompt: Prompt, *, system_prompt: str | None, max_prompt_length: int) -> Rendered:
@@ -110,7 +112,7 @@ def render(tokenizer, prompt: Prompt, *, system_prompt: str | None, max_prompt_l
     example = render_prompt(tokenizer, with_system_prompt(prompt.messages, system_prompt), prompt.answer, prompt.tools)
     if len(example.input_ids) > max_prompt_length:
         return Rendered(None, dropped="prompt_too_long")
-    return Rendered(example)
+    return Rendered(example._replace(fields=prompt.fields))
 
 
 # --- collate -------------------------------------------------------------------------------------
@@ -122,6 +124,8 @@ class PromptBatch(NamedTuple):
     attention_mask: torch.Tensor
     prompts: list[str]  # last user message of each
     answers: list[str | None]
+    messages: list[list[dict] | None] | None = None  # each prompt's conversation (PromptExample.messages)
+    fields: list[dict | None] | None = None  # each prompt's data record
 
 
 def collate_prompts(examples: list[PromptExample], pad_id: int) -> PromptBatch:
@@ -131,7 +135,8 @@ def collate_prompts(examples: list[PromptExample], pad_id: int) -> PromptBatch:
     for row, e in enumerate(examples):
         input_ids[row, width - len(e.input_ids):] = torch.tensor(e.input_ids)
         attention_mask[row, width - len(e.input_ids):] = 1
-    return PromptBatch(input_ids, attention_mask, [e.prompt for e in examples], [e.answer for e in examples])
+    return PromptBatch(input_ids, attention_mask, [e.prompt for e in examples], [e.answer for e in examples],
+                       [e.messages for e in examples], [e.fields for e in examples])
 
 
 # --- describe ------------------------------------------------------------------------------------
