@@ -26,25 +26,43 @@ AGENT_FILES = {
     "sft_train": "sft_train.jsonl", "sft_val": "sft_val.jsonl", "sft_test": "sft_test.jsonl",
     "rl_train": "rl_train.jsonl", "rl_val": "rl_val.jsonl", "rl_test": "rl_test.jsonl",
 }
-# The calculator's schema as the prompt shows it (the tiny template has no tool support, so the
-# schema is a system turn: ~180 tokens; every word here costs prompt length in every rollout).
+# The calculator's schema exactly as the RL prompts show it (`rollout.tools`: llm_stages.rollout.tools
+# reads it off llm_stages.rollout.builtin_tools.calculator; tests/unit/test_demo_agent_schema.py keeps
+# the two equal): the tiny template has no tool support, so it is a ~310-token system turn the tiny
+# model learns as fixed text.
 CALCULATOR_SCHEMA = {
     "type": "function",
     "function": {
         "name": "calculator",
         "description": "Evaluate an arithmetic expression.",
-        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
-    },
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "expression": {
+                    "type": "string",
+                    "description": "Numbers with + - * / // % ** and parentheses, for example \"(2 + 3) * 4 ** 2\"."
+                }
+            },
+            "required": [
+                "expression"
+            ]
+        },
+        "return": {
+            "type": "string",
+            "description": "The value: an integer when the result is whole, else a decimal number."
+        }
+    }
 }
-QUESTION_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {word} {b}?"]
-WORDS = {"*": "times", "+": "plus", "-": "minus"}
+QUESTION_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}."]
 TOOL_FRACTION = 0.1  # of the multiplications in the SFT transcripts
-SIZES = {"train": 1000, "val": 100, "test": 200}  # multiplications per split; as many additions/subtractions in SFT
+SIZES = {"train": 4000, "val": 100, "test": 200}  # multiplications per split; as many additions/subtractions in SFT
+# Questions per SFT transcript: the ~180-token schema turn is paid once for several exchanges.
+EXCHANGES = 3
 
 
 def make_problem(a: int, op: str, b: int, rng: random.Random) -> dict:
     answer = a * b if op == "*" else a + b if op == "+" else a - b
-    question = rng.choice(QUESTION_TEMPLATES).format(a=a, op=op, b=b, word=WORDS[op])
+    question = rng.choice(QUESTION_TEMPLATES).format(a=a, op=op, b=b)
     return {"question": question, "op": op, "expression": f"{a}{op}{b}", "answer": str(answer)}
 
 
@@ -69,16 +87,24 @@ def split_problems(seed: int, sizes: dict[str, int]) -> dict[str, list[dict]]:
     return splits
 
 
-def transcript(problem: dict, use_tool: bool) -> dict:
-    """One SFT record: the question, then either a calculator call, its result and the answer, or the
-    answer alone."""
+def exchange(problem: dict, use_tool: bool) -> list[dict]:
+    """One question and its replies: a calculator call, its result and the answer, or the answer alone."""
     messages = [{"role": "user", "content": problem["question"]}]
     if use_tool:
         call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": problem["expression"]}}}
         messages += [{"role": "assistant", "content": "", "tool_calls": [call]},
                      {"role": "tool", "name": "calculator", "content": problem["answer"]}]
-    messages.append({"role": "assistant", "content": problem["answer"]})
-    return {"messages": messages, "tools": [CALCULATOR_SCHEMA]}
+    return messages + [{"role": "assistant", "content": problem["answer"]}]
+
+
+def transcripts(problems: list[dict], uses_tool: list[bool]) -> list[dict]:
+    """SFT records of EXCHANGES questions each, `{"messages", "tools"}`."""
+    records = []
+    for start in range(0, len(problems), EXCHANGES):
+        messages = [m for p, tool in zip(problems[start:start + EXCHANGES], uses_tool[start:start + EXCHANGES])
+                    for m in exchange(p, tool)]
+        records.append({"messages": messages, "tools": [CALCULATOR_SCHEMA]})
+    return records
 
 
 def write_agent_data(out_dir, seed: int = 0, tool_fraction: float = TOOL_FRACTION,
@@ -90,9 +116,10 @@ def write_agent_data(out_dir, seed: int = 0, tool_fraction: float = TOOL_FRACTIO
     out = Path(out_dir)
     paths = {}
     for split, problems in splits.items():
-        sft = [transcript(p, split == "test" or p["op"] != "*" or rng.random() < tool_fraction) for p in problems]
-        rng.shuffle(sft)
-        records = {"sft": sft, "rl": [{"question": p["question"], "answer": p["answer"]} for p in problems if p["op"] == "*"]}
+        mixed = rng.sample(problems, len(problems))
+        uses_tool = [split == "test" or p["op"] != "*" or rng.random() < tool_fraction for p in mixed]
+        records = {"sft": transcripts(mixed, uses_tool),
+                   "rl": [{"question": p["question"], "answer": p["answer"]} for p in problems if p["op"] == "*"]}
         for kind, items in records.items():
             path = out / AGENT_FILES[f"{kind}_{split}"]
             write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))

@@ -23,11 +23,21 @@ def read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def exchanges(record) -> list[list[dict]]:
+    """A transcript's questions, each with the turns that answer it."""
+    out = []
+    for message in record["messages"]:
+        if message["role"] == "user":
+            out.append([])
+        out[-1].append(message)
+    return out
+
+
 def test_files_are_deterministic_and_splits_disjoint(agent_dir, tmp_path):
     again = write_agent_data(tmp_path / "again", seed=0, sizes=SIZES)
     assert set(again) == set(AGENT_FILES)
     assert all((agent_dir / AGENT_FILES[name]).read_text() == path.read_text() for name, path in again.items())
-    questions = {split: {r["messages"][0]["content"] for r in read(agent_dir / f"sft_{split}.jsonl")}
+    questions = {split: {x[0]["content"] for r in read(agent_dir / f"sft_{split}.jsonl") for x in exchanges(r)}
                  for split in SIZES}
     assert len(questions["train"]) == 2 * SIZES["train"]  # as many additions/subtractions as multiplications
     assert not questions["train"] & questions["val"] and not questions["train"] & questions["test"]
@@ -43,20 +53,20 @@ def test_rl_prompts_are_multiplications_with_their_product(agent_dir):
 
 def test_additions_always_call_the_calculator_multiplications_sometimes(agent_dir):
     records = read(agent_dir / "sft_train.jsonl")
+    assert all(record["tools"] == [CALCULATOR_SCHEMA] and len(exchanges(record)) <= 3 for record in records)
     calls = {"*": 0, "other": 0}
-    for record in records:
-        op = "*" if ("*" in record["messages"][0]["content"] or "times" in record["messages"][0]["content"]) else "other"
-        assert record["tools"] == [CALCULATOR_SCHEMA]
-        if len(record["messages"]) == 4:
+    for turns in (x for record in records for x in exchanges(record)):
+        op = "*" if "*" in turns[0]["content"] else "other"
+        if len(turns) == 4:
             calls[op] += 1
-            call, result, answer = record["messages"][1:]
+            call, result, answer = turns[1:]
             assert call["tool_calls"][0]["function"]["name"] == "calculator"
             assert result == {"role": "tool", "name": "calculator", "content": answer["content"]}
         else:
-            assert op == "*" and len(record["messages"]) == 2
+            assert op == "*" and len(turns) == 2
     assert calls["other"] == SIZES["train"]
     assert 0 < calls["*"] < 0.25 * SIZES["train"]  # TOOL_FRACTION = 0.1
-    assert all(len(r["messages"]) == 4 for r in read(agent_dir / "sft_test.jsonl"))
+    assert all(len(x) == 4 for record in read(agent_dir / "sft_test.jsonl") for x in exchanges(record))
 
 
 def test_transcript_trains_the_call_and_the_answer_only(agent_dir, tokenizer):
@@ -65,13 +75,16 @@ def test_transcript_trains_the_call_and_the_answer_only(agent_dir, tokenizer):
     from llm_stages.data.render import IGNORE_INDEX, render_conversation
     from llm_stages.data.sources import Record
 
-    data = next(r for r in read(agent_dir / "sft_test.jsonl") if "*" in r["messages"][0]["content"])
+    data = read(agent_dir / "sft_test.jsonl")[0]
     record = Record("sft_test.jsonl", 1, data)
     example = render_conversation(tokenizer, messages_messages(record), tools=record_tools(record))
-    a, b = data["messages"][1]["tool_calls"][0]["function"]["arguments"]["expression"].split("*")
+    expected = ""
+    for turns in exchanges(data):
+        expression = turns[1]["tool_calls"][0]["function"]["arguments"]["expression"]
+        expected += (f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}\n'
+                     f"</tool_call><|im_end|>\n{turns[3]['content']}<|im_end|>\n")
     trained = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
-    assert trained == (f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{a}*{b}"}}}}\n'
-                       f"</tool_call><|im_end|>\n{int(a) * int(b)}<|im_end|>\n")
+    assert trained == expected
     assert tokenizer.decode(example.input_ids).startswith("<|im_start|>system\nYou can call these tools:\n")
 
 
