@@ -166,11 +166,15 @@ def ensure_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 2
 
 def ensure_configured(data) -> None:
     """The files the data config generates, written on first use: the demo files `data.demo` ({dir, seed})
-    names, and whatever `data.generate` ({_target_: a function that writes data.path when it is missing or
+    names (`task: agent`: the agent demo's, llm_stages/data/demo_agent.py), and whatever `data.generate` ({_target_: a function that writes data.path when it is missing or
     stale, with its keyword arguments}) writes, e.g. a reasoning-gym task. Nothing when both are unset.
     What the DataModule's prepare_data and `inspect` both do before reading."""
     demo = data.get("demo")
-    if demo:
+    if demo and demo.get("task") == "agent":
+        from llm_stages.data.demo_agent import ensure_agent_data
+
+        ensure_agent_data(demo["dir"], seed=demo["seed"])
+    elif demo:
         ensure_demo_data(demo["dir"], seed=demo["seed"])
     if data.get("generate"):
         from hydra.utils import instantiate

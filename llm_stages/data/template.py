@@ -79,7 +79,9 @@ def reply_spans(tokenizer, messages: list[dict], tools: list[dict] | None,
                 trained: list[int]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of each reply in `trained` (indices of
     assistant messages), in order."""
-    messages, tools = template_messages(tokenizer, messages, tools)
+    adapted, tools = template_messages(tokenizer, messages, tools)
+    shift = len(adapted) - len(messages)  # the tools' system turn, put first when the template cannot show them
+    messages, trained = adapted, [i + shift for i in trained]
     text = render_text(tokenizer, messages, tools)
     regions = _generation_regions(tokenizer, messages, tools, text, trained)
     end_of_turn = turn_end(tokenizer)
