@@ -123,7 +123,8 @@ def test_demo_pipeline_learns_and_no_stage_undoes_sft(tmp_path):
     from SFT's export, keep its exact-answer rate (within 4 of the 200 problems), PPO within 8; none
     raises its reply loss by more than 50%. Seen (seed 1234, AVX-512, docs/stages.md): SFT 0.565;
     DPO 0.585, KTO 0.635, GRPO 0.62, PPO 0.545 (0.53 in an earlier run); reply loss 0.119 (SFT), at
-    most 0.130. GRPO's +0.055 is short of the +0.15 the demo aims at, so only "keeps" is asserted."""
+    most 0.130. GRPO's +0.055 is short of the +0.15 the demo aims at, so only "keeps" is asserted.
+    Not yet seed-stable: seed=1 gave SFT 0.08 (docs/stages.md), which this test would fail."""
     from llm_stages.config import compose
     from llm_stages.pipeline import run_pipeline
 
