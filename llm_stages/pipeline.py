@@ -37,24 +37,28 @@ def run_pipeline(cfg: DictConfig, cli_overrides: list[str]) -> list[dict]:
     pipeline = cfg.pipeline
     rows = []
     eval_tables = []
+    inputs: dict[str, str] = {}  # stage -> the earlier stage whose export it starts from
     for stage in pipeline.stages:
         if stage.get("evaluate"):  # an eval step: the suite on earlier stages' exports, nothing trained
             from llm_stages.evaluate.run import evaluate_exports
 
             started = time.perf_counter()
-            eval_tables.append(evaluate_exports(pipeline, stage, stage_overrides(pipeline, stage, cli_overrides)))
+            eval_tables.append(evaluate_exports(pipeline, stage, stage_overrides(pipeline, stage, cli_overrides), inputs))
             rows.append(_row(stage.name, "ran", wall_s=round(time.perf_counter() - started, 1),
                              export=eval_tables[-1]["dir"]))
             continue
         output_dir = Path(str(pipeline.dir)) / stage.name
         export = output_dir / "export"
+        stage_cfg = compose(stage_overrides(pipeline, stage, cli_overrides), output_dir=str(output_dir))
+        source = _input_stage(pipeline, stage_cfg)
+        if source:
+            inputs[stage.name] = source
         if any((export / f).is_file() for f in ("config.json", "adapter_config.json")) and not pipeline.get("force"):
             log.info("pipeline %s: stage %s skipped, its export exists (%s); pipeline.force=true reruns it",
                      pipeline.name, stage.name, export)
             rows.append(_row(stage.name, "skipped", export=str(export)))
             continue
         log.info("pipeline %s: stage %s starts in %s", pipeline.name, stage.name, output_dir)
-        stage_cfg = compose(stage_overrides(pipeline, stage, cli_overrides), output_dir=str(output_dir))
         started = time.perf_counter()
         metrics = train(stage_cfg)
         key = metrics["key_metric"]
@@ -64,8 +68,20 @@ def run_pipeline(cfg: DictConfig, cli_overrides: list[str]) -> list[dict]:
     log.info("pipeline %s summary\n%s", pipeline.name, format_table(rows))
     _log_wandb_table(cfg, rows)
     for table in eval_tables:  # last: what every export does on the held-out data
-        print(f"\npipeline {pipeline.name}: evaluation ({table['dir']})\n{table['table']}")
+        warnings = "".join(f"\n{line}" for line in table["warnings"])
+        print(f"\npipeline {pipeline.name}: evaluation ({table['dir']})\n{table['table']}{warnings}")
     return rows
+
+
+def _input_stage(pipeline: DictConfig, stage_cfg: DictConfig) -> str | None:
+    """The earlier stage of this pipeline whose export `stage_cfg` starts from (its model.path), if any."""
+    path = stage_cfg.model.get("path")
+    if not path:
+        return None
+    for earlier in pipeline.stages:
+        if Path(str(pipeline.dir), earlier.name, "export").resolve() == Path(str(path)).resolve():
+            return str(earlier.name)
+    return None
 
 
 def _row(stage: str, status: str, **values) -> dict:

@@ -130,10 +130,13 @@ def _train(cfg: DictConfig) -> dict:
 
     metrics: dict = {"stage": cfg.stage.name, "key_metric": cfg.stage.get("key_metric", "val/loss"),
                      "output_dir": str(cfg.paths.output_dir)}
+    start = None  # export.weights=best: the weights training starts from are a candidate too
     if cfg.get("validate_before_fit") and not ckpt_path:
         before = trainer.validate(module, datamodule=datamodule, verbose=False)
         if before:
             metrics.update({f"{k}_before": float(v) for k, v in before[0].items()})
+            if cfg.export.get("weights") == "best":
+                start = _trained_weights(module)
 
     started = time.perf_counter()
     try:
@@ -148,6 +151,8 @@ def _train(cfg: DictConfig) -> dict:
     metrics.update(peak_memory_gb(trainer))  # of training (and validation before it); max over ranks
     metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
     metrics.update(_best_scores(trainer))
+    if cfg.export.get("weights") == "best":
+        metrics.update(_restore_best(trainer, module, metrics, start, cfg.stage.get("key_metric_mode", "min")))
 
     after = trainer.validate(module, datamodule=datamodule, verbose=False) if trainer.limit_val_batches else []
     module.release()
@@ -182,6 +187,41 @@ def _best_scores(trainer) -> dict:
             if getattr(cb, "monitor", None) and getattr(cb, "best_model_score", None) is not None}
 
 
+def _trained_weights(module) -> dict:
+    """A CPU copy of what training changes (the trainable weights), as a checkpoint's state_dict holds it."""
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items() if k in trainable}
+
+
+def _restore_best(trainer, module, metrics: dict, start: dict | None, mode: str) -> dict:
+    """export.weights=best: the trained weights with the best key metric loaded back into the module
+    before the final validation and the export: those of the best checkpoint, or the starting weights
+    when the validation before training scored better than every checkpoint (training did not help).
+    Frozen weights (a reference, the base under LoRA) are not in checkpoints and stay as they are."""
+    import torch
+
+    key = metrics["key_metric"]
+    kept = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None) == key and cb.best_model_path]
+    before = metrics.get(f"{key}_before")
+    best = float(kept[0].best_model_score) if kept else None
+    if start is not None and before is not None and (best is None or (before > best if mode == "max" else before < best)):
+        module.load_state_dict(start, strict=False)
+        log.info("export.weights=best: no checkpoint beat the weights training started from (%s %.4f); exporting those",
+                 key, before)
+        return {"export_step": 0}
+    if not kept:  # no validation ran (max_steps below val_check_interval): the last weights are all there is
+        log.warning("export.weights=best: no checkpoint by %s was written; exporting the last weights", key)
+        return {"export_step": trainer.global_step}
+    checkpoint = torch.load(kept[0].best_model_path, map_location="cpu", weights_only=False)
+    if "state_dict" not in checkpoint:
+        raise ConfigError(f"export.weights=best: {kept[0].best_model_path} holds sharded weights (FSDP1, DeepSpeed) "
+                          "that cannot be loaded back here; use export.weights=last")
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    log.info("export.weights=best: the weights of step %d (%s %.4f) instead of step %d", checkpoint["global_step"],
+             key, best, trainer.global_step)
+    return {"export_step": int(checkpoint["global_step"])}
+
+
 def _print_summary(metrics: dict) -> None:
     lines = [f"stage {metrics['stage']}: {metrics['steps']} steps in {metrics['fit_seconds']:.1f}s"]
     if "val/loss_before" in metrics and "val/loss" in metrics:
@@ -195,5 +235,6 @@ def _print_summary(metrics: dict) -> None:
         lines.append(f"peak memory: {metrics['perf/peak_rss_gb']:.2f} GiB RSS"
                      + (f", {cuda:.2f} GiB CUDA allocated" if cuda is not None else "") + " (max over ranks)")
     if "export_dir" in metrics:
-        lines.append(f"export: {metrics['export_dir']}")
+        best = f" (the best checkpoint by {key}: step {metrics['export_step']})" if "export_step" in metrics else ""
+        lines.append(f"export: {metrics['export_dir']}{best}")
     log.info("\n".join(lines))

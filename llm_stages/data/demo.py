@@ -1,10 +1,15 @@
-"""The demo task: two-digit addition and subtraction with exact answers, in every stage's format
+"""The demo task: a number 0-99 plus or minus a digit 0-9, with exact answers, in every stage's format
 (PT text, SFT conversations, preference pairs, unpaired feedback for KTO, RL prompts).
 
 Small and regular enough that a ~1M-parameter model learns it in minutes on CPU, and verifiable,
-so RL stages can reward exact answers. Generated deterministically from a seed:
+so RL stages can reward exact answers. Every problem outside the training split can be solved by
+rules the training split shows (copy the numbers, the units digit from a 10 x 10 table, a carry or
+borrow into the tens), so held-out accuracy measures learning, not recall. Two-digit operands on
+both sides ask for carries a model of this size does not learn in minutes (~6% held-out exact
+answers after 1,500 SFT steps, whether on 2,000 or 15,000 training problems). Generated
+deterministically from a seed:
 
-    python -m llm_stages.data.demo OUT_DIR [--seed 0] [--n-train 2000] [--n-val 200]
+    python -m llm_stages.data.demo OUT_DIR [--seed 0] [--n-train 1600] [--n-val 200]
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ DEMO_FILES = {
 QUESTION_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {word} {b}.", "{a} {op} {b} = ?"]
 SYSTEM_PROMPTS = ["You are a careful calculator.", "Answer with the equation and its result."]
 WORDS = {"+": "plus", "-": "minus"}
+# Every problem of the task: (a, op, b) with a in 0..99 and b in 0..9.
+TRIPLES = [(a, op, b) for a in range(100) for op in "+-" for b in range(10)]
 
 
 def _problem(a: int, op: str, b: int, rng: random.Random) -> dict:
@@ -37,14 +44,14 @@ def _problem(a: int, op: str, b: int, rng: random.Random) -> dict:
 
 
 def make_problem(rng: random.Random) -> dict:
-    """A random problem: {"a", "b", "op", "answer", "question", "solution"}, with a, b in 0..99."""
-    return _problem(rng.randrange(100), rng.choice("+-"), rng.randrange(100), rng)
+    """A random problem: {"a", "b", "op", "answer", "question", "solution"}, with a in 0..99, b in 0..9."""
+    return _problem(*rng.choice(TRIPLES), rng)
 
 
 def _split_problems(seed: int, n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
     """Disjoint train / val problems: no (a, op, b) appears in both."""
     rng = random.Random(seed)
-    triples = [(a, op, b) for a in range(100) for op in "+-" for b in range(100)]
+    triples = list(TRIPLES)
     rng.shuffle(triples)
     if n_train + n_val > len(triples):
         raise ValueError(f"at most {len(triples)} distinct problems")
@@ -56,7 +63,7 @@ def _split_problems(seed: int, n_train: int, n_val: int) -> tuple[list[dict], li
 def _test_problems(seed: int, n_train: int, n_val: int, n_test: int) -> list[dict]:
     """Problems in neither split of `_split_problems` (the same shuffled triples, taken after
     them), worded with their own generator so the train and val files stay what they were."""
-    triples = [(a, op, b) for a in range(100) for op in "+-" for b in range(100)]
+    triples = list(TRIPLES)
     random.Random(seed).shuffle(triples)
     rng = random.Random(seed + 2)
     return [_problem(*t, rng) for t in triples[n_val + n_train:n_val + n_train + n_test]]
@@ -65,12 +72,12 @@ def _test_problems(seed: int, n_train: int, n_val: int, n_test: int) -> list[dic
 def _wrong(p: dict, rng: random.Random) -> str:
     """A wrong reply of the same shape: the question misread. The equation is internally
     consistent, so spotting it takes comparing the reply with the question (learnable by a tiny
-    model in minutes), not carry arithmetic (which a ~1M-parameter model does not learn on CPU
-    in that time: ~1% exact answers after 1500 PT + 600 SFT steps)."""
+    model in minutes), not checking the arithmetic."""
     a, b, op = p["a"], p["b"], p["op"]
     misreadings = [(b, op, a)] if op == "-" and a != b else []  # operands swapped
-    misreadings.append((a, "-" if op == "+" else "+", b) if b else (a, op, (b + 1) % 100))  # wrong operator
-    misreadings.append((a, op, (b + rng.choice([1, 2, 3, 7, 10, 20])) % 100))  # an operand misread
+    misreadings.append((a, "-" if op == "+" else "+", b) if b else (a, op, b + 1))  # wrong operator
+    misreadings.append((a, op, (b + rng.choice([1, 2, 3, 7])) % 10))  # the digit misread
+    misreadings.append(((a + rng.choice([1, 2, 10, 20])) % 100, op, b))  # the number misread
     x, wrong_op, y = rng.choice(misreadings)
     return f"{x} {wrong_op} {y} = {x + y if wrong_op == '+' else x - y}"
 
@@ -130,7 +137,7 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 200, n_test: int = 200) -> dict[str, Path]:
+def write_demo_data(out_dir, seed: int = 0, n_train: int = 1600, n_val: int = 200, n_test: int = 200) -> dict[str, Path]:
     """Write every file in DEMO_FILES to `out_dir` (deterministic in `seed`); returns name -> path."""
     train, val = _split_problems(seed, n_train, n_val)
     test = _test_problems(seed, n_train, n_val, n_test)
@@ -155,7 +162,7 @@ def write_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 20
     return paths
 
 
-def ensure_demo_data(out_dir, seed: int = 0, n_train: int = 2000, n_val: int = 200) -> dict[str, Path]:
+def ensure_demo_data(out_dir, seed: int = 0, n_train: int = 1600, n_val: int = 200) -> dict[str, Path]:
     """The demo files in `out_dir`, written only if any is missing."""
     out = Path(out_dir)
     paths = {name: out / file for name, file in DEMO_FILES.items()}
@@ -186,7 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-train", type=int, default=1600)
     parser.add_argument("--n-val", type=int, default=200)
     args = parser.parse_args()
     for path in write_demo_data(args.out_dir, args.seed, args.n_train, args.n_val).values():

@@ -152,10 +152,13 @@ def _log_wandb(cfg: DictConfig, results: list[TaskResult]) -> None:
                     directory=Path(str(cfg.paths.output_dir)))
 
 
-def evaluate_exports(pipeline: DictConfig, step: DictConfig, overrides: list[str]) -> dict:
+def evaluate_exports(pipeline: DictConfig, step: DictConfig, overrides: list[str],
+                     inputs: dict[str, str] | None = None) -> dict:
     """A pipeline's eval step: the suite its overrides compose, run on the export of each stage in
     `step.evaluate` (`<pipeline.dir>/<stage>/export`), each in `<pipeline.dir>/<step>/<stage>`; one table,
-    a row per export, with the suite's `summary` metrics as columns (default: each task's first)."""
+    a row per export, with the suite's `summary` metrics as columns (default: each task's first).
+    `inputs`: the stage whose export each stage started from; results.json records it, and `warnings`
+    holds a line for each export that lowers the suite's `key_metric` of its input."""
     from llm_stages.config import compose
 
     directory = Path(str(pipeline.dir)) / step.name
@@ -168,6 +171,8 @@ def evaluate_exports(pipeline: DictConfig, step: DictConfig, overrides: list[str
                               f"(e.g. experiment=demo_eval or stage=eval eval=demo); got stage={cfg.stage.name}")
         log.info("pipeline %s: evaluating %s", pipeline.name, export)
         results[stage] = evaluate(cfg, report=False)
+        if (inputs or {}).get(stage):
+            results[stage]["input"] = inputs[stage]
     first = next(iter(results.values()))["tasks"]
     summary = list(cfg.eval.get("summary") or [f"{n}/{next(iter(t['metrics']))}" for n, t in first.items() if t["metrics"]])
     columns = ["export", *summary]
@@ -176,7 +181,26 @@ def evaluate_exports(pipeline: DictConfig, step: DictConfig, overrides: list[str
     write_text_atomic(directory / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     write_text_atomic(directory / "table.md", table + "\n")
     log_wandb_table(cfg, "pipeline/eval", columns, rows, name=f"pipeline-{pipeline.name}-eval", directory=directory)
-    return {"table": table, "rows": rows, "columns": columns, "dir": str(directory)}
+    return {"table": table, "rows": rows, "columns": columns, "dir": str(directory),
+            "warnings": regressions(results, cfg.eval.get("key_metric"), cfg.eval.get("key_metric_mode", "max"))}
+
+
+def regressions(results: dict, key: str | None, mode: str = "max") -> list[str]:
+    """One line for each export whose `key` (task/metric) is worse than that of the export it started
+    from (`results[stage]["input"]`), e.g. a preference stage that ranks pairs better while answering worse."""
+    if not key:
+        return []
+    lines = []
+    for stage, result in results.items():
+        source = result.get("input")
+        if source not in results:
+            continue
+        before, after = _metric(results[source], key), _metric(result, key)
+        if before is None or after is None:
+            continue
+        if (after < before) if mode == "max" else (after > before):
+            lines.append(f"warning: {stage}'s export is worse than its input {source} on {key}: {before:.4f} -> {after:.4f}")
+    return lines
 
 
 def _metric(result: dict, key: str) -> float | None:

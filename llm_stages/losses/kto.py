@@ -22,13 +22,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llm_stages.ranges import POSITIVE
+from llm_stages.ranges import POSITIVE, Range
 
 log = logging.getLogger(__name__)
 
 # The allowed range of each KTO setting (`module.<name>`), checked with the config: beta 0 carries no
 # signal and a weight <= 0 ignores, or reverses, a label.
-KTO_RANGES = {"beta": POSITIVE, "desirable_weight": POSITIVE, "undesirable_weight": POSITIVE}
+KTO_RANGES = {"beta": POSITIVE, "desirable_weight": POSITIVE, "undesirable_weight": POSITIVE,
+              "rpo_alpha": Range(0, nullable=True, note="null: no NLL term")}
 
 # loss_type -> fn(desirable logratios, undesirable logratios, z0, beta) -> (their unweighted losses)
 UNPAIRED_LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]] = {}

@@ -6,7 +6,10 @@ example's reply: llm_stages.data.kinds.unpaired); the KL rows are scored without
 z0 is the mean policy - reference log-ratio of the KL rows, detached, averaged over devices and
 clamped at 0 (llm_stages.losses.kto.kl_reference_point); the loss is
 `llm_stages.losses.kto.kto_loss` (`module.loss_type`: kto | apo_zero_unpaired, `beta`,
-`desirable_weight`, `undesirable_weight`, TRL's names and defaults), a mean over examples.
+`desirable_weight`, `undesirable_weight`, TRL's names and defaults), a mean over examples;
+`module.rpo_alpha` adds rpo_alpha x the per-token NLL of each desirable reply (the RPO term the DPO
+stage adds to the chosen replies; not in TRL's KTOTrainer), which keeps the desirable replies likely
+while the undesirable ones are pushed down.
 Reference log-probs of both rows come from `module.ref=precompute|copy` (llm_stages.stages.reference,
 shared with DPO). Metrics carry TRL's names: `rewards/chosen` and `logps/chosen` (means over the
 desirable examples), `rewards/rejected`, `logps/rejected` (over the undesirable ones),
@@ -27,6 +30,7 @@ from llm_stages.data.kinds.unpaired import UnpairedBatch
 from llm_stages.errors import ConfigError
 from llm_stages.losses.causal import labelled_outputs, sequence_logps
 from llm_stages.losses.kto import KTO_RANGES, UNPAIRED_LOSSES, kl_reference_point, kto_loss, weight_advice
+from llm_stages.losses.preference import add_nll
 from llm_stages.ranges import check_ranges
 from llm_stages.stages.base import Stage
 from llm_stages.stages.reference import ReferenceLogps
@@ -40,12 +44,14 @@ PER_LABEL = {"rewards/chosen": True, "logps/chosen": True, "logits/chosen": True
 
 class KTO(Stage):
     def __init__(self, model, tokenizer, optim, *, loss_type: str = "kto", beta: float = 0.1,
-                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0, ref: str = "precompute"):
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0, ref: str = "precompute",
+                 rpo_alpha: float | None = None):
         super().__init__(model, tokenizer, optim)
         if loss_type not in UNPAIRED_LOSSES:
             raise ConfigError(f"module.loss_type={loss_type}: expected one of {', '.join(UNPAIRED_LOSSES)}")
-        check_ranges(dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight),
-                     KTO_RANGES, "module")
+        check_ranges(dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                          rpo_alpha=rpo_alpha), KTO_RANGES, "module")
+        self.rpo_alpha = rpo_alpha
         self.loss_params = dict(loss_type=loss_type, beta=float(beta), desirable_weight=float(desirable_weight),
                                 undesirable_weight=float(undesirable_weight))
         # apo_zero_unpaired has no reference point: no KL rows need scoring (TRL: calculate_KL=False).
@@ -81,7 +87,7 @@ class KTO(Stage):
     # -- loss ------------------------------------------------------------------------------------
     def loss_sum(self, batch: UnpairedBatch):
         n, desirable = batch.num_examples, batch.label
-        policy, _, mean_logits = self.score(self.model, batch.completion_rows())
+        policy, n_tokens, mean_logits = self.score(self.model, batch.completion_rows())
         reference, reference_kl = self.reference_scores(self, batch)
         if self.uses_kl:  # z0 carries no gradient: its rows are scored without a graph, as in TRL
             with torch.no_grad():
@@ -91,6 +97,8 @@ class KTO(Stage):
         else:
             kl = torch.zeros((), device=self.device)
         losses, rewards = kto_loss(policy, reference, desirable, kl, **self.loss_params)
+        if self.rpo_alpha:  # the desirable replies' per-token NLL; none for the undesirable ones
+            losses = add_nll(losses, torch.where(desirable, -policy / n_tokens.clamp(min=1), 0.0), self.rpo_alpha)
         undesirable = ~desirable
         stats = {  # summed over examples; the base divides by the example count, `per_label` by each label's
             "kl": kl * n, "desirable_fraction": desirable.float().sum(),
