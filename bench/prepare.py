@@ -104,16 +104,18 @@ def fill_conversations(records: list[dict], tokenizer, max_length: int, count: i
     from llm_stages.data.render import render_conversation
 
     out, cursor = [], 0
-    for _ in range(count):
+    while len(out) < count:
         turns: list[dict] = []
-        while cursor < len(records):
+        while True:
+            if cursor == len(records):
+                raise SystemExit(f"the demo conversations ran out after {len(out)} long ones; use fewer --steps "
+                                 f"or a smaller --batch-size")
             candidate = turns + [t for t in records[cursor]["conversations"] if not (turns and t["from"] == "system")]
             if len(render_conversation(tokenizer, _messages(candidate)).input_ids) > max_length:
                 break
             turns, cursor = candidate, cursor + 1
         if not turns:
-            raise SystemExit(f"the demo conversations ran out after {len(out)} long ones (or one is longer than "
-                             f"{max_length} tokens); use fewer --steps or a smaller --batch-size")
+            raise SystemExit(f"a demo conversation is longer than {max_length} tokens: record {cursor + 1}")
         out.append({"conversations": turns})
     return out
 
@@ -129,21 +131,19 @@ def fill_prompt_pairs(records: list[dict], tokenizer, max_length: int, count: in
         return length(render_pair(tokenizer, prompt, record["chosen"], record["rejected"]))
 
     out, cursor = [], 0
-    for _ in range(count):
-        if cursor >= len(records):
-            break
+    while len(out) < count:
         record, history = records[cursor], []
         cursor += 1
-        while cursor < len(records):
+        while True:
+            if cursor >= len(records):
+                raise SystemExit(f"the demo pairs ran out after {len(out)} long-prompt pairs; use fewer --steps or a "
+                                 f"smaller --batch-size")
             earlier = records[cursor]
             candidate = history + earlier["conversations"] + [{"from": "gpt", "value": earlier["chosen"]}]
             if longest(candidate, record) > max_length:
                 break
             history, cursor = candidate, cursor + 1
         out.append({**record, "conversations": history + record["conversations"]})
-    if len(out) < count:
-        raise SystemExit(f"the demo pairs ran out after {len(out)} long-prompt pairs; use fewer --steps or a smaller "
-                         f"--batch-size")
     return out
 
 
