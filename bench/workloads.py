@@ -36,11 +36,13 @@ _REFERENCE_PASS = ("the reference pass is outside the timed steps on both sides:
                    "ours in the first training step (a warm-up step; with --warmup 0 it would be timed)")
 _SHARED = ("ours forwards each prompt once ([prompt, chosen, rejected] in one row, 4-D mask), TRL twice; tokens/s "
            "counts the pairs' tokens as two rows each on both sides (the same tokens/step)")
+# Both sides' LM heads are chunked (neither holds [batch, seq, vocab] logits): TRL's in tiles of 4,096 positions x
+# 32,768 vocabulary columns, scoring every position off CUDA (only labelled ones needs its Triton kernel); ours in
+# chunks of 1,024 positions x the whole vocabulary, scoring only the labelled positions.
 _LONG_SFT = ("multi-turn conversations of demo exchanges filled to <= max_length tokens, every assistant turn trained; "
-             "TRL's fused LM head scores every position on CPU (its compact path needs Triton) in chunks of 32,768 "
-             "rows (one chunk here), ours only the trained positions, 1,024 rows at a time")
+             "TRL's chunked LM head scores every position on CPU, ours only the trained ones")
 _LONG_DPO = ("long multi-turn prompts filled so each pair's longer sequence is <= max_length tokens; " + _SHARED
-             + "; TRL's fused LM head scores every position of both rows, ours only the replies' positions")
+             + "; TRL's chunked LM head scores every position of both rows on CPU, ours only the replies' positions")
 # Activation checkpointing: both sides off (the plain rows, TRL's default turned off) or both on (the _ckpt rows:
 # TRL's activation_checkpointing=True, our model.gradient_checkpointing=true; non-reentrant on both).
 _CHECKPOINTING = [("", {}), ("_ckpt", {"gradient_checkpointing": True})]
