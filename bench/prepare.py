@@ -85,6 +85,84 @@ def write_long_prompt_pairs(pref_train: Path, dest: Path, history: int = LONG_PR
     return dest
 
 
+# Data made from the demo files and filled to each workload's max_length: name -> the demo file it is made from.
+FILLED_DATA = {"sft_filled": "sft_train", "pref_filled": "pref_train"}
+TURN_TOKENS_LOW = 10  # fewer tokens than any demo exchange adds to a long conversation: sizes the demo data
+
+
+def _messages(turns: list[dict]) -> list[dict]:
+    """ShareGPT turns (the demo's `from`/`value`) as chat messages."""
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    return [{"role": roles[t["from"]], "content": t["value"]} for t in turns]
+
+
+def fill_conversations(records: list[dict], tokenizer, max_length: int, count: int) -> list[dict]:
+    """`count` long multi-turn conversations, each the next demo conversations in order, concatenated
+    while the whole, rendered as our data module renders it, stays within `max_length` tokens (so
+    nothing is truncated); every assistant turn is trained, as SFT trains multi-turn data. A system
+    message is kept only at the start of a long conversation. Deterministic."""
+    from llm_stages.data.render import render_conversation
+
+    out, cursor = [], 0
+    while len(out) < count:
+        turns: list[dict] = []
+        while True:
+            if cursor == len(records):
+                raise SystemExit(f"the demo conversations ran out after {len(out)} long ones; use fewer --steps "
+                                 f"or a smaller --batch-size")
+            candidate = turns + [t for t in records[cursor]["conversations"] if not (turns and t["from"] == "system")]
+            if len(render_conversation(tokenizer, _messages(candidate)).input_ids) > max_length:
+                break
+            turns, cursor = candidate, cursor + 1
+        if not turns:
+            raise SystemExit(f"a demo conversation is longer than {max_length} tokens: record {cursor + 1}")
+        out.append({"conversations": turns})
+    return out
+
+
+def fill_prompt_pairs(records: list[dict], tokenizer, max_length: int, count: int) -> list[dict]:
+    """`count` pairs with long multi-turn prompts: a demo pair's question and replies after as many
+    earlier exchanges (the next demo pairs' questions and chosen answers, in order) as keep its longer
+    sequence, rendered as our data module renders it, within `max_length` tokens. Deterministic."""
+    from llm_stages.data.kinds.pair import length, render_pair
+
+    def longest(history: list[dict], record: dict) -> int:
+        prompt = _messages(history + record["conversations"])
+        return length(render_pair(tokenizer, prompt, record["chosen"], record["rejected"]))
+
+    out, cursor = [], 0
+    while len(out) < count:
+        record, history = records[cursor], []
+        cursor += 1
+        while True:
+            if cursor >= len(records):
+                raise SystemExit(f"the demo pairs ran out after {len(out)} long-prompt pairs; use fewer --steps or a "
+                                 f"smaller --batch-size")
+            earlier = records[cursor]
+            candidate = history + earlier["conversations"] + [{"from": "gpt", "value": earlier["chosen"]}]
+            if longest(candidate, record) > max_length:
+                break
+            history, cursor = candidate, cursor + 1
+        out.append({**record, "conversations": history + record["conversations"]})
+    return out
+
+
+def write_filled(w: Workload, source: Path, dest: Path, tokenizer, count: int) -> Path:
+    """`count` records of workload `w`'s filled data (see FILLED_DATA), written to `dest`."""
+    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
+    fill = fill_conversations if w.data == "sft_filled" else fill_prompt_pairs
+    with open(dest, "w", encoding="utf-8") as f:
+        for record in fill(records, tokenizer, w.max_length, count):
+            f.write(json.dumps(record) + "\n")
+    return dest
+
+
+def demo_records_needed(w: Workload, total_steps: int) -> int:
+    """Demo records a run of `total_steps` steps reads: filled data concatenates many per record."""
+    n = records_needed(w, total_steps)
+    return n * (w.max_length // TURN_TOKENS_LOW) if w.data in FILLED_DATA else n
+
+
 def records_needed(w: Workload, total_steps: int) -> int:
     """Records for `total_steps` steps and one more batch, so no side starts a second epoch."""
     per_step = w.batch_size
@@ -127,19 +205,49 @@ def _first_label(labels: list[int]) -> int:
     return next(i for i, label in enumerate(labels) if label != -100)
 
 
+def _sequences(example) -> list:
+    """The token rows of one example: a conversation, or a pair's chosen and rejected sequences."""
+    return [example.chosen, example.rejected] if hasattr(example, "chosen") else [example]
+
+
+def _check_filled(w: Workload, stats: dict, examples: list, records: int) -> None:
+    """Filled data is made to fit: every record kept, nothing cut, every sequence within max_length
+    (TRL, on the same ids, then cuts nothing either, and both sides process the same tokens)."""
+    cut = {k: v for k, v in stats.items() if v and any(w in k for w in ("truncated", "dropped", "skipped"))}
+    longest = max(len(s.input_ids) for e in examples for s in _sequences(e))
+    if cut or len(examples) != records or longest > w.max_length:
+        raise SystemExit(f"{w.name}: the filled data should fit max_length {w.max_length} whole, but our data module "
+                         f"kept {len(examples)} of {records} records (stats: {cut or 'none'}), longest sequence "
+                         f"{longest} tokens")
+
+
+def _length_note(examples: list) -> str:
+    lengths = sorted(len(s.input_ids) for e in examples for s in _sequences(e))
+    trained = sum(sum(label != -100 for label in s.labels) for e in examples for s in _sequences(e))
+    return (f"filled sequences: {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), "
+            f"{trained / sum(lengths):.0%} of the tokens trained; nothing truncated on either side")
+
+
 def prepare_workload(w: Workload, *, demo: dict[str, Path], checkpoints: dict[str, str], workdir: Path,
                      total_steps: int, trainer: str, seed: int) -> dict:
     """Data for one workload: our data file and overrides, TRL's (or the naive baseline's) rows, and
     notes on anything that makes the sides' inputs differ."""
     checkpoint = checkpoints["reward" if w.stage == "rm" else "causal"]
-    available = sum(1 for _ in open(demo[w.data], encoding="utf-8"))
     n = records_needed(w, total_steps)
+    source = demo.get(w.data)
+    if w.data in FILLED_DATA:
+        from transformers import AutoTokenizer
+
+        source = workdir / "data" / f"{w.name}.filled.jsonl"
+        source.parent.mkdir(parents=True, exist_ok=True)
+        write_filled(w, demo[FILLED_DATA[w.data]], source, AutoTokenizer.from_pretrained(checkpoints["causal"]), n)
+    available = sum(1 for _ in open(source, encoding="utf-8"))
     if w.options.get("packing"):
         n = min(n, available)  # sized for the shortest conversations: the loop below checks the real token count
     data_path = workdir / "data" / f"{w.name}.jsonl"
     data_path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        _write_prefix(demo[w.data], data_path, n)
+        _write_prefix(source, data_path, n)
         overrides = our_overrides(w, checkpoint=checkpoint, data_path=str(data_path), cache_dir=str(workdir / "cache"),
                                   log_dir=str(workdir / "runs"), total_steps=total_steps, trainer=trainer, seed=seed)
         datamodule, tokenizer, cfg = _our_examples(w, overrides, workdir / "compose")
@@ -155,6 +263,9 @@ def prepare_workload(w: Workload, *, demo: dict[str, Path], checkpoints: dict[st
                              f"{needed:,}; use fewer --steps or a smaller --batch-size / --max-length")
         n = min(2 * n, available)
     notes = [f"our data module: {k}={v}" for k, v in datamodule.stats.items()]
+    if w.data in FILLED_DATA:
+        _check_filled(w, datamodule.stats, examples, n)
+        notes.append(_length_note(examples))
     if w.stage in ("rm", "dpo"):
         from llm_stages.data.kinds.shared_pair import prompt_saving
 

@@ -1,6 +1,6 @@
 """llm_stages against TRL 1.16 in the same run, on identical settings.
 
-    python -m bench [--model tiny|smollm2|qwen_0_5b_init] [--workloads sft,sft_packed,rm,dpo_precompute,dpo_copy,rm_shared,dpo_shared,rm_long,dpo_long,grpo,ppo]
+    python -m bench [--model tiny|smollm2|qwen_0_5b_init] [--workloads sft,sft_packed,rm,dpo_precompute,dpo_copy,rm_shared,dpo_shared,rm_long,dpo_long,sft_2k,dpo_2k,grpo,ppo]
                     [--steps N] [--warmup K] [--repeats R] [--profile WORKLOAD] [--trainer cpu|gpu]
                     [--batch-size B] [--max-length T] [--peak-tflops P]
 
@@ -45,6 +45,7 @@ MODELS = ["tiny", "smollm2", "qwen_0_5b_init"]  # configs in conf/model that nee
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+DEFAULT_WORKLOADS = [name for name, w in WORKLOADS.items() if w.in_default_run]
 RATIO_KEYS = ["steps_per_s", "samples_per_s", "tokens_per_s", "rollout_tokens_per_s", "update_tokens_per_s",
               "peak_rss_mb", "cuda_max_allocated_mb"]
 
@@ -55,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", choices=MODELS,
                         help="tiny: smoke runs; smollm2: the CPU comparison; qwen_0_5b_init: Qwen2.5-0.5B's "
                              "architecture from config, random weights (GPU)")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, from: " + ", ".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                        help="comma-separated, from: " + ", ".join(WORKLOADS) + " (default: all but "
+                             + ", ".join(n for n in WORKLOADS if n not in DEFAULT_WORKLOADS) + ")")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per workload (an RL step is one iteration); default: "
                              + ", ".join(f"{w.name} {w.steps}" for w in WORKLOADS.values()))
@@ -252,7 +255,7 @@ def _device(trainer: str) -> str:
 # -- main -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench.prepare import (count_parameters, prepare_workload, records_needed, save_checkpoints,
+    from bench.prepare import (count_parameters, demo_records_needed, prepare_workload, save_checkpoints,
                                write_long_prompt_pairs)
     from llm_stages.data.demo import write_demo_data
 
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     stem = f"{date}-{args.model}" + ("-gpu" if args.trainer == "gpu" else "")
-    if not args.profile and set(args.workloads) != set(WORKLOADS):
+    if not args.profile and set(args.workloads) != set(DEFAULT_WORKLOADS):
         stem += "-" + "+".join(args.workloads)  # a partial run never overwrites a full one
     stem += "".join(f"-{flag}{v}" for flag, v in (("b", args.batch_size), ("t", args.max_length)) if v is not None)
     resized = {k: v for k, v in (("batch_size", args.batch_size), ("max_length", args.max_length)) if v is not None}
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         parameters = count_parameters(checkpoints["causal"])
         # SFT has ~0.77 conversations per demo problem; twice the records the largest workload needs is plenty.
         # (capped at the demo task's 19,990 distinct problems; prepare_workload says if a run needs more)
-        problems = min(19_990 - 8, max(500, 2 * max(records_needed(w, args.warmup + timed[w.name]) for w in workloads)))
+        problems = min(19_990 - 8, max(500, 2 * max(demo_records_needed(w, args.warmup + timed[w.name]) for w in workloads)))
         demo = write_demo_data(workdir / "demo", seed=0, n_train=problems, n_val=8)
         if any(w.data == "pref_long" for w in workloads):
             demo["pref_long"] = write_long_prompt_pairs(demo["pref_train"], workdir / "demo" / "pref_long.jsonl")

@@ -121,8 +121,10 @@ def run(spec: dict) -> None:
         max_grad_norm=spec["optim"]["max_grad_norm"], seed=spec["seed"],
         optim="adamw_torch_fused" if spec["optim"]["fused"] else "adamw_torch",
         report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
-        # TRL turns (gradient) checkpointing on by default; ours is off unless model.gradient_checkpointing=true.
-        activation_checkpointing=False,
+        # TRL turns (gradient) checkpointing on by default; ours is off unless model.gradient_checkpointing=true:
+        # both follow the workload (non-reentrant, as ours).
+        activation_checkpointing=bool(o.get("gradient_checkpointing")),
+        activation_checkpointing_kwargs={"use_reentrant": False},
         # bf16 autocast with fp32 weights on GPUs (our trainer=gpu is bf16-mixed); fp32 on CPU.
         bf16=gpu, use_cpu=not gpu, dataloader_num_workers=0, model_init_kwargs={"dtype": "float32"},
     )

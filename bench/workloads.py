@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 class Workload:
     name: str
     stage: str  # our stage
-    data: str  # which demo file: sft_train | pref_train | rl_train, or pref_long (bench/prepare.py: long multi-turn prompts)
+    # which demo file: sft_train | pref_train | rl_train, or made from them (bench/prepare.py): pref_long (long
+    # multi-turn prompts), sft_filled / pref_filled (multi-turn conversations / prompts filled to max_length)
+    data: str
     baseline: str  # "trl" (TRL 1.16 on the same settings) or "naive" (bench/naive_ppo.py)
     batch_size: int  # per device: sequences (SFT), packed rows (SFT packed), pairs (RM, DPO), prompts (RL)
     lr: float
@@ -24,6 +26,7 @@ class Workload:
     # Model FLOPs per parameter and real token of a step, for MFU: 6 for a trained forward + backward,
     # +2 for a reference forward in the step (DPO ref=copy); None: not reported (RL steps mostly decode).
     flops_per_param_token: int | None = 6
+    in_default_run: bool = True  # False: run only when named in --workloads (a variant that doubles a long row)
 
     def settings(self) -> dict:
         return asdict(self)
@@ -33,6 +36,16 @@ _REFERENCE_PASS = ("the reference pass is outside the timed steps on both sides:
                    "ours in the first training step (a warm-up step; with --warmup 0 it would be timed)")
 _SHARED = ("ours forwards each prompt once ([prompt, chosen, rejected] in one row, 4-D mask), TRL twice; tokens/s "
            "counts the pairs' tokens as two rows each on both sides (the same tokens/step)")
+# Both sides' LM heads are chunked (neither holds [batch, seq, vocab] logits): TRL's in tiles of 4,096 positions x
+# 32,768 vocabulary columns, scoring every position off CUDA (only labelled ones needs its Triton kernel); ours in
+# chunks of 1,024 positions x the whole vocabulary, scoring only the labelled positions.
+_LONG_SFT = ("multi-turn conversations of demo exchanges filled to <= max_length tokens, every assistant turn trained; "
+             "TRL's chunked LM head scores every position on CPU, ours only the trained ones")
+_LONG_DPO = ("long multi-turn prompts filled so each pair's longer sequence is <= max_length tokens; " + _SHARED
+             + "; TRL's chunked LM head scores every position of both rows on CPU, ours only the replies' positions")
+# Activation checkpointing: both sides off (the plain rows, TRL's default turned off) or both on (the _ckpt rows:
+# TRL's activation_checkpointing=True, our model.gradient_checkpointing=true; non-reentrant on both).
+_CHECKPOINTING = [("", {}), ("_ckpt", {"gradient_checkpointing": True})]
 
 # Demo records are 20-110 tokens, so max_length 256 truncates nothing (the tokenized data is checked).
 # RL: GRPO answers 2 prompts x 4 = 8 replies per step (one optimiser step: mini batch = the whole
@@ -60,6 +73,14 @@ WORKLOADS = {w.name: w for w in [
              options={"share_prompt": "auto"}, caveat=_SHARED),
     Workload("dpo_long", "dpo", "pref_long", "trl", batch_size=8, lr=5e-6, steps=10, max_length=512,
              options={"ref": "precompute", "beta": 0.1, "share_prompt": "auto"}, caveat=_SHARED),
+    # Long context: sequences of up to 2,048 tokens, filled from the demo records (every sequence within max_length,
+    # nothing truncated, checked). Gradient checkpointing off on both sides, as above; the _ckpt rows turn it on for both.
+    *[Workload(f"sft_2k{suffix}", "sft", "sft_filled", "trl", batch_size=2, lr=2e-5, steps=5, max_length=2048,
+               options=ckpt, caveat=_LONG_SFT, in_default_run=not ckpt) for suffix, ckpt in _CHECKPOINTING],
+    *[Workload(f"dpo_2k{suffix}", "dpo", "pref_filled", "trl", batch_size=1, lr=5e-6, steps=5, max_length=2048,
+               options={"ref": "precompute", "beta": 0.1, "share_prompt": "auto", **ckpt}, caveat=_LONG_DPO,
+               in_default_run=not ckpt)
+      for suffix, ckpt in _CHECKPOINTING],
     Workload("grpo", "grpo", "rl_train", "trl", batch_size=2, lr=1e-6, steps=10,
              options={"num_generations": 4, "max_new_tokens": 32, "temperature": 1.0},
              caveat="each side samples its own replies, so reply lengths (tokens/step) differ; compare tokens/s",
@@ -111,6 +132,8 @@ def our_overrides(w: Workload, *, checkpoint: str, data_path: str, cache_dir: st
         f"datamodule.batch_size={w.batch_size}",
     ]
     o = w.options
+    if o.get("gradient_checkpointing"):
+        overrides.append("model.gradient_checkpointing=true")
     if w.stage == "sft":
         overrides += [f"datamodule.max_length={w.max_length}", f"datamodule.packing={str(o.get('packing', False)).lower()}"]
     elif w.stage == "rm":  # prompts take at most half (demo prompts are far shorter: nothing is cut)
