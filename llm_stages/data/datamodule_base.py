@@ -117,7 +117,7 @@ class CausalDataModule(L.LightningDataModule):
         return Example(*item)
 
     # -- tokenization cache ----------------------------------------------------------------------
-    CACHE_VERSION = 4  # bumped whenever rendering changes which tokens are trained or what an example holds
+    CACHE_VERSION = 5  # bumped whenever rendering changes which tokens are trained or what an example holds
 
     def cached_examples(self, path: Path, split: str) -> list:
         """`build_examples`, cached as JSON under `data.cache_dir` (null: no cache), keyed by the
