@@ -22,7 +22,7 @@ from llm_stages.errors import ConfigError
 from llm_stages.ranges import check_sampling_settings
 from llm_stages.rollout.sampling import eos_ids, generation_config, generation_defaults
 from llm_stages.rollout.tool_calls import decode_turn, parser_for
-from llm_stages.rollout.tools import Tool, call_tool, parse_failure_result, tool_from_callable, tool_table
+from llm_stages.rollout.tools import Tool, assistant_message, run_calls, tool_from_callable, tool_table
 
 USAGE = ("usage: python -m llm_stages chat [model.path=<export>] [system=<text>] [seed=N] [device=cuda]\n"
          "       [generation.{max_new_tokens,do_sample,temperature,top_p,top_k}=...] [tools=[{_target_: <fn>, _partial_: true}]]\n"
@@ -125,10 +125,8 @@ def model_reply(model, tokenizer, generation: dict, tools: list[Tool] | None = N
             parsed = parser.parse(decode_turn(tokenizer, generate(messages + added, out), parser))
             if not parsed.calls and not parsed.failures:
                 return added + [{"role": "assistant", "content": parsed.content}]
-            added.append({"role": "assistant", "content": parsed.content, "tool_calls": [
-                {"type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in parsed.calls]})
-            results = [(c.name, call_tool(table, c, timeout=tool_timeout)) for c in parsed.calls]
-            results += [("tool_call_error", parse_failure_result(f)) for f in parsed.failures]
+            added.append(assistant_message(parsed))
+            results = run_calls(table, parsed, timeout=tool_timeout)
             for name, result in results:
                 out.write(f"\n[{name} -> {result.content}]\n")
                 added.append({"role": "tool", "name": name, "content": result.content})

@@ -30,7 +30,7 @@ from llm_stages.data.template import render_text, template_messages, turn_end
 from llm_stages.errors import ConfigError
 from llm_stages.rollout.sampling import Sample
 from llm_stages.rollout.tool_calls import ParsedTurn, decode_turn, parser_for, parser_named
-from llm_stages.rollout.tools import Tool, call_tool, environment_tools, parse_failure_result, tool_table
+from llm_stages.rollout.tools import Tool, assistant_message, environment_tools, run_calls, tool_table
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,6 @@ class Episode:
 
     def stop(self, *, truncated: bool = False, overflow: bool = False) -> None:
         self.done, self.truncated, self.overflow = True, truncated or overflow, overflow
-
-
-PARSE_ERROR = "tool_call_error"  # the tool turn's name for a call that could not be parsed
 
 
 def observation_tokens(tokenizer, tool_messages: list[dict]) -> list[int]:
@@ -188,19 +185,14 @@ class EpisodeRunner:
         ended = bool(tokens) and tokens[-1] in self.sampler.eos_ids
         text = decode_turn(self.tokenizer, tokens, self.parser)
         parsed = self.parser.parse(text) if ended else ParsedTurn(text.strip(), [], [])  # a cut turn's call is not run
-        message = {"role": "assistant", "content": parsed.content}
-        if parsed.calls:
-            message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                     for c in parsed.calls]
-        episode.messages.append(message)
+        episode.messages.append(assistant_message(parsed))
         if not ended:  # the turn ran out of tokens: a token limit (the context's when it cut the turn short)
             return episode.stop(truncated=True, overflow=cut)
         if not parsed.calls and not parsed.failures:
             return episode.stop()  # the final answer
         if last_turn or episode.tool_calls + len(parsed.calls) > self.limits.max_tool_calls:
             return episode.stop(truncated=True)
-        results = [(c.name, call_tool(episode.tools, c, timeout=self.limits.tool_timeout)) for c in parsed.calls]
-        results += [(PARSE_ERROR, parse_failure_result(failure)) for failure in parsed.failures]
+        results = run_calls(episode.tools, parsed, timeout=self.limits.tool_timeout)
         episode.tool_calls += len(parsed.calls)
         episode.calls += [{"name": c.name, "arguments": c.arguments, "result": r.content, "error": r.error}
                           for c, (_, r) in zip(parsed.calls, results)]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from llm_stages.errors import ConfigError
-from llm_stages.rollout.tool_calls import ToolCall
+from llm_stages.rollout.tool_calls import ParsedTurn, ToolCall
 
 ERROR_KINDS = ("unknown_tool", "bad_arguments", "raised", "timeout", "parse")
 
@@ -102,6 +102,25 @@ def tool_table(tools: Iterable[Tool]) -> dict[str, Tool]:
 
 def _describe(fn: Callable) -> str:
     return getattr(_unwrapped(fn), "__qualname__", repr(fn))
+
+
+PARSE_ERROR = "tool_call_error"  # the tool turn's name for a call that could not be parsed
+
+
+def assistant_message(parsed: ParsedTurn) -> dict:
+    """A parsed assistant turn as chat templates take it: its text, and its calls as `tool_calls`."""
+    message = {"role": "assistant", "content": parsed.content}
+    if parsed.calls:
+        message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in parsed.calls]
+    return message
+
+
+def run_calls(tools: Mapping[str, Tool], parsed: ParsedTurn, *, timeout: float | None) -> list[tuple[str, ToolResult]]:
+    """(name, result) of each call of a turn, in order, then one per call that could not be parsed:
+    what the tool turns that answer it hold."""
+    results = [(call.name, call_tool(tools, call, timeout=timeout)) for call in parsed.calls]
+    return results + [(PARSE_ERROR, parse_failure_result(failure)) for failure in parsed.failures]
 
 
 def parse_failure_result(message: str) -> ToolResult:
