@@ -24,6 +24,8 @@ from pathlib import Path
 DEMO_FILES = {
     "pt_train": "pt_train.txt", "pt_val": "pt_val.txt",
     "sft_train": "sft_train.jsonl", "sft_val": "sft_val.jsonl",
+    # The training conversations again, with a share of the carries and borrows forgotten (make demo's SFT).
+    "sft_slips_train": "sft_slips_train.jsonl",
     "pref_train": "pref_train.jsonl", "pref_val": "pref_val.jsonl",
     "rl_train": "rl_train.jsonl", "rl_val": "rl_val.jsonl",
     "unpaired_train": "unpaired_train.jsonl", "unpaired_val": "unpaired_val.jsonl",
@@ -33,6 +35,11 @@ DEMO_FILES = {
 QUESTION_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {word} {b}.", "{a} {op} {b} = ?"]
 SYSTEM_PROMPTS = ["You are a careful calculator.", "Answer with the equation and its result."]
 WORDS = {"+": "plus", "-": "minus"}
+# The share of the demonstrations in sft_slips_train.jsonl that forget the carry or borrow, of
+# those that have one. Above one half, an SFT model that imitates them forgets it in most greedy
+# answers, yet samples the right tens digit often enough for an exact-answer reward to find it:
+# the gap RL with a verifier closes and imitation cannot (docs/stages.md, the demo).
+CARRY_SLIP_RATE = 0.6
 # Every problem of the task: (a, op, b) with a in 0..99 and b in 0..9.
 TRIPLES = [(a, op, b) for a in range(100) for op in "+-" for b in range(10)]
 
@@ -80,6 +87,33 @@ def _wrong(p: dict, rng: random.Random) -> str:
     misreadings.append(((a + rng.choice([1, 2, 10, 20])) % 100, op, b))  # the number misread
     x, wrong_op, y = rng.choice(misreadings)
     return f"{x} {wrong_op} {y} = {x + y if wrong_op == '+' else x - y}"
+
+
+def slipped_solution(p: dict) -> str | None:
+    """The solution with its carry or borrow forgotten (47 + 5 = 42, 41 - 7 = 44): the tens digit left
+    as the question's; None where there is none to forget (and for a one-digit number minus a
+    larger digit, whose result is negative)."""
+    a, b, op = p["a"], p["b"], p["op"]
+    if op == "+" and a % 10 + b >= 10:
+        return f"{a} + {b} = {a + b - 10}"
+    if op == "-" and a % 10 < b and a >= 10:
+        return f"{a} - {b} = {a - b + 10}"
+    return None
+
+
+def _with_slips(sft: list[dict], rng: random.Random, rate: float) -> list[dict]:
+    """The conversations with each reply that has a carry or borrow replaced, at `rate`, by its slip."""
+    slips = {}
+    for a, op, b in TRIPLES:
+        p = {"a": a, "b": b, "op": op}
+        if (wrong := slipped_solution(p)) is not None:
+            slips[f"{a} {op} {b} = {a + b if op == '+' else a - b}"] = wrong
+    out = []
+    for record in sft:
+        turns = [dict(t, value=slips[t["value"]]) if t["from"] == "gpt" and t["value"] in slips
+                 and rng.random() < rate else t for t in record["conversations"]]
+        out.append({"conversations": turns})
+    return out
 
 
 def _pt_document(problems: list[dict]) -> str:
@@ -149,6 +183,8 @@ def write_demo_data(out_dir, seed: int = 0, n_train: int = 1600, n_val: int = 20
         records = _records(problems, random.Random(seed + 3) if split == "test" else rng)
         if split != "test":  # KTO's unpaired feedback: the pairs' replies, each with its label
             records["unpaired"] = _unpaired(records["pref"], seed + (2 if split == "train" else 3))
+        if split == "train":  # its own generator: the other files stay what they were
+            records["sft_slips"] = _with_slips(records["sft"], random.Random(seed + 4), CARRY_SLIP_RATE)
         for kind, items in records.items():
             if f"{kind}_{split}" not in DEMO_FILES:  # no PT test text
                 continue
