@@ -1,7 +1,7 @@
 """Generated arithmetic word problems: one- and two-step stories in plain English with integer answers,
 as RL prompts `{"question", "answer"}` (the records stage=grpo reads; `answer_match` checks the answer).
 
-    "Mia has 14 apples. She buys 9 more and gives 5 to Leo. How many apples does Mia have now?"  -> "18"
+    "Mia has 7 apples. She buys 4 more and gives 5 to Leo. How many apples does Mia have now?"  -> "6"
 
 Several story templates, names and objects; difficulty set by `max_number` (the largest number a story
 adds or takes away), `max_factor` (the largest count of boxes and of things per box) and `two_step`
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
 from llm_stages.data.demo import _write_atomic
@@ -37,7 +37,8 @@ def _story(kind: str, a: int, b: int, c: int, who: tuple, other: tuple, third: t
     stories = {
         # one step
         "buy": (f"{name} has {a} {obj}. {she} buys {b} more. How many {obj} does {name} have now?", a + b),
-        "give": (f"{name} has {a} {obj}. {she} gives {b} to {other_name}. How many {obj} does {name} have left?", a - b),
+        "give": (f"{name} has {a} {obj}. {she} gives {b} to {other_name}. How many {obj} does {name} have left?",
+                 a - b),
         "together": (f"{name} has {a} {obj} and {other_name} has {b} {obj}. How many {obj} do they have together?",
                      a + b),
         "fewer": (f"{name} has {a} {obj}. {other_name} has {b} fewer {obj} than {name}. "
@@ -96,9 +97,9 @@ def word_problems(sizes: dict[str, int], seed: int = 0, max_number: int = 10, ma
                   two_step: float = 0.3, shots: list | None = None) -> dict[str, list[dict]]:
     """Records `{"question", "answer"}` for each split in `sizes` (e.g. {"train": 400, "val": 100,
     "test": 200}), a `two_step` share of each split two-step stories (in random order), no problem
-    (template and numbers) in two splits. With `shots` ([[question, reply],
-    ...]: worked examples) each record is `{"prompt": messages, "answer"}` instead: the examples as
-    earlier exchanges of the conversation, then the question. Held-out splits are drawn first, so
+    (template and numbers) in two splits. With `shots` ([[question, reply], ...]: worked examples)
+    each record is `{"prompt": messages, "answer"}` instead: the examples as earlier exchanges of the
+    conversation, then the question. Held-out splits are drawn first, so
     their problems do not change with the training size."""
     rng = random.Random(seed)
     seen: set[tuple] = set()
@@ -132,7 +133,7 @@ def _record(problem: dict, shots: list | None) -> dict:
     return {"prompt": [*examples, {"role": "user", "content": problem["question"]}], "answer": str(problem["answer"])}
 
 
-def ensure_word_problems(out: str | Path, size: int = 2000, val_size: int = 100, test_size: int = 200,
+def ensure_word_problems(out: str | Path, size: int = 400, val_size: int = 100, test_size: int = 200,
                          seed: int = 0, max_number: int = 10, max_factor: int = 5, two_step: float = 0.3,
                          shots: list | None = None) -> dict[str, Path]:
     """`<name>_train.jsonl` at `out`, `<name>_val.jsonl` (found by data.val_path=auto) and `<name>_test.jsonl`
@@ -145,7 +146,8 @@ def ensure_word_problems(out: str | Path, size: int = 2000, val_size: int = 100,
     if not 0 <= two_step <= 1 or max_number < 3 or max_factor < 2:
         raise ConfigError(f"word problems: two_step={two_step} must be in [0, 1], max_number={max_number} >= 3, "
                           f"max_factor={max_factor} >= 2")
-    if any(not isinstance(s, (list, tuple)) or len(s) != 2 or not all(isinstance(t, str) for t in s) for s in shots or []):
+    if any(not isinstance(shot, (list, tuple)) or len(shot) != 2 or not all(isinstance(t, str) for t in shot)
+           for shot in shots or []):
         raise ConfigError(f"data.shots={shots}: each worked example is a pair [question, reply] of strings")
     paths = {split: out.with_name(out.name.replace("_train.jsonl", f"_{split}.jsonl")) for split in SPLITS}
     spec = {"size": size, "val_size": val_size, "test_size": test_size, "seed": seed, "max_number": max_number,
@@ -170,11 +172,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="the training file, <name>_train.jsonl")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=400)
     parser.add_argument("--val-size", type=int, default=100)
     parser.add_argument("--test-size", type=int, default=200)
     args = parser.parse_args(argv)
-    for path in ensure_word_problems(args.out, args.size, args.val_size, args.test_size, args.seed).values():
+    try:
+        paths = ensure_word_problems(args.out, args.size, args.val_size, args.test_size, args.seed)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for path in paths.values():
         print(path)
 
 

@@ -19,7 +19,8 @@ NAMES = "|".join(name for name, _, _ in PEOPLE)
 # Each phrase of a story and what it does to the running count: the answer worked out from the text alone.
 STEPS = [
     (r"has (\d+) boxes with (\d+)|buys (\d+) boxes with (\d+)", lambda n, a, b: a * b),
-    (r"^(?:{names}) has (\d+) \w+ and (?:{names}) has (\d+) \w+\. How many \w+ do they have together", lambda n, a, b: a + b),
+    (r"^(?:{names}) has (\d+) \w+ and (?:{names}) has (\d+) \w+\. How many \w+ do they have together",
+     lambda n, a, b: a + b),
     (r"^(?:{names}) has (\d+) \w+\.", lambda n, a: a),
     (r"buys (\d+) more|finds (\d+) more|gives (?:her|him) (\d+) more|already had (\d+)", lambda n, a: n + a),
     (r"gives (\d+) to|and (\d+) to|loses (\d+) of them|has (\d+) fewer", lambda n, a: n - a),
@@ -34,7 +35,7 @@ def solve(question: str) -> int:
         found = []
         for pattern, step in STEPS:
             match = re.compile(pattern.format(names=NAMES)).search(question, position)
-            if match and (pattern.startswith("^") is False or position == 0):
+            if match:  # a pattern anchored with ^ matches only at the start
                 found.append((match.start(), -len(match.group(0)), match, step))
         if not found:
             return count
@@ -89,7 +90,8 @@ def test_shots_come_before_the_question_and_the_prompt_reader_takes_the_records(
     plain = word_problems({"train": 20, "val": 5, "test": 5})["val"]
     for record, expected in zip(records, plain):
         prompt = prompt_record(record)
-        assert prompt.messages == [{"role": "user", "content": SHOTS[0][0]}, {"role": "assistant", "content": SHOTS[0][1]},
+        assert prompt.messages == [{"role": "user", "content": SHOTS[0][0]},
+                                   {"role": "assistant", "content": SHOTS[0][1]},
                                    {"role": "user", "content": expected["question"]}]
         assert prompt.answer == expected["answer"]
     plain_record = prompt_record(read_records(ensure_word_problems(tmp_path / "plain_train.jsonl", 20, 5, 5)["val"])[0])
