@@ -144,7 +144,7 @@ LAYERS = [
     ("ground", ["llm_stages", "llm_stages.errors", "llm_stages.checks", "llm_stages.ranges", "llm_stages.models",
                 "llm_stages.adapters", "llm_stages.losses"]),
     ("training", ["llm_stages.training", "llm_stages.config"]),
-    ("data", ["llm_stages.data", "callbacks"]),
+    ("data", ["llm_stages.data", "llm_stages.data.word_problems", "callbacks"]),
     ("rollout", ["llm_stages.rollout",
                  "llm_stages.rollout.tool_calls", "llm_stages.rollout.tools", "llm_stages.rollout.builtin_tools",
                  "llm_stages.envs"]),
