@@ -20,7 +20,7 @@ import random
 import sys
 from pathlib import Path
 
-from llm_stages.data.demo import _write_atomic
+from llm_stages.training.run_dir import write_text_atomic
 from llm_stages.errors import ConfigError
 
 # (name, subject pronoun, object pronoun)
@@ -163,8 +163,8 @@ def ensure_word_problems(out: str | Path, size: int = 400, val_size: int = 100, 
                             two_step, shots)
     out.parent.mkdir(parents=True, exist_ok=True)
     for split, path in paths.items():
-        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[split]))
-    _write_atomic(spec_file, json.dumps(spec, sort_keys=True) + "\n")
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[split]))
+    write_text_atomic(spec_file, json.dumps(spec, sort_keys=True) + "\n")
     return paths
 
 
