@@ -1,8 +1,12 @@
-"""pipeline=demo_agent end to end with the real tiny model, shortened: SFT on the calculator transcripts,
-GRPO whose episodes call the live calculator, the held-out episodes suite on both exports. The demo's
-targets (val/reward <= 0.2 before GRPO, >= 0.8 after) are not reached yet (docs/agents.md: after SFT the
-model calls in the right format but does not copy five- and six-digit numbers), so this checks that the
-chain runs and reports, not that it learns."""
+"""pipeline=demo_agent end to end with the real tiny model: SFT on the calculator transcripts (as
+shipped), GRPO whose episodes call the live calculator (10 of its 40 iterations), the held-out
+episodes suite on both exports.
+
+The demo's target (greedy val/reward <= 0.2 before GRPO, >= 0.8 after) is met with the default seed
+(0.00 -> 0.98 after 10 iterations, 1.00 after 40) but not with seed 1, whose SFT export copies the
+operands into the call on 22 % of forced calls instead of 90 % (0.00 -> 0.06; docs/agents.md). So this
+asserts what held for both seeds: SFT's greedy episodes answer from memory, and GRPO makes the policy
+call the calculator more and answer no worse."""
 
 from __future__ import annotations
 
@@ -10,12 +14,10 @@ import json
 
 from omegaconf import open_dict
 
-SHORT = {"sft": ["trainer.max_steps=40", "trainer.val_check_interval=40", "trainer.limit_val_batches=2"],
-         "grpo": ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-                  "datamodule.batch_size=4", "datamodule.val_batch_size=16", "module.mini_batch_size=32"]}
+SHORT = {"grpo": ["trainer.max_steps=10", "trainer.val_check_interval=10"]}
 
 
-def test_demo_agent_chain_runs_episodes_with_the_calculator(tmp_path):
+def test_demo_agent_learns_to_call_the_calculator(tmp_path):
     from llm_stages.config import compose
     from llm_stages.pipeline import run_pipeline
 
@@ -27,11 +29,12 @@ def test_demo_agent_chain_runs_episodes_with_the_calculator(tmp_path):
             step.overrides = [*step.overrides, *SHORT.get(step.name, [])]
     rows = {r["stage"]: r for r in run_pipeline(cfg, cli)}
     assert list(rows) == ["sft", "grpo", "eval"] and all(r["status"] == "ran" for r in rows.values())
-    assert rows["grpo"]["metric"] == "val/reward" and 0 <= rows["grpo"]["after"] <= 1
+    assert rows["grpo"]["metric"] == "val/reward"
+    assert rows["grpo"]["before"] <= 0.2 and rows["grpo"]["after"] >= rows["grpo"]["before"], rows["grpo"]
     [metrics_csv] = (tmp_path / "demo_agent" / "grpo").glob("csv/**/metrics.csv")
     header = metrics_csv.read_text().splitlines()[0].split(",")
     assert {"env/turns_mean", "env/tool_calls_mean", "env/tool_errors", "env/truncated_fraction"} <= set(header)
     results = json.loads((tmp_path / "demo_agent" / "eval" / "results.json").read_text())
-    for stage in ("sft", "grpo"):
-        metrics = results[stage]["tasks"]["multiplication"]["metrics"]
-        assert 0 <= metrics["success_rate"] <= 1 and metrics["turns_mean"] >= 1
+    sft, grpo = (results[stage]["tasks"]["multiplication"]["metrics"] for stage in ("sft", "grpo"))
+    assert sft["success_rate"] <= 0.2 and sft["tool_calls_mean"] <= 0.2, sft
+    assert grpo["tool_calls_mean"] > sft["tool_calls_mean"] and grpo["success_rate"] >= sft["success_rate"], grpo
