@@ -3,10 +3,10 @@ shipped), GRPO whose episodes call the live calculator (10 of its 40 iterations)
 episodes suite on both exports.
 
 The demo's target (greedy val/reward <= 0.2 before GRPO, >= 0.8 after) is met with the default seed
-(0.00 -> 0.98 after 10 iterations, 1.00 after 40) but not with seed 1, whose SFT export copies the
-operands into the call on 22 % of forced calls instead of 90 % (0.00 -> 0.06; docs/agents.md). So this
-asserts what held for both seeds: SFT's greedy episodes answer from memory, and GRPO makes the policy
-call the calculator more and answer no worse."""
+(0.00 -> 0.98 after 10 iterations, 1.00 after 40) and with seed 2 (0.76, 0.88), but not with seed 1,
+whose SFT export copies the operands into the call on 22 % of forced calls instead of ~90 %
+(0.00 -> 0.06; docs/agents.md). So this asserts what held for all three seeds: SFT's greedy episodes
+answer from memory, and GRPO makes the policy call the calculator more and answer no worse."""
 
 from __future__ import annotations
 
