@@ -22,6 +22,7 @@ from pathlib import Path
 
 from llm_stages.training.run_dir import write_text_atomic
 from llm_stages.errors import ConfigError
+from llm_stages.ranges import FRACTION, Range, check_ranges
 
 # (name, subject pronoun, object pronoun)
 PEOPLE = [("Mia", "She", "her"), ("Leo", "He", "him"), ("Ava", "She", "her"), ("Noah", "He", "him"),
@@ -29,6 +30,8 @@ PEOPLE = [("Mia", "She", "her"), ("Leo", "He", "him"), ("Ava", "She", "her"), ("
           ("Emma", "She", "her"), ("Ravi", "He", "him"), ("Nina", "She", "her"), ("Ben", "He", "him")]
 OBJECTS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "shells", "cards", "stamps", "coins"]
 SPLITS = ("train", "val", "test")
+# The settings' bounds (conf/data/word_problems.yaml: data.<name>): a story needs room for its steps.
+RANGES = {"two_step": FRACTION, "max_number": Range(3), "max_factor": Range(2)}
 
 
 def _story(kind: str, a: int, b: int, c: int, who: tuple, other: tuple, third: tuple, obj: str) -> tuple[str, int]:
@@ -143,9 +146,7 @@ def ensure_word_problems(out: str | Path, size: int = 400, val_size: int = 100, 
     if not out.name.endswith("_train.jsonl"):
         raise ConfigError(f"data.path={out}: name the word-problem training file <name>_train.jsonl (the "
                           "validation and test files are written beside it)")
-    if not 0 <= two_step <= 1 or max_number < 3 or max_factor < 2:
-        raise ConfigError(f"word problems: two_step={two_step} must be in [0, 1], max_number={max_number} >= 3, "
-                          f"max_factor={max_factor} >= 2")
+    check_ranges({"two_step": two_step, "max_number": max_number, "max_factor": max_factor}, RANGES, "data")
     if any(not isinstance(shot, (list, tuple)) or len(shot) != 2 or not all(isinstance(t, str) for t in shot)
            for shot in shots or []):
         raise ConfigError(f"data.shots={shots}: each worked example is a pair [question, reply] of strings")

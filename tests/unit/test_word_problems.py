@@ -111,6 +111,10 @@ def test_written_once_and_again_when_a_setting_changes(tmp_path):
         ensure_word_problems(tmp_path / "arith.jsonl")
     with pytest.raises(ConfigError, match=r"data.shots=.*a pair \[question, reply\]"):
         ensure_word_problems(out, shots=[["only a question"]])
+    with pytest.raises(ConfigError, match=r"data.two_step=1.5: expected a number in \[0, 1\]"):
+        ensure_word_problems(out, two_step=1.5)
+    with pytest.raises(ConfigError, match=r"data.max_number=2: expected a number >= 3"):
+        ensure_word_problems(out, max_number=2)
 
 
 def test_smollm2_arith_configs_compose_and_generate_their_data(make_cfg, tmp_path):
