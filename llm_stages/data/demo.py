@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from llm_stages.data.generated import is_current, write_spec
+from llm_stages.training.run_dir import write_text_atomic
 
 DEMO_FILES = {
     "pt_train": "pt_train.txt", "pt_val": "pt_val.txt",
@@ -40,6 +41,9 @@ WORDS = {"+": "plus", "-": "minus"}
 # answers, yet samples the right tens digit often enough for an exact-answer reward to find it:
 # the gap RL with a verifier closes and imitation cannot (docs/stages.md, the demo).
 CARRY_SLIP_RATE = 0.6
+# The generator's format: bump it when what write_demo_data writes changes, so that files an older
+# version wrote are rewritten on the next run (ensure_demo_data) rather than trained on.
+DEMO_DATA_VERSION = 2
 # Every problem of the task: (a, op, b) with a in 0..99 and b in 0..9.
 TRIPLES = [(a, op, b) for a in range(100) for op in "+-" for b in range(10)]
 
@@ -157,20 +161,6 @@ def _unpaired(pref: list[dict], seed: int) -> list[dict]:
     return records
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and os.replace, so concurrent readers (DDP ranks)
-    see either no file or the whole file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; make it an ordinary data file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_demo_data(out_dir, seed: int = 0, n_train: int = 1600, n_val: int = 200, n_test: int = 200) -> dict[str, Path]:
     """Write every file in DEMO_FILES to `out_dir` (deterministic in `seed`); returns name -> path."""
     train, val = _split_problems(seed, n_train, n_val)
@@ -193,18 +183,22 @@ def write_demo_data(out_dir, seed: int = 0, n_train: int = 1600, n_val: int = 20
                 text = "\n\n".join(items) + "\n"
             else:
                 text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items)
-            _write_atomic(path, text)
+            write_text_atomic(path, text)
             paths[f"{kind}_{split}"] = path
     return paths
 
 
 def ensure_demo_data(out_dir, seed: int = 0, n_train: int = 1600, n_val: int = 200) -> dict[str, Path]:
-    """The demo files in `out_dir`, written only if any is missing."""
+    """The demo files in `out_dir`, written when any is missing or was written by other settings or an
+    older DEMO_DATA_VERSION (the stamp `demo_spec.json` beside them)."""
     out = Path(out_dir)
     paths = {name: out / file for name, file in DEMO_FILES.items()}
-    if all(p.exists() for p in paths.values()):
+    spec = {"version": DEMO_DATA_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val}
+    if is_current(out / "demo_spec.json", spec, paths.values()):
         return paths
-    return write_demo_data(out, seed, n_train, n_val)
+    paths = write_demo_data(out, seed, n_train, n_val)
+    write_spec(out / "demo_spec.json", spec)
+    return paths
 
 
 def ensure_configured(data) -> None:

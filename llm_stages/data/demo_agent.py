@@ -20,8 +20,12 @@ import json
 import random
 from pathlib import Path
 
+from llm_stages.data.generated import is_current, write_spec
 from llm_stages.training.run_dir import write_text_atomic
 
+# The generator's format: bump it when what write_agent_data writes changes, so that files an older
+# version wrote are rewritten on the next run (ensure_agent_data) rather than trained on.
+AGENT_DATA_VERSION = 1
 AGENT_FILES = {
     "sft_train": "sft_train.jsonl", "sft_val": "sft_val.jsonl", "sft_test": "sft_test.jsonl",
     "rl_train": "rl_train.jsonl", "rl_val": "rl_val.jsonl", "rl_test": "rl_test.jsonl",
@@ -128,11 +132,16 @@ def write_agent_data(out_dir, seed: int = 0, tool_fraction: float = TOOL_FRACTIO
 
 
 def ensure_agent_data(out_dir, seed: int = 0) -> dict[str, Path]:
-    """The agent demo files in `out_dir`, written only if any is missing."""
-    paths = {name: Path(out_dir) / file for name, file in AGENT_FILES.items()}
-    if all(p.exists() for p in paths.values()):
+    """The agent demo files in `out_dir`, written when any is missing or was written by another seed or
+    an older AGENT_DATA_VERSION (the stamp `demo_agent_spec.json` beside them)."""
+    out = Path(out_dir)
+    paths = {name: out / file for name, file in AGENT_FILES.items()}
+    spec = {"version": AGENT_DATA_VERSION, "seed": seed}
+    if is_current(out / "demo_agent_spec.json", spec, paths.values()):
         return paths
-    return write_agent_data(out_dir, seed)
+    paths = write_agent_data(out, seed)
+    write_spec(out / "demo_agent_spec.json", spec)
+    return paths
 
 
 def main() -> None:

@@ -15,12 +15,11 @@ first use by `data.generate` (conf/data/word_problems.yaml), or by hand:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
 
-from llm_stages.training.run_dir import write_text_atomic
+from llm_stages.data.generated import is_current, write_jsonl, write_spec
 from llm_stages.errors import ConfigError
 from llm_stages.ranges import FRACTION, Range, check_ranges
 
@@ -154,18 +153,13 @@ def ensure_word_problems(out: str | Path, size: int = 400, val_size: int = 100, 
     spec = {"size": size, "val_size": val_size, "test_size": test_size, "seed": seed, "max_number": max_number,
             "max_factor": max_factor, "two_step": two_step, "shots": [list(s) for s in shots or []]}
     spec_file = out.with_name(out.name.replace("_train.jsonl", "_spec.json"))
-    try:
-        written = json.loads(spec_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        written = None
-    if written == spec and all(p.exists() for p in paths.values()):
+    if is_current(spec_file, spec, paths.values()):
         return paths
     records = word_problems({"train": size, "val": val_size, "test": test_size}, seed, max_number, max_factor,
                             two_step, shots)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for split, path in paths.items():
-        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[split]))
-    write_text_atomic(spec_file, json.dumps(spec, sort_keys=True) + "\n")
+        write_jsonl(path, records[split])
+    write_spec(spec_file, spec)
     return paths
 
 

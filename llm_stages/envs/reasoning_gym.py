@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from llm_stages.data.generated import is_current, write_jsonl, write_spec
 from llm_stages.envs import require
 from llm_stages.errors import ConfigError
 from llm_stages.rollout.rewards import reads
@@ -120,10 +119,10 @@ def write_task_data(out: str | Path, task: str, size: int, val_size: int = 0, se
                           "written beside it as <name>_val.jsonl)")
     records = task_records(task, size + val_size, seed, config, system_prompt)
     paths = {"train": out}
-    _write_jsonl(out, records[:size])
+    write_jsonl(out, records[:size])
     if val_size:
         paths["val"] = out.with_name(out.name.replace("_train.jsonl", "_val.jsonl"))
-        _write_jsonl(paths["val"], records[size:])
+        write_jsonl(paths["val"], records[size:])
     return paths
 
 
@@ -135,27 +134,11 @@ def ensure_task_data(out: str | Path, task: str, size: int, val_size: int = 0, s
     spec = {"task": task, "size": size, "val_size": val_size, "seed": seed, "config": dict(config or {}),
             "system_prompt": system_prompt}
     spec_file = out.with_name(out.name.replace("_train.jsonl", "_spec.json"))
-    try:
-        written = json.loads(spec_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        written = None
-    if written == spec and out.exists():
+    if is_current(spec_file, spec, [out]):
         return {"train": out}
     paths = write_task_data(out, task, size, val_size, seed, config, system_prompt)
-    _write_atomic(spec_file, json.dumps(spec, sort_keys=True) + "\n")
+    write_spec(spec_file, spec)
     return paths
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # concurrent ranks may both write; each write is whole
 
 
 # --- reward --------------------------------------------------------------------------------------

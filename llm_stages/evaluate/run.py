@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm_stages.checks import check_config
 from llm_stages.config import CONFIG_DIR
@@ -70,6 +70,11 @@ def check_suite(cfg: DictConfig) -> DictConfig:
     if not suite:
         raise ConfigError(f"stage=eval needs a suite: eval=<one of {', '.join(suites())}>")
     tasks = suite.get("tasks") or {}
+    dropped = [name for name, task in tasks.items() if task is None]
+    if dropped:  # eval.tasks.<name>=null on the command line leaves that task out (Hydra cannot delete a key)
+        with open_dict(suite):
+            for name in dropped:
+                del suite.tasks[name]
     if not tasks:
         raise ConfigError(f"eval={suite.get('name')} has no tasks (eval.tasks: {{name: {{type: ..., data: {{path: ...}}}}}})")
     for key in ("reward_model", "reference_model"):

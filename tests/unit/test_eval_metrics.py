@@ -60,3 +60,17 @@ def test_command_word_and_unknown_suite(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: eval=nope: no such eval suite") and "demo" in err
+
+
+def test_a_task_set_to_null_is_left_out_and_no_task_left_is_one_error():
+    from omegaconf import OmegaConf
+
+    from llm_stages.errors import ConfigError
+    from llm_stages.evaluate.run import check_suite
+
+    cfg = OmegaConf.create({"eval": {"name": "demo", "tasks": {"arithmetic": {"type": "generation"}, "pairs": None}}})
+    OmegaConf.set_struct(cfg, True)
+    assert list(check_suite(cfg).tasks) == ["arithmetic"]  # eval.tasks.pairs=null on the command line
+    cfg.eval.tasks.arithmetic = None
+    with pytest.raises(ConfigError, match="has no tasks"):
+        check_suite(cfg)
