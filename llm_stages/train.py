@@ -33,6 +33,10 @@ from llm_stages.training.run_status import write_status
 # Lightning warns at every periodic checkpoint of a manually optimised module that the state saved is
 # the one after the optimiser step: global_step counts finished steps, so that is the state to resume.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# Lightning warns when any submodule is in eval mode as training starts: the frozen models a stage holds
+# (reference, reward model, teacher) are, on purpose; what is trained is put in train mode by each
+# stage's on_fit_start (stages/base.py).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 log = logging.getLogger(__name__)
 

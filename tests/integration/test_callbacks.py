@@ -105,3 +105,21 @@ def test_throughput_mfu_with_a_given_peak(make_cfg, tmp_path):
     trainer.fit(module, datamodule=datamodule)
     n_params = sum(p.numel() for p in module.model.parameters())
     assert seen["perf/mfu"] == pytest.approx(6 * n_params * seen["perf/tokens_per_s"] / 1e9, rel=1e-3)
+
+
+def test_during_training_the_policy_is_in_train_mode_and_the_frozen_reference_in_eval_mode(make_cfg):
+    """What lets train.py silence Lightning's "modules in eval mode at the start of training" warning:
+    the frozen models are in eval mode on purpose, and what is trained is in train mode."""
+    module, datamodule = build(make_cfg("stage=dpo"))
+    module.model.eval()  # as from_pretrained leaves it
+    modes = []
+    module.on_train_batch_start = lambda batch, idx: modes.append(
+        (module.model.training, all(m.training for m in module.model.modules()),
+         [m.training for m in module.modules() if m not in set(module.model.modules())]))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
+                        enable_checkpointing=False)
+    trainer.fit(module, datamodule=datamodule)
+    [(policy, every_policy_module, others)] = modes
+    assert policy and every_policy_module
+    assert others and not any(others[1:])  # the reference model (after the module itself), frozen in eval mode
