@@ -66,6 +66,7 @@ RULES = [
     ("module.dynamic_sampling", lambda v: isinstance(v, bool), "true or false"),
     ("export.weights", _one_of("last", "best"),
      "last (the weights at the end) or best (the checkpoint with the best stage.key_metric)"),
+    ("export.min_delta", _number(lambda x: x >= 0), "a number >= 0 (in the key metric's units)"),
 ]
 
 

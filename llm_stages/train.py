@@ -156,7 +156,8 @@ def _train(cfg: DictConfig) -> dict:
     metrics.update({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
     metrics.update(_best_scores(trainer))
     if cfg.export.get("weights") == "best":
-        metrics.update(_restore_best(trainer, module, metrics, start, cfg.stage.get("key_metric_mode", "min")))
+        metrics.update(_restore_best(trainer, module, metrics, start, cfg.stage.get("key_metric_mode", "min"),
+                                     float(cfg.export.get("min_delta") or 0.0)))
 
     after = trainer.validate(module, datamodule=datamodule, verbose=False) if trainer.limit_val_batches else []
     module.release()
@@ -197,21 +198,23 @@ def _trained_weights(module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items() if k in trainable}
 
 
-def _restore_best(trainer, module, metrics: dict, start: dict | None, mode: str) -> dict:
+def _restore_best(trainer, module, metrics: dict, start: dict | None, mode: str, min_delta: float = 0.0) -> dict:
     """export.weights=best: the trained weights with the best key metric loaded back into the module
     before the final validation and the export: those of the best checkpoint, or the starting weights
-    when the validation before training scored better than every checkpoint (training did not help).
-    Frozen weights (a reference, the base under LoRA) are not in checkpoints and stay as they are."""
+    when no checkpoint beat the validation before training by at least `min_delta` (export.min_delta:
+    training did not help by more than the validation's noise). Frozen weights (a reference, the base
+    under LoRA) are not in checkpoints and stay as they are."""
     import torch
 
     key = metrics["key_metric"]
     kept = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None) == key and cb.best_model_path]
     before = metrics.get(f"{key}_before")
     best = float(kept[0].best_model_score) if kept else None
-    if start is not None and before is not None and (best is None or (before > best if mode == "max" else before < best)):
+    gain = None if best is None or before is None else (best - before if mode == "max" else before - best)
+    if start is not None and before is not None and (gain is None or gain < min_delta):
         module.load_state_dict(start, strict=False)
-        log.info("export.weights=best: no checkpoint beat the weights training started from (%s %.4f); exporting those",
-                 key, before)
+        log.info("export.weights=best: no checkpoint beat the weights training started from (%s %.4f) by at least "
+                 "export.min_delta=%g; exporting those", key, before, min_delta)
         return {"export_step": 0}
     if not kept:  # no validation ran (max_steps below val_check_interval): the last weights are all there is
         log.warning("export.weights=best: no checkpoint by %s was written; exporting the last weights", key)

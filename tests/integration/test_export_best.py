@@ -42,3 +42,16 @@ def test_best_export_needs_a_checkpoint_that_keeps_the_best(make_cfg):
         check_config(make_cfg("stage=sft", "export.weights=best"))  # debug=tiny: callbacks=none
     with pytest.raises(ConfigError, match=r"export.weights=sometimes: expected last .* or best"):
         check_config(make_cfg("stage=sft", "export.weights=sometimes"))
+
+
+def test_a_checkpoint_must_beat_the_starting_weights_by_min_delta(make_cfg, tmp_path):
+    falling = ["stage=sft", "callbacks=default", "callbacks.generation_samples=null", "export.weights=best",
+               "trainer.max_steps=6", "trainer.val_check_interval=3", "optim.lr=0.05", "optim.warmup_steps=0"]
+    beaten = train(make_cfg(*falling, output_dir=tmp_path / "small"))
+    gain = beaten["val/loss_before"] - beaten["val/loss_best"]  # the loss falls: the checkpoint is exported
+    assert gain > 0.1 and beaten["export_step"] == 6
+    kept = train(make_cfg(*falling, f"export.min_delta={gain + 0.01}", output_dir=tmp_path / "large"))
+    assert kept["export_step"] == 0  # the same gain, short of min_delta: the starting weights are exported
+    assert kept["val/loss"] == pytest.approx(kept["val/loss_before"], rel=1e-5)
+    with pytest.raises(ConfigError, match=r"export.min_delta=-1: expected a number >= 0"):
+        check_config(make_cfg("stage=sft", "export.min_delta=-1"))
