@@ -162,7 +162,8 @@ def _unpaired(pref: list[dict], seed: int) -> list[dict]:
 
 
 def write_demo_data(out_dir, seed: int = 0, n_train: int = 1600, n_val: int = 200, n_test: int = 200) -> dict[str, Path]:
-    """Write every file in DEMO_FILES to `out_dir` (deterministic in `seed`); returns name -> path."""
+    """Write every file in DEMO_FILES to `out_dir` (deterministic in `seed`), then the stamp
+    `demo_spec.json` (ensure_demo_data); returns name -> path."""
     train, val = _split_problems(seed, n_train, n_val)
     test = _test_problems(seed, n_train, n_val, n_test)
     rng = random.Random(seed + 1)
@@ -185,20 +186,22 @@ def write_demo_data(out_dir, seed: int = 0, n_train: int = 1600, n_val: int = 20
                 text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items)
             write_text_atomic(path, text)
             paths[f"{kind}_{split}"] = path
+    write_spec(out / "demo_spec.json", _spec(seed))
     return paths
 
 
 def ensure_demo_data(out_dir, seed: int = 0, n_train: int = 1600, n_val: int = 200) -> dict[str, Path]:
-    """The demo files in `out_dir`, written when any is missing or was written by other settings or an
-    older DEMO_DATA_VERSION (the stamp `demo_spec.json` beside them)."""
+    """The demo files in `out_dir`, written when any is missing or the stamp `demo_spec.json` beside them
+    names another seed or an older DEMO_DATA_VERSION (files of other sizes, as tests write, are kept)."""
     out = Path(out_dir)
     paths = {name: out / file for name, file in DEMO_FILES.items()}
-    spec = {"version": DEMO_DATA_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val}
-    if is_current(out / "demo_spec.json", spec, paths.values()):
+    if is_current(out / "demo_spec.json", _spec(seed), paths.values()):
         return paths
-    paths = write_demo_data(out, seed, n_train, n_val)
-    write_spec(out / "demo_spec.json", spec)
-    return paths
+    return write_demo_data(out, seed, n_train, n_val)
+
+
+def _spec(seed: int) -> dict:
+    return {"version": DEMO_DATA_VERSION, "seed": seed}
 
 
 def ensure_configured(data) -> None:

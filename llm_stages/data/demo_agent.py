@@ -128,20 +128,22 @@ def write_agent_data(out_dir, seed: int = 0, tool_fraction: float = TOOL_FRACTIO
             path = out / AGENT_FILES[f"{kind}_{split}"]
             write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
             paths[f"{kind}_{split}"] = path
+    write_spec(out / "demo_agent_spec.json", _spec(seed))
     return paths
 
 
 def ensure_agent_data(out_dir, seed: int = 0) -> dict[str, Path]:
-    """The agent demo files in `out_dir`, written when any is missing or was written by another seed or
-    an older AGENT_DATA_VERSION (the stamp `demo_agent_spec.json` beside them)."""
+    """The agent demo files in `out_dir`, written when any is missing or the stamp `demo_agent_spec.json`
+    beside them names another seed or an older AGENT_DATA_VERSION."""
     out = Path(out_dir)
     paths = {name: out / file for name, file in AGENT_FILES.items()}
-    spec = {"version": AGENT_DATA_VERSION, "seed": seed}
-    if is_current(out / "demo_agent_spec.json", spec, paths.values()):
+    if is_current(out / "demo_agent_spec.json", _spec(seed), paths.values()):
         return paths
-    paths = write_agent_data(out, seed)
-    write_spec(out / "demo_agent_spec.json", spec)
-    return paths
+    return write_agent_data(out, seed)
+
+
+def _spec(seed: int) -> dict:
+    return {"version": AGENT_DATA_VERSION, "seed": seed}
 
 
 def main() -> None:

@@ -94,7 +94,7 @@ def test_ensure_configured_writes_the_agent_files(tmp_path):
     from llm_stages.data.demo import ensure_configured
 
     ensure_configured(OmegaConf.create({"demo": {"dir": str(tmp_path / "agent"), "seed": 0, "task": "agent"}}))
-    assert sorted(p.name for p in (tmp_path / "agent").iterdir()) == sorted(AGENT_FILES.values())
+    assert sorted(p.name for p in (tmp_path / "agent").iterdir()) == sorted([*AGENT_FILES.values(), "demo_agent_spec.json"])
 
 
 @pytest.mark.parametrize("experiment", ["demo_agent_sft", "demo_agent_grpo", "demo_agent_eval"])

@@ -22,12 +22,12 @@ def test_is_current_needs_the_same_spec_and_every_file(tmp_path):
 
 
 def test_demo_files_an_older_generator_wrote_are_rewritten(tmp_path, monkeypatch):
-    paths = demo.ensure_demo_data(tmp_path, n_train=100, n_val=20)
-    assert json.loads((tmp_path / "demo_spec.json").read_text())["version"] == demo.DEMO_DATA_VERSION
+    paths = demo.write_demo_data(tmp_path, n_train=100, n_val=20)  # fewer problems than the default, as tests write
+    assert json.loads((tmp_path / "demo_spec.json").read_text()) == {"version": demo.DEMO_DATA_VERSION, "seed": 0}
     pt = paths["pt_train"]
     pt.write_text("stale\n")
-    demo.ensure_demo_data(tmp_path, n_train=100, n_val=20)
-    assert pt.read_text() == "stale\n"  # same version and settings: left alone
+    demo.ensure_demo_data(tmp_path)
+    assert pt.read_text() == "stale\n"  # same version and seed: left alone, whatever its size
     monkeypatch.setattr(demo, "DEMO_DATA_VERSION", demo.DEMO_DATA_VERSION + 1)
     demo.ensure_demo_data(tmp_path, n_train=100, n_val=20)
     assert pt.read_text() != "stale\n"
