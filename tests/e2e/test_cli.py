@@ -121,12 +121,10 @@ def test_demo_pipeline_learns_and_no_stage_undoes_sft(tmp_path):
     """What `make demo` runs (pipeline=demo), with the real tiny model, judged on the 200 held-out test
     problems (runs/demo/eval/results.json), against the demo's invariants (docs/stages.md, the demo):
     SFT answers at least half right; DPO, KTO, PPO and GRPO, each from SFT's export, keep or raise
-    that; none raises its reply loss by more than 50%; GRPO ends 0.15 above SFT. Asserted with a
-    margin of 0.05 (1.5 standard errors of a rate near 0.7 on 200 problems), for other CPUs' float
-    paths: SFT >= 0.45, each stage >= SFT - 0.05, GRPO >= SFT + 0.10. Seen with the default seed
-    1234 (docs/stages.md's table): SFT 0.665, DPO 0.82, KTO 0.83, PPO 0.75, GRPO 0.83 (+0.165),
-    every reply loss below SFT's 0.111. Only this seed: seeds 2 and 1 end SFT at 0.20 and 0.105
-    (later stages keep or raise that, GRPO by +0.00 and +0.04), which this test would fail."""
+    that; none raises its reply loss by more than 50%; GRPO ends 0.15 above SFT. Seen over seeds 1234,
+    2 and 1 (and seed 1234 with AVX2 kernels): SFT 0.625-0.68, every later stage at or above SFT,
+    GRPO +0.21 to +0.23 (docs/stages.md's table). Asserted with margins for other CPUs' float paths:
+    SFT >= 0.5, each stage >= SFT - 0.03, GRPO >= SFT + 0.12."""
     from llm_stages.config import compose
     from llm_stages.pipeline import run_pipeline
 
@@ -141,13 +139,13 @@ def test_demo_pipeline_learns_and_no_stage_undoes_sft(tmp_path):
     results = json.loads((tmp_path / "demo" / "eval" / "results.json").read_text())
     accuracy = {s: results[s]["tasks"]["arithmetic"]["metrics"]["accuracy"] for s in exports if s != "rm"}
     loss = {s: results[s]["tasks"]["replies"]["metrics"]["loss"] for s in exports if s != "rm"}
-    assert loss["sft"] < loss["pt"] and accuracy["sft"] >= 0.45, accuracy
+    assert loss["sft"] < loss["pt"] and accuracy["sft"] >= 0.5, accuracy
     for stage in ["dpo", "kto", "ppo", "grpo"]:
         assert results[stage]["input"] == "sft"
-        assert accuracy[stage] >= accuracy["sft"] - 0.05, (stage, accuracy)
+        assert accuracy[stage] >= accuracy["sft"] - 0.03, (stage, accuracy)
         assert loss[stage] <= 1.5 * loss["sft"], (stage, loss)
-    assert accuracy["grpo"] >= accuracy["sft"] + 0.10, accuracy
-    assert results["rm"]["tasks"]["pairs"]["metrics"]["accuracy"] >= 0.6  # 0.855 seen; chance is 0.5
+    assert accuracy["grpo"] >= accuracy["sft"] + 0.12, accuracy
+    assert results["rm"]["tasks"]["pairs"]["metrics"]["accuracy"] >= 0.75  # 0.92-0.955 seen; chance is 0.5
     assert rows["dpo"]["after"] >= 0.75  # val/rewards/accuracies of the exported (best) checkpoint
     tables = {stage: [p.name.split("_")[0] for p in (tmp_path / "demo" / stage).glob("wandb/offline-run-*/files/media/table/*.json")]
               for stage in ["sft", "ppo", "grpo"]}
