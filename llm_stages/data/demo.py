@@ -15,11 +15,10 @@ deterministically from a seed:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
-from llm_stages.data.generated import is_current, write_spec
+from llm_stages.data.generated import is_current, write_jsonl, write_spec
 from llm_stages.training.run_dir import write_text_atomic
 
 DEMO_FILES = {
@@ -181,10 +180,9 @@ def write_demo_data(out_dir, seed: int = 0, n_train: int = 1600, n_val: int = 20
                 continue
             path = out / DEMO_FILES[f"{kind}_{split}"]
             if kind == "pt":
-                text = "\n\n".join(items) + "\n"
+                write_text_atomic(path, "\n\n".join(items) + "\n")
             else:
-                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items)
-            write_text_atomic(path, text)
+                write_jsonl(path, items)
             paths[f"{kind}_{split}"] = path
     write_spec(out / "demo_spec.json", _spec(seed))
     return paths

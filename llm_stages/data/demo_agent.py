@@ -16,12 +16,10 @@ Generated deterministically from a seed:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
-from llm_stages.data.generated import is_current, write_spec
-from llm_stages.training.run_dir import write_text_atomic
+from llm_stages.data.generated import is_current, write_jsonl, write_spec
 
 # The generator's format: bump it when what write_agent_data writes changes, so that files an older
 # version wrote are rewritten on the next run (ensure_agent_data) rather than trained on.
@@ -126,7 +124,7 @@ def write_agent_data(out_dir, seed: int = 0, tool_fraction: float = TOOL_FRACTIO
                    "rl": [{"question": p["question"], "answer": p["answer"]} for p in problems if p["op"] == "*"]}
         for kind, items in records.items():
             path = out / AGENT_FILES[f"{kind}_{split}"]
-            write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+            write_jsonl(path, items)
             paths[f"{kind}_{split}"] = path
     write_spec(out / "demo_agent_spec.json", _spec(seed))
     return paths
