@@ -25,6 +25,7 @@ _SHARED_RANGES = {
     "micro_batch_size": Range(1, integer=True, nullable=True, note="null: the whole minibatch"),
     "gamma": Range(0, 1, low_open=True),  # the discount of future rewards
     "distill_coef": NON_NEGATIVE,  # the weight of the reverse KL to module.teacher in each token's reward
+    "share_prompt_min_saving": FRACTION,  # share_prompt=auto: the fraction of tokens forwarding each prompt once must save
 }
 PPO_RANGES = {
     **_SHARED_RANGES,

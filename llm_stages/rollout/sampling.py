@@ -10,20 +10,22 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor
+from transformers import GenerationConfig
 
 from llm_stages.adapters import is_adapted
 from llm_stages.data.kinds.prompt import PromptBatch
 from llm_stages.ranges import SAMPLING_SETTINGS, check_sampling_settings
+from llm_stages.rollout.decode import Drawing, decode
 
 log = logging.getLogger(__name__)
 
-# Which settings generate() gets is declared with their ranges in llm_stages.ranges (checked with the
-# config, before any model loads): generate() would take anything else (repetition_penalty,
-# no_repeat_ngram_size, ...) from the checkpoint's generation_config.json, and the ratio would compare
-# different distributions.
+# The settings RL sampling models are declared with their ranges in llm_stages.ranges (checked with the
+# config, before any model loads). Anything else in the checkpoint's generation_config.json
+# (repetition_penalty, no_repeat_ngram_size, ...) is left out, as it must be for the ratio to compare
+# like with like; the warning names what was left out. These keys do not change the distribution:
 NOT_SAMPLING = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
-                "max_length", "use_cache")
+                "max_length", "use_cache", "output_attentions", "output_hidden_states", "return_dict_in_generate",
+                "_from_model_config")
 
 
 def log_ignored_generation_settings(model) -> None:
@@ -60,34 +62,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-
-
-class SampledLogprobs(LogitsProcessor):
-    """Records each generated token's log-prob under the logits generate() samples it from, at the
-    sampling temperature (after every other logits processor, before top-k/top-p truncation, which
-    the loss does not model either). A processor sees a step's token only at the next step, so the
-    last token is read by `finish`."""
-
-    def __init__(self, temperature: float):
-        self.temperature, self.steps, self.previous = temperature, [], None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._read(input_ids[:, -1])
-        # The scores themselves (generate's processors do not change them in place) and their
-        # normaliser: no (rows x vocabulary) copy is kept from one step to the next.
-        self.previous = scores, torch.logsumexp(scores.float() / self.temperature, -1)
-        return scores
-
-    def _read(self, tokens: torch.Tensor) -> None:
-        if self.previous is not None:
-            scores, normaliser = self.previous
-            self.steps.append(scores.gather(-1, tokens[:, None]).squeeze(-1).float() / self.temperature - normaliser)
-            self.previous = None
-
-    def finish(self, response: torch.Tensor) -> torch.Tensor:
-        """(N, R) log-probs of `response`, the generated tokens."""
-        self._read(response[:, -1])
-        return torch.stack(self.steps, 1)
 
 
 @contextmanager
@@ -145,25 +119,29 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, model, prompts: PromptBatch, *, repeats: int = 1, generation: dict, seed: int) -> Sample:
-        """Replies to each prompt (`repeats` per prompt, consecutive), with the sampling-time log-prob
-        of each reply token (see SampledLogprobs); the mask covers each reply through its first EOS."""
+        """Replies to each prompt (`repeats` per prompt, consecutive; each prompt forwarded once), with
+        the sampling-time log-prob of each reply token (llm_stages.rollout.decode); the mask covers each
+        reply through its first EOS. `generation.batch_size` bounds the replies decoded at once."""
         query = prompts.input_ids.repeat_interleave(repeats, 0)
         query_mask = prompts.attention_mask.repeat_interleave(repeats, 0)
-        chunk = generation.get("batch_size") or query.shape[0]
-        config = generation_config(generation, self.tokenizer, self.eos_ids)
+        rows = generation.get("batch_size") or query.shape[0]
+        # Prompts per decode call; a bound smaller than one prompt's replies splits them (each forwarded again).
+        prompts_per_call, copies = (max(rows // repeats, 1), repeats) if rows >= repeats else (rows, 1)
+        ids, mask = (prompts.input_ids, prompts.attention_mask) if copies > 1 else (query, query_mask)
+        drawing = Drawing.of(generation)
         was_training = model.training
-        model.eval()  # also turns gradient checkpointing off, so generation uses the KV cache
+        model.eval()  # also turns gradient checkpointing off, so decoding uses the KV cache
         responses, logprobs = [], []
         devices = [query.device] if query.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), generation_defaults(model, config):
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for start in range(0, query.shape[0], chunk):
-                recorder = SampledLogprobs(config.temperature if config.do_sample else 1.0)
-                rows = slice(start, start + chunk)
-                out = model.generate(input_ids=query[rows], attention_mask=query_mask[rows], generation_config=config,
-                                     logits_processor=[recorder], use_cache=True)
-                responses.append(out[:, query.shape[1]:])
-                logprobs.append(recorder.finish(responses[-1]))
+            for start in range(0, ids.shape[0], prompts_per_call):
+                part = slice(start, start + prompts_per_call)
+                response, logprob = decode(model, ids[part], mask[part], repeats=copies, drawing=drawing,
+                                           max_new_tokens=generation["max_new_tokens"], eos=self.eos_ids,
+                                           pad_token_id=self.tokenizer.pad_token_id)
+                responses.append(response)
+                logprobs.append(logprob)
         model.train(was_training)
         return finish_sample(query, query_mask, responses, logprobs, self.eos_ids, self.tokenizer.pad_token_id)
 

@@ -50,7 +50,7 @@ def check_shared_prompts(stage, *, reward_head: bool) -> None:
         datamodule.stop_sharing(why)
 
 
-def _model_mask(model, mask: torch.Tensor) -> torch.Tensor:
+def model_mask(model, mask: torch.Tensor) -> torch.Tensor:
     """The boolean 4-D mask as the attention implementation takes it: sdpa a boolean one, eager an
     additive float one (it adds the mask to the scores)."""
     hf = _hf_model(model)
@@ -71,7 +71,7 @@ def sequence_scores(model, batch: PairBatch | SharedPairBatch):
     sources = batch.predictor[rows, positions]
     start = int(sources.min()) if sources.numel() else 0  # positions before it never reach the LM head
     outputs = head_outputs(model, batch.input_ids.shape[1] - start, input_ids=batch.input_ids,
-                           attention_mask=_model_mask(model, batch.attention_mask), position_ids=batch.position_ids)
+                           attention_mask=model_mask(model, batch.attention_mask), position_ids=batch.position_ids)
     scores = outputs[rows, sources - start].scores(batch.labels[rows, positions])  # one per scored token
     sequence, n = batch.sequence[rows, positions], 2 * batch.num_pairs
     logps = scores.logps.new_zeros(n).index_add(0, sequence, scores.logps)
@@ -86,7 +86,7 @@ def shared_reward_scores(model, batch: SharedPairBatch) -> torch.Tensor:
     `models.reward_scores`): the score head on the body's hidden state there."""
     hf = _hf_model(model)
     body = getattr(hf, hf.base_model_prefix)
-    hidden = body(input_ids=batch.input_ids, attention_mask=_model_mask(model, batch.attention_mask),
+    hidden = body(input_ids=batch.input_ids, attention_mask=model_mask(model, batch.attention_mask),
                   position_ids=batch.position_ids, use_cache=False).last_hidden_state
     return hf.score(hidden[batch.reward_row, batch.reward_position]).squeeze(-1).float()
 

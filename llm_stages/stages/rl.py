@@ -26,7 +26,9 @@ from llm_stages.rollout.episodes import episode_metrics
 from llm_stages.rollout.rewards import check_reward_inputs
 from llm_stages.rollout.rollout import Replies, Rollout, RolloutBuffer, Trajectory, position_ids
 from llm_stages.rollout.sampling import disable_dropout
+from llm_stages.rollout.shared_prompt import SharedPromptRows, prompt_groups, share_prompts, token_saving
 from llm_stages.stages.base import Stage
+from llm_stages.stages.pair_scoring import model_mask, shared_prompt_unsupported
 from llm_stages.stages.teacher import load_teacher
 from llm_stages.training.tables import record_table
 
@@ -36,12 +38,19 @@ class RLStage(Stage):
 
     def __init__(self, model, tokenizer, optim, *, rollout: Callable[..., Rollout], ppo_epochs: int = 1,
                  mini_batch_size: int = 8, micro_batch_size: int | None = None, log_samples_every: int = 10,
-                 seed: int = 0, reference: bool = True, teacher=None, distill_coef: float = 0.0):
+                 seed: int = 0, reference: bool = True, teacher=None, distill_coef: float = 0.0,
+                 share_prompt: str | bool = "auto", share_prompt_min_saving: float = 0.2):
         """`rollout`: rollout.Rollout with its settings (Hydra's partial of the config's `rollout:`
         node), completed here with the policy and tokenizer; then the update's settings. `distill_coef` > 0
         adds on-policy distillation: each reply token's reward is lowered by distill_coef times the
-        policy's reverse KL to the frozen `teacher` (any model config) at that token."""
+        policy's reverse KL to the frozen `teacher` (any model config) at that token. `share_prompt`
+        (auto | true | false): score the replies to one prompt with the prompt forwarded once
+        (llm_stages.rollout.shared_prompt); auto: when that saves at least `share_prompt_min_saving` of the tokens."""
         super().__init__(model, tokenizer, optim)
+        self.share_prompt = str(share_prompt).lower()
+        if self.share_prompt not in ("auto", "true", "false"):
+            raise ConfigError(f"module.share_prompt={share_prompt}: expected one of auto, true, false")
+        self.share_prompt_min_saving = share_prompt_min_saving
         self.rollout = rollout(model, tokenizer)
         disable_dropout(model)
         self.ppo_epochs, self.mini_batch_size = ppo_epochs, mini_batch_size
@@ -134,10 +143,43 @@ class RLStage(Stage):
                            use_cache=False, logits_to_keep=response.shape[1] + 1).logits[:, :-1, :vocab_size].float()
             logprobs = torch.log_softmax(logits / temperature, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
             return logprobs, entropy_from_logits(logits / temperature) if with_entropy else None
+        shared = self.shared_prompt_rows(model, trajectory)
+        if shared is not None:
+            return self._shared_prompt_logprobs(model, shared, response.shape, temperature, with_entropy)
         outputs = head_outputs(model, response.shape[1] + 1, input_ids=trajectory.input_ids, attention_mask=mask,
                                position_ids=position_ids(mask))
         scores = outputs[:, :-1].scores(response, temperature=temperature, with_entropy=with_entropy)
         logprobs, entropy = scores.logps, scores.entropy
+        return logprobs, entropy
+
+    def shared_prompt_rows(self, model, trajectory) -> SharedPromptRows | None:
+        """The replies of `trajectory` laid out with each prompt forwarded once (llm_stages.rollout.shared_prompt),
+        when rows share prompts, `module.share_prompt` allows it, and the model takes a 4-D mask; else None."""
+        if self.share_prompt == "false":
+            return None
+        groups = prompt_groups(trajectory.query, trajectory.query_mask)
+        if len(groups) == trajectory.query.shape[0]:
+            return None  # no prompt answered twice here (PPO; or a micro-batch of one reply per prompt)
+        seen = trajectory.response_mask | trajectory.observation_mask
+        if self.share_prompt == "auto" and token_saving(trajectory.query_mask, seen, groups) < self.share_prompt_min_saving:
+            return None
+        why = shared_prompt_unsupported(model, reward_head=False, sharded=False)
+        if why:
+            if self.share_prompt == "true":
+                raise ConfigError(f"module.share_prompt=true cannot be used here: {why}; set module.share_prompt=auto")
+            return None
+        return share_prompts(trajectory.query, trajectory.query_mask, trajectory.response, seen, groups)
+
+    @staticmethod
+    def _shared_prompt_logprobs(model, rows: SharedPromptRows, shape, temperature: float, with_entropy: bool):
+        start = int(rows.source_column.min()) if rows.index.numel() else 0  # positions before it never reach the LM head
+        outputs = head_outputs(model, rows.input_ids.shape[1] - start, input_ids=rows.input_ids,
+                               attention_mask=model_mask(model, rows.attention_mask), position_ids=rows.position_ids)
+        scores = outputs[rows.source_row, rows.source_column - start].scores(rows.tokens, temperature=temperature,
+                                                                             with_entropy=with_entropy)
+        n = shape[0] * shape[1]
+        logprobs = scores.logps.new_zeros(n).index_put((rows.index,), scores.logps).view(shape)
+        entropy = scores.entropy.new_zeros(n).index_put((rows.index,), scores.entropy).view(shape) if with_entropy else None
         return logprobs, entropy
 
     def track_logprob_diff(self, sampled: torch.Tensor, trained: torch.Tensor, mask: torch.Tensor) -> None:
