@@ -92,7 +92,7 @@ class _ChunkedHead(torch.autograd.Function):
         chunk_size, temperature, softcap, with_entropy = ctx.settings
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = None  # the first chunk's product, then accumulated: no (vocab x hidden) zero fill
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -121,11 +121,14 @@ class _ChunkedHead(torch.autograd.Function):
             if grad_hidden is not None:
                 # In the weight's dtype, as the model's own backward multiplies: no float copy of a bf16 head.
                 grad_hidden[rows] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.T, hidden[rows].float())
+            if need_weight:
+                grad_weight = grad.T @ hidden[rows].float() if grad_weight is None else \
+                    grad_weight.addmm_(grad.T, hidden[rows].float())
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
             del grad
+        if need_weight and grad_weight is None:  # no rows
+            grad_weight = torch.zeros_like(weight)
         return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
                 grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None, None, None, None)
 
