@@ -122,8 +122,9 @@ class _ChunkedHead(torch.autograd.Function):
                 # In the weight's dtype, as the model's own backward multiplies: no float copy of a bf16 head.
                 grad_hidden[rows] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
-                grad_weight = grad.T @ hidden[rows].float() if grad_weight is None else \
-                    grad_weight.addmm_(grad.T, hidden[rows].float())
+                with torch.autocast(hidden.device.type, enabled=False):  # accumulated in float32
+                    grad_weight = torch.mm(grad.T, hidden[rows].float()) if grad_weight is None else \
+                        grad_weight.addmm_(grad.T, hidden[rows].float())
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
             del grad
