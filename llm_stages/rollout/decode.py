@@ -63,7 +63,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, repe
            drawing: Drawing, eos: list[int], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Replies to left-padded prompts (B, P), `repeats` per prompt (consecutive rows), drawn with the
     global RNG: (B * repeats, R) token ids (`pad_token_id` after a reply's EOS) and (B * repeats, R)
-    their log-probs (see `draw`), R <= max_new_tokens (the loop stops once every reply has ended)."""
+    their log-probs (see `draw`; 0 after EOS), R <= max_new_tokens. A reply that has ended leaves the
+    batch (its rows of the KV cache are dropped), so the last steps run only the replies still going."""
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
@@ -72,20 +73,24 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, repe
         cache.batch_repeat_interleave(repeats)
         logits, attention_mask = logits.repeat_interleave(repeats, 0), attention_mask.repeat_interleave(repeats, 0)
         positions = positions.repeat_interleave(repeats, 0)
-    position = positions[:, -1:]
-    eos_ids = torch.tensor(eos, device=input_ids.device)
-    ended = torch.zeros(logits.shape[0], dtype=torch.bool, device=input_ids.device)
-    tokens, logprobs = [], []
+    position, device = positions[:, -1:], input_ids.device
+    rows = logits.shape[0]
+    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(rows, max_new_tokens, device=device)
+    going = torch.arange(rows, device=device)  # the replies in the batch, by row
+    eos_ids = torch.tensor(eos, device=device)
     for step in range(max_new_tokens):
         token, logprob = draw(logits, drawing)
-        token = token.masked_fill(ended, pad_token_id)
-        tokens.append(token)
-        logprobs.append(logprob.masked_fill(ended, 0.0))
-        ended |= torch.isin(token, eos_ids)
+        tokens[going, step], logprobs[going, step] = token, logprob
+        ended = torch.isin(token, eos_ids)
         if step == max_new_tokens - 1 or bool(ended.all()):
             break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            going, token, attention_mask, position = going[keep], token[keep], attention_mask[keep], position[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
         position = position + 1
         logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+    return tokens[:, :step + 1], logprobs[:, :step + 1]

@@ -49,10 +49,16 @@ def test_a_prompt_forwarded_once_gives_the_same_greedy_replies_and_logprobs(grpo
     each, each_lp = decode(model, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), **{**greedy, "repeats": 1})
     assert torch.equal(shared, each)
     torch.testing.assert_close(shared_lp, each_lp, atol=1e-5, rtol=0)
-    # ... and what generate() draws greedily.
+    # ... and what generate() draws greedily, also where replies end early (an EOS each reply reaches:
+    # ended replies leave the batch, the others go on).
+    eos = sorted({int(shared[0, 2]), int(shared[3, 5])})
+    ended, ended_lp = decode(model, ids, mask, **{**greedy, "eos": eos})
     generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10,
-                               eos_token_id=module.rollout.sampler.eos_ids, pad_token_id=0)[:, ids.shape[1]:]
-    assert torch.equal(shared[::3, :generated.shape[1]], generated)
+                               eos_token_id=eos, pad_token_id=0)[:, ids.shape[1]:]
+    assert ended.shape[1] < 10 or (ended == 0).any()
+    assert torch.equal(ended[::3], generated)
+    assert torch.equal(ended_lp != 0, torch.cat([ended.new_ones(ended.shape[0], 1), (~torch.isin(ended, torch.tensor(eos)))[:, :-1]], 1).cumprod(1).bool())
+    torch.testing.assert_close(ended_lp[ended_lp != 0], shared_lp[:, :ended.shape[1]][ended_lp != 0], atol=1e-5, rtol=0)
 
 
 def test_inverse_cdf_draws_from_the_truncated_distribution():
