@@ -76,9 +76,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, repe
     position, device = positions[:, -1:], input_ids.device
     rows = logits.shape[0]
     tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(rows, max_new_tokens, device=device)
+    logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)  # also under bf16-true
     going = torch.arange(rows, device=device)  # the replies in the batch, by row
-    eos_ids = torch.tensor(eos, device=device)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         token, logprob = draw(logits, drawing)
         tokens[going, step], logprobs[going, step] = token, logprob
