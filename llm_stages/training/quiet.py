@@ -50,3 +50,18 @@ def quiet_third_party() -> None:
             logger.addFilter(DropMessages(patterns))
     for message in DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message)
+    one_console_line_per_record()
+
+
+def one_console_line_per_record() -> None:
+    """Lightning gives its `lightning` logger a console handler of its own at import and still lets
+    the records reach the root logger: once the run's logging is set up (Hydra's console and file
+    handlers on the root), every Lightning info ("Seed set to 1234", "GPU available: ...") printed
+    twice. Its own handler goes then; its records still reach the console, and the run's log file, once."""
+    root = logging.getLogger()
+    if not any(type(h) is logging.StreamHandler for h in root.handlers):
+        return  # no console handler on the root (a library use, a test): Lightning's is the only one
+    lightning = logging.getLogger("lightning")
+    for handler in list(lightning.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning.removeHandler(handler)

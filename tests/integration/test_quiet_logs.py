@@ -38,6 +38,7 @@ def test_a_training_run_and_a_chat_print_no_third_party_notices(tmp_path, demo_d
                    "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "logger=wandb"], cwd=tmp_path)
     assert "held-out loss" in output and f"export: {run_dir}/export" in output
     assert [n for n in NOISE if n in output] == [], output[-3000:]
+    assert output.count("GPU available: False") == 1, output[-3000:]  # Lightning's console handler and the run's: once
 
     chat = _run(["chat", f"model.path={run_dir}/export", "generation.do_sample=false", "generation.max_new_tokens=4"],
                 cwd=tmp_path, stdin="hello\n/quit\n")
