@@ -58,6 +58,11 @@ def draw(logits: torch.Tensor, drawing: Drawing) -> tuple[torch.Tensor, torch.Te
     return token, logprob
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift a prompt."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, repeats: int, max_new_tokens: int,
            drawing: Drawing, eos: list[int], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +70,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, repe
     global RNG: (B * repeats, R) token ids (`pad_token_id` after a reply's EOS) and (B * repeats, R)
     their log-probs (see `draw`; 0 after EOS), R <= max_new_tokens. A reply that has ended leaves the
     batch (its rows of the KV cache are dropped), so the last steps run only the replies still going."""
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(attention_mask)
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]

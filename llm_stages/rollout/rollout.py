@@ -21,6 +21,7 @@ from llm_stages.errors import ConfigError
 from llm_stages.models import load_model, load_tokenizer, reward_scores
 from llm_stages.rollout.episodes import Episode, EpisodeLimits, EpisodeRunner
 from llm_stages.rollout.overlong import overlong_penalty
+from llm_stages.rollout.decode import position_ids  # noqa: F401  (the stages import it from here)
 from llm_stages.rollout.sampling import Sample, Sampler
 from llm_stages.rollout.tools import tool_from_callable
 
@@ -102,11 +103,6 @@ class RolloutBuffer:
         order = torch.randperm(len(self), generator=generator).to(self.trajectory.query.device)
         for start in range(0, len(self), size):
             yield self.trajectory.rows(order[start:start + size])
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift a prompt."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 class Scorer(torch.nn.Module):

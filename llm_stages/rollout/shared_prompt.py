@@ -24,8 +24,6 @@ class SharedPromptRows(NamedTuple):
     source_column: torch.Tensor
     index: torch.Tensor
     tokens: torch.Tensor
-    forwarded_tokens: int  # real tokens of these rows
-    unshared_tokens: int  # real tokens of one row per reply
 
 
 def prompt_groups(query: torch.Tensor, query_mask: torch.Tensor) -> list[list[int]]:
@@ -94,5 +92,4 @@ def share_prompts(query: torch.Tensor, query_mask: torch.Tensor, response: torch
     index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
     return SharedPromptRows(input_ids, mask[:, None], position_ids,
                             torch.cat(source_row) if source_row else index, torch.cat(source_column) if source_column else index,
-                            index, response.reshape(-1)[index], forwarded_tokens=int(attended.sum()),
-                            unshared_tokens=int(query_mask.sum()) + int(sum(extents)))
+                            index, response.reshape(-1)[index])

@@ -60,6 +60,17 @@ def model_mask(model, mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def scores_at(model, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor,
+              columns: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, with_entropy: bool = False):
+    """TokenScores of `labels` (n,), each predicted by the output at (`rows`, `columns`) of rows laid out
+    with the boolean 4-D `mask` (shared pairs, shared prompts); columns before the first of them never
+    reach the LM head."""
+    start = int(columns.min()) if columns.numel() else 0
+    outputs = head_outputs(model, input_ids.shape[1] - start, input_ids=input_ids, attention_mask=model_mask(model, mask),
+                           position_ids=position_ids)
+    return outputs[rows, columns - start].scores(labels, temperature=temperature, with_entropy=with_entropy)
+
+
 def sequence_scores(model, batch: PairBatch | SharedPairBatch):
     """(summed reply log-probs, reply token counts, mean reply logits), each (2 * pairs,)."""
     if isinstance(batch, PairBatch):
@@ -68,11 +79,8 @@ def sequence_scores(model, batch: PairBatch | SharedPairBatch):
         return sequence_logps(outputs, labels)
     scored = (batch.labels != IGNORE_INDEX) & (batch.predictor >= 0)
     rows, positions = scored.nonzero(as_tuple=True)
-    sources = batch.predictor[rows, positions]
-    start = int(sources.min()) if sources.numel() else 0  # positions before it never reach the LM head
-    outputs = head_outputs(model, batch.input_ids.shape[1] - start, input_ids=batch.input_ids,
-                           attention_mask=model_mask(model, batch.attention_mask), position_ids=batch.position_ids)
-    scores = outputs[rows, sources - start].scores(batch.labels[rows, positions])  # one per scored token
+    scores = scores_at(model, batch.input_ids, batch.attention_mask, batch.position_ids, rows,
+                       batch.predictor[rows, positions], batch.labels[rows, positions])  # one per scored token
     sequence, n = batch.sequence[rows, positions], 2 * batch.num_pairs
     logps = scores.logps.new_zeros(n).index_add(0, sequence, scores.logps)
     n_tokens = torch.bincount(sequence, minlength=n)

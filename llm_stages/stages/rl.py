@@ -28,7 +28,7 @@ from llm_stages.rollout.rollout import Replies, Rollout, RolloutBuffer, Trajecto
 from llm_stages.rollout.sampling import disable_dropout
 from llm_stages.rollout.shared_prompt import SharedPromptRows, prompt_groups, share_prompts, token_saving
 from llm_stages.stages.base import Stage
-from llm_stages.stages.pair_scoring import model_mask, shared_prompt_unsupported
+from llm_stages.stages.pair_scoring import scores_at, shared_prompt_unsupported
 from llm_stages.stages.teacher import load_teacher
 from llm_stages.training.tables import record_table
 
@@ -172,11 +172,8 @@ class RLStage(Stage):
 
     @staticmethod
     def _shared_prompt_logprobs(model, rows: SharedPromptRows, shape, temperature: float, with_entropy: bool):
-        start = int(rows.source_column.min()) if rows.index.numel() else 0  # positions before it never reach the LM head
-        outputs = head_outputs(model, rows.input_ids.shape[1] - start, input_ids=rows.input_ids,
-                               attention_mask=model_mask(model, rows.attention_mask), position_ids=rows.position_ids)
-        scores = outputs[rows.source_row, rows.source_column - start].scores(rows.tokens, temperature=temperature,
-                                                                             with_entropy=with_entropy)
+        scores = scores_at(model, rows.input_ids, rows.attention_mask, rows.position_ids, rows.source_row,
+                           rows.source_column, rows.tokens, temperature=temperature, with_entropy=with_entropy)
         n = shape[0] * shape[1]
         logprobs = scores.logps.new_zeros(n).index_put((rows.index,), scores.logps).view(shape)
         entropy = scores.entropy.new_zeros(n).index_put((rows.index,), scores.entropy).view(shape) if with_entropy else None

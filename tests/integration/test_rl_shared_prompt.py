@@ -125,7 +125,8 @@ def test_share_prompts_lays_out_each_group_once():
     assert mask[5] == [1, 1, 0, 0, 0, 0]  # padding: the prompt (never an empty row)
     assert rows.source_column.tolist() == [1, 2, 1, 2, 3, 4] and rows.source_row.tolist() == [0, 0, 0, 1, 1, 1]
     assert rows.index.tolist() == [0, 1, 3, 6, 7, 8] and rows.tokens.tolist() == [10, 11, 12, 13, 14, 15]
-    assert rows.forwarded_tokens == 11 and rows.unshared_tokens == 13
+    assert int(rows.attention_mask[:, 0].diagonal(dim1=1, dim2=2).sum()) == 11  # real tokens forwarded: 2 + 2 + 1, 3 + 3
+    assert token_saving(query_mask, seen, groups) == pytest.approx(1 - 11 / 13)  # of 13 in one row per reply
 
 
 def test_share_prompt_setting_is_checked(make_cfg_module):
