@@ -157,6 +157,17 @@ def write_filled(w: Workload, source: Path, dest: Path, tokenizer, count: int) -
     return dest
 
 
+def demo_problems(workloads: list[Workload], total_steps: dict[str, int], n_val: int) -> int:
+    """Demo training problems to write for these workloads: twice the records the largest one reads
+    (SFT has ~0.77 conversations per problem), at least 500, and at most what the demo task has
+    besides the `n_val` validation problems. The bound of filled data is conservative (TURN_TOKENS_LOW);
+    where the demo records do run out, fill_conversations / fill_prompt_pairs say so in one line."""
+    from llm_stages.data.demo import TRIPLES
+
+    wanted = 2 * max(demo_records_needed(w, total_steps[w.name]) for w in workloads)
+    return min(len(TRIPLES) - n_val, max(500, wanted))
+
+
 def demo_records_needed(w: Workload, total_steps: int) -> int:
     """Demo records a run of `total_steps` steps reads: filled data concatenates many per record."""
     n = records_needed(w, total_steps)

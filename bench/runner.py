@@ -255,7 +255,7 @@ def _device(trainer: str) -> str:
 # -- main -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench.prepare import (count_parameters, demo_records_needed, prepare_workload, save_checkpoints,
+    from bench.prepare import (count_parameters, demo_problems, prepare_workload, save_checkpoints,
                                write_long_prompt_pairs)
     from llm_stages.data.demo import write_demo_data
 
@@ -276,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preparing {args.model} checkpoint and data in {workdir}", flush=True)
         checkpoints = save_checkpoints(args.model, workdir / "model", args.seed)
         parameters = count_parameters(checkpoints["causal"])
-        # SFT has ~0.77 conversations per demo problem; twice the records the largest workload needs is plenty.
-        # (capped at the demo task's 19,990 distinct problems; prepare_workload says if a run needs more)
-        problems = min(19_990 - 8, max(500, 2 * max(demo_records_needed(w, args.warmup + timed[w.name]) for w in workloads)))
+        problems = demo_problems(workloads, {name: args.warmup + steps for name, steps in timed.items()}, n_val=8)
         demo = write_demo_data(workdir / "demo", seed=0, n_train=problems, n_val=8)
         if any(w.data == "pref_long" for w in workloads):
             demo["pref_long"] = write_long_prompt_pairs(demo["pref_train"], workdir / "demo" / "pref_long.jsonl")

@@ -78,3 +78,23 @@ def test_filled_data_that_runs_out_of_demo_records_says_so(demo_dir, chat_tokeni
     pairs = _records(demo_dir / "pref_train.jsonl")[:30]
     with pytest.raises(SystemExit, match="demo pairs ran out after 0 long-prompt pairs"):
         fill_prompt_pairs(pairs, chat_tokenizer, max_length=2048, count=2)
+
+
+@pytest.mark.slow  # fills 2,048-token records from ~2,000 demo problems: ~35 s
+def test_the_default_bench_run_sizes_its_demo_data_within_the_demo_task(tmp_path, chat_tokenizer):
+    """`make bench` (every default workload, default steps, 3 warm-up steps) asks the demo generator for
+    no more problems than the task has, and the long-context workloads fill their records from them."""
+    from bench.prepare import demo_problems, records_needed
+    from bench.runner import DEFAULT_WORKLOADS
+    from bench.workloads import WORKLOADS
+    from llm_stages.data.demo import TRIPLES, write_demo_data
+
+    workloads = [WORKLOADS[name] for name in DEFAULT_WORKLOADS]
+    total_steps = {w.name: 3 + w.steps for w in workloads}
+    problems = demo_problems(workloads, total_steps, n_val=8)
+    assert 500 <= problems <= len(TRIPLES) - 8
+    demo = write_demo_data(tmp_path / "demo", seed=0, n_train=problems, n_val=8)
+    for name, fill, source in (("sft_2k", fill_conversations, "sft_train"), ("dpo_2k", fill_prompt_pairs, "pref_train")):
+        w = WORKLOADS[name]
+        count = records_needed(w, total_steps[name])
+        assert len(fill(_records(demo[source]), chat_tokenizer, max_length=w.max_length, count=count)) == count
