@@ -15,6 +15,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           Qwen2ForCausalLM, Qwen2ForSequenceClassification)
 
 from llm_stages.errors import ConfigError
+from llm_stages.lean_layers import grouped_query_attention_without_copies, make_lean
 from llm_stages.losses.chunked import CHUNK_ATTRIBUTE
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,11 @@ def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None, *, ne
     if head == "causal_lm" and cfg.get("chunked_lm_head", False):
         # Read by llm_stages.losses.chunked: the stages score tokens from hidden states, chunk by chunk.
         setattr(model, CHUNK_ATTRIBUTE, _chunk_size(cfg))
+    if cfg.get("lean_activations", False):
+        switched = make_lean(model)
+        log.info("model.lean_activations: %s%s", ", ".join(f"{n} {cls}" for cls, n in switched.items()) or
+                 "no RMSNorm or gated MLP of this model computes what the lean functions do; nothing switched",
+                 "; grouped key/value heads not copied (CPU)" if grouped_query_attention_without_copies() else "")
     if cfg.get("gradient_checkpointing"):
         # Non-reentrant: gradients reach the layers' weights even when the inputs need none (frozen
         # embeddings under LoRA), and each layer's forward may take keyword arguments.

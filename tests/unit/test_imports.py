@@ -142,7 +142,7 @@ sys.exit(1 if failed else 0)
 # The layers, lowest first (docs/architecture.md): a module imports only from its own layer or below.
 LAYERS = [
     ("ground", ["llm_stages", "llm_stages.errors", "llm_stages.checks", "llm_stages.ranges", "llm_stages.models",
-                "llm_stages.adapters", "llm_stages.losses"]),
+                "llm_stages.lean_layers", "llm_stages.adapters", "llm_stages.losses"]),
     ("training", ["llm_stages.training", "llm_stages.config"]),
     ("data", ["llm_stages.data", "llm_stages.data.word_problems", "callbacks"]),
     ("rollout", ["llm_stages.rollout",
