@@ -94,13 +94,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The environment the bench was started with: each side's process gets this, not what importing our
+# side's code in this process set (llm_stages.lean_layers sets TRANSFORMERS_SDPA_FORCE_GQA on a machine
+# without CUDA, which would otherwise reach TRL's process too).
+LAUNCH_ENV = dict(os.environ)
+
+
 # -- one child process ------------------------------------------------------------------------------
 def run_child(spec: dict, workdir: Path, name: str) -> dict:
     """Run one side in its own process; its step record, summarised, plus peak RSS (ru_maxrss of the
     child, via wait4) and the process's wall time. On failure: {"error": <last lines of its output>}."""
     spec_path, log_path = workdir / f"{name}.spec.json", workdir / f"{name}.log"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**LAUNCH_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), LAUNCH_ENV.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bench.child", str(spec_path)], cwd=REPO, env=env,

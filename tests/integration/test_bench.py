@@ -54,3 +54,28 @@ def test_mfu_is_model_flops_per_second_over_the_peak_and_gets_a_column_when_the_
     assert all(row.count("|") == header.count("|") for row in rows)
     meta["peak_tflops"] = None
     assert "MFU" not in markdown(report)
+
+
+def test_each_side_runs_in_the_environment_the_bench_was_started_with(monkeypatch, tmp_path):
+    """What loading our model in the runner's process sets (lean activations' TRANSFORMERS_SDPA_FORCE_GQA on
+    a machine without CUDA) does not reach the sides' processes: TRL's must not run with our settings."""
+    import resource
+
+    from bench import runner
+    from llm_stages.lean_layers import GQA_WITHOUT_COPIES
+
+    monkeypatch.delitem(runner.LAUNCH_ENV, GQA_WITHOUT_COPIES, raising=False)
+    monkeypatch.setenv(GQA_WITHOUT_COPIES, "1")
+    seen = {}
+
+    class Child:
+        pid = 12345
+
+    def popen(args, cwd, env, stdout, stderr):
+        seen.update(env)
+        return Child()
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+    monkeypatch.setattr(runner.os, "wait4", lambda pid, options: (pid, 1 << 8, resource.getrusage(resource.RUSAGE_SELF)))
+    assert "error" in runner.run_child({"result_path": str(tmp_path / "none.json")}, tmp_path, "trl-0")
+    assert GQA_WITHOUT_COPIES not in seen and str(runner.REPO) in seen["PYTHONPATH"]
