@@ -42,6 +42,16 @@ def _loss_and_grads(model, ids, mask):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _assert_same_loss_and_gradients(want_model, got_model):
+    ids, mask = _batch()
+    want_loss, want = _loss_and_grads(want_model, ids, mask)
+    got_loss, got = _loss_and_grads(got_model, ids, mask)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-6)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("cls,config_cls", [(Qwen2ForCausalLM, Qwen2Config), (LlamaForCausalLM, LlamaConfig)])
 def test_lean_layers_give_the_models_own_loss_and_every_gradient(cls, config_cls):
     model = _model(cls, config_cls)
@@ -50,12 +60,7 @@ def test_lean_layers_give_the_models_own_loss_and_every_gradient(cls, config_cls
     # 2 norms per layer and the final one; one MLP per layer.
     arch = config_cls.__name__[:-len("Config")]
     assert switched == {f"{arch}RMSNorm": 5, f"{arch}MLP": 2, f"{arch}Attention": 2}
-    ids, mask = _batch()
-    want_loss, want = _loss_and_grads(model, ids, mask)
-    got_loss, got = _loss_and_grads(lean, ids, mask)
-    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-6)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+    _assert_same_loss_and_gradients(model, lean)
 
 
 def test_lean_layers_under_bf16_autocast_match_the_models_own():
@@ -79,12 +84,7 @@ def test_a_norm_that_computes_something_else_keeps_its_own_forward():
     lean = copy.deepcopy(model)
     assert make_lean(lean) == {"GemmaMLP": 2, "GemmaAttention": 2}
     assert not any(getattr(m, LEAN_ATTRIBUTE, False) for m in lean.modules() if type(m).__name__ == "GemmaRMSNorm")
-    ids, mask = _batch()
-    want_loss, want = _loss_and_grads(model, ids, mask)
-    got_loss, got = _loss_and_grads(lean, ids, mask)
-    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-6)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+    _assert_same_loss_and_gradients(model, lean)
 
 
 def test_an_mlp_whose_projections_are_wrapped_later_falls_back_to_its_own_forward():
@@ -97,12 +97,7 @@ def test_an_mlp_whose_projections_are_wrapped_later_falls_back_to_its_own_forwar
     reference = get_peft_model(reference, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj",
                                                                            "q_proj"]))
     reference.load_state_dict(lora.state_dict())
-    ids, mask = _batch()
-    want_loss, want = _loss_and_grads(reference, ids, mask)
-    got_loss, got = _loss_and_grads(lora, ids, mask)
-    torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-6)
-    lora_grads = [n for n in got if "lora_" in n]
-    assert lora_grads and all(torch.allclose(got[n], want[n], atol=1e-6, rtol=1e-5) for n in lora_grads)
+    _assert_same_loss_and_gradients(reference, lora)  # the LoRA weights' gradients
 
 
 def _saved_bytes(model, ids, mask) -> int:
