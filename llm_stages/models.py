@@ -320,9 +320,10 @@ def load_model(cfg, tokenizer, head: str = "causal_lm", quantization=None, *, ne
         setattr(model, CHUNK_ATTRIBUTE, _chunk_size(cfg))
     if cfg.get("lean_activations", False):
         switched = make_lean(model)
+        grouped = grouped_query_attention_without_copies()  # sets transformers' switch on a machine without CUDA
         log.info("model.lean_activations: %s%s", ", ".join(f"{n} {cls}" for cls, n in switched.items()) or
                  "no RMSNorm or gated MLP of this model computes what the lean functions do; nothing switched",
-                 "; grouped key/value heads not copied (CPU)" if grouped_query_attention_without_copies() else "")
+                 "; grouped key/value heads not copied (CPU)" if grouped else "")
     if cfg.get("gradient_checkpointing"):
         # Non-reentrant: gradients reach the layers' weights even when the inputs need none (frozen
         # embeddings under LoRA), and each layer's forward may take keyword arguments.
