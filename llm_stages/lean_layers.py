@@ -10,7 +10,13 @@ output. The functions here keep only what the backward pass cannot cheaply recom
   recomputed in the backward pass (two elementwise passes), which saves 2 × intermediate size per
   token and layer — for SmolLM2 12 KB per token and layer in fp32;
 - RMSNorm, `weight * (x * rsqrt(mean(x²) + eps))`: x and the reciprocal RMS (one number per token);
-  the normalised input is recomputed, saving 1 × hidden size per norm.
+  the normalised input is recomputed, saving 1 × hidden size per norm;
+- an RMSNorm's output inside a decoder layer, which the next projections (q/k/v, the MLP) keep as their
+  input: recomputed from the norm's x and reciprocal RMS, which the norm keeps anyway (one elementwise
+  pass per use), saving another 1 × hidden size per norm. A decoder layer's forward runs under
+  saved-tensor hooks that recognise its norms' outputs; every other tensor goes to the hooks already in
+  place, if any (CPU offloading, say). Under gradient checkpointing the layer is recomputed anyway and
+  its forward is left as it is.
 
 Liger-Kernel does the same with Triton kernels on CUDA; these are plain PyTorch and run anywhere. A module
 is switched only where its class computes exactly this: each class is checked once against its own
@@ -33,8 +39,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import types
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,17 +55,18 @@ GQA_WITHOUT_COPIES = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa
 
 class _RMSNorm(torch.autograd.Function):
     """`weight * (x.float() * rsqrt(mean(x.float()²) + eps)).to(x.dtype)`, keeping x and the
-    reciprocal RMS for the backward pass (HF's Llama/Qwen2/Mistral RMSNorm)."""
+    reciprocal RMS for the backward pass (HF's Llama/Qwen2/Mistral RMSNorm). Returns the output and the
+    reciprocal RMS (not differentiable), from which `_normed` recomputes the output."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        ctx.mark_non_differentiable(rstd)
+        return _normed(x, weight, rstd), rstd
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _grad_rstd):
         x, weight, rstd = ctx.saved_tensors
         normed = x.float() * rstd
         grad_weight = None
@@ -67,6 +76,12 @@ class _RMSNorm(torch.autograd.Function):
         # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)), per row.
         grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
         return grad_x.to(x.dtype), grad_weight, None
+
+
+def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The RMSNorm's output: the same operations in the same order each time, so a recomputation gives
+    the same bits."""
+    return weight * (x.float() * rstd).to(x.dtype)
 
 
 class _GatedMLP(torch.autograd.Function):
@@ -107,7 +122,11 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 def lean_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():  # nothing is kept without autograd: generation runs the module's own
         return type(self).forward(self, hidden_states)
-    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    output, rstd = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    layer = getattr(_IN_LAYER, "outputs", None)
+    if layer is not None and not hasattr(self.weight, "ds_id"):  # ZeRO-3 gathers the weight only in its own forward
+        layer.add(output, hidden_states, self.weight, rstd)
+    return output
 
 
 def _plain_projections(mlp: nn.Module) -> bool:
@@ -128,6 +147,84 @@ def lean_gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = [t.to(dtype) for t in tensors]
     with torch.autocast(x.device.type, enabled=False):
         return _GatedMLP.apply(*tensors, self.act_fn)
+
+
+_IN_LAYER = threading.local()  # .outputs: the NormOutputs of the decoder layer whose forward is running
+
+
+@dataclass
+class _NormRecipe:
+    """What recomputes one norm output: its input and reciprocal RMS (as the hooks outside packed them)."""
+    x: object
+    weight: torch.Tensor
+    rstd: object
+    outer_unpack: object
+
+    def output(self) -> torch.Tensor:
+        unpack = self.outer_unpack or (lambda t: t)
+        return _normed(unpack(self.x), self.weight, unpack(self.rstd))
+
+
+@dataclass
+class _NormView:
+    """A saved tensor that is (a view of) a norm output: recomputed when the backward pass asks for it."""
+    recipe: _NormRecipe
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+    def tensor(self) -> torch.Tensor:
+        return self.recipe.output().as_strided(self.size, self.stride, self.offset)
+
+
+class NormOutputs:
+    """Saved-tensor hooks for one decoder layer's forward: a saved tensor that shares its storage with one
+    of the layer's lean norm outputs (unchanged since) is kept as a recipe, not as a tensor; every other
+    tensor goes to the hooks that were in place, or is kept as it is."""
+
+    def __init__(self, outer: tuple | None):
+        self._outer_pack, self._outer_unpack = outer or (None, None)
+        self._by_storage: dict[int, list] = {}  # data_ptr -> [output, its version, x, weight, rstd, recipe]
+
+    def add(self, output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> None:
+        if output.is_contiguous() and output.storage_offset() == 0:
+            self._by_storage[output.untyped_storage().data_ptr()] = [output, output._version, x, weight, rstd, None]
+
+    def pack(self, t: torch.Tensor):
+        entry = self._by_storage.get(_storage_pointer(t)) if self._by_storage else None
+        if entry is None or entry[0]._version != entry[1] or t.dtype != entry[0].dtype:
+            return self._outer_pack(t) if self._outer_pack else t
+        if entry[5] is None:  # x and rstd go where the layer's other saved tensors go
+            pack = self._outer_pack or (lambda u: u)
+            entry[5] = _NormRecipe(pack(entry[2]), entry[3], pack(entry[4]), self._outer_unpack)
+        return _NormView(entry[5], t.size(), t.stride(), t.storage_offset())
+
+    def unpack(self, packed):
+        if isinstance(packed, _NormView):
+            return packed.tensor()
+        return self._outer_unpack(packed) if self._outer_unpack else packed
+
+
+def _storage_pointer(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without a plain storage (subclasses, meta)
+        return None
+
+
+def lean_decoder_layer_forward(self, *args, **kwargs):
+    """The layer's own forward, with its norm outputs kept as recipes (see NormOutputs)."""
+    own = type(self).forward
+    checkpointed = getattr(self, "gradient_checkpointing", False) and self.training
+    if not torch.is_grad_enabled() or checkpointed or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return own(self, *args, **kwargs)
+    outputs = NormOutputs(torch._C._autograd._top_saved_tensors_default_hooks(False))
+    previous, _IN_LAYER.outputs = getattr(_IN_LAYER, "outputs", None), outputs
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(outputs.pack, outputs.unpack):
+            return own(self, *args, **kwargs)
+    finally:
+        _IN_LAYER.outputs = previous
 
 
 class OneFloatMask:
@@ -200,7 +297,8 @@ def grouped_query_attention_without_copies() -> bool:
 
 def make_lean(model: nn.Module) -> dict[str, int]:
     """Switch every RMSNorm and gated MLP of `model` that computes exactly what the lean functions do to
-    them, and give every attention module the one-float-mask hook (see the module docstring). Returns how
+    them, give every attention module the one-float-mask hook, and have every decoder layer with a lean
+    norm recompute its norm outputs (see the module docstring). Returns how
     many modules of each class were switched; classes that failed their check are logged and keep their
     own forward."""
     checked: dict[type, bool] = {}
@@ -229,4 +327,11 @@ def make_lean(model: nn.Module) -> dict[str, int]:
             module.forward = types.MethodType(lean_forward, module)
             setattr(module, LEAN_ATTRIBUTE, True)
             switched[cls.__name__] = switched.get(cls.__name__, 0) + 1
+    for module in model.modules():  # decoder layers: an attention and a lean norm among their children
+        children = list(module.children())
+        if (not getattr(module, LEAN_ATTRIBUTE, False) and any(_is_attention(c) for c in children)
+                and any(_is_rms_norm(c) and getattr(c, LEAN_ATTRIBUTE, False) for c in children)):
+            module.forward = types.MethodType(lean_decoder_layer_forward, module)
+            setattr(module, LEAN_ATTRIBUTE, True)
+            switched[type(module).__name__] = switched.get(type(module).__name__, 0) + 1
     return switched

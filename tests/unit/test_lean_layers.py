@@ -57,9 +57,9 @@ def test_lean_layers_give_the_models_own_loss_and_every_gradient(cls, config_cls
     model = _model(cls, config_cls)
     lean = copy.deepcopy(model)
     switched = make_lean(lean)
-    # 2 norms per layer and the final one; one MLP per layer.
+    # 2 norms per layer and the final one; one MLP per layer; each decoder layer recomputes its norm outputs.
     arch = config_cls.__name__[:-len("Config")]
-    assert switched == {f"{arch}RMSNorm": 5, f"{arch}MLP": 2, f"{arch}Attention": 2}
+    assert switched == {f"{arch}RMSNorm": 5, f"{arch}MLP": 2, f"{arch}Attention": 2, f"{arch}DecoderLayer": 2}
     _assert_same_loss_and_gradients(model, lean)
 
 
@@ -122,12 +122,60 @@ def test_lean_layers_keep_exactly_the_activations_they_mean_to_drop_fewer():
     make_lean(lean)
     ids, mask = _batch()
     tokens, layers = ids.numel(), SHAPES["num_hidden_layers"]
-    # Per token: each MLP drops act(gate) and the product (2 × intermediate), each norm its normalised input;
+    # Per token: each MLP drops act(gate) and the product (2 × intermediate), each norm its normalised input,
+    # and each norm inside a decoder layer its output too (the final norm's output is the model's own);
     # and the layers share one float attention mask (rows, 1, T, T) instead of one each.
     batch, length = ids.shape
-    dropped = (tokens * (layers * 2 * SHAPES["intermediate_size"] + (2 * layers + 1) * SHAPES["hidden_size"])
+    norms = 2 * layers + 1 + 2 * layers
+    dropped = (tokens * (layers * 2 * SHAPES["intermediate_size"] + norms * SHAPES["hidden_size"])
                + (layers - 1) * batch * length * length) * 4
     assert _saved_bytes(model, ids, mask) - _saved_bytes(lean, ids, mask) == dropped
+
+
+def test_norm_outputs_are_recomputed_under_hooks_already_in_place_which_get_every_other_tensor():
+    # Hooks the user put around the forward (CPU offloading, say) still receive every tensor the layers
+    # keep, the norms' inputs included; only the norm outputs are recomputed instead of kept.
+    model = _model(Qwen2ForCausalLM, Qwen2Config)
+    lean = copy.deepcopy(model)
+    make_lean(lean)
+    ids, mask = _batch()
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return ("outer", t)
+
+    def unpack(box):
+        assert box[0] == "outer"
+        return box[1]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        _assert_same_loss_and_gradients(model, lean)
+    assert packed  # the outer hooks were used by both models
+
+
+def test_under_gradient_checkpointing_the_layers_keep_their_own_forward_and_the_same_gradients():
+    model = _model(Qwen2ForCausalLM, Qwen2Config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lean = copy.deepcopy(model)
+    make_lean(lean)
+    _assert_same_loss_and_gradients(model, lean)
+    ids, mask = _batch()
+    # Checkpointing keeps only each layer's inputs; recording norm outputs must not keep more.
+    assert _saved_bytes(lean, ids, mask) <= _saved_bytes(model, ids, mask)
+
+
+def test_a_norm_output_changed_in_place_after_its_forward_is_kept_as_it_is():
+    from llm_stages.lean_layers import NormOutputs, _NormView
+
+    x, weight, rstd = torch.randn(2, 4), torch.randn(4), torch.rand(2, 1)
+    output = weight * (x * rstd)
+    outputs = NormOutputs(None)
+    outputs.add(output, x, weight, rstd)
+    view = outputs.pack(output.view(8))
+    assert isinstance(view, _NormView) and torch.equal(outputs.unpack(view), output.view(8))
+    output.mul_(2)  # what autograd would refuse at backward: the value is no longer what the norm made
+    assert outputs.pack(output) is output
 
 
 def test_grouped_query_attention_without_copies_keeps_fewer_activations_with_the_same_gradients(monkeypatch):
@@ -170,5 +218,6 @@ def test_model_lean_activations_is_on_by_default_and_false_leaves_the_model_as_i
     def lean_classes(model):
         return sorted({type(m).__name__ for m in model.modules() if getattr(m, LEAN_ATTRIBUTE, False)})
 
-    assert lean_classes(load_model(make_cfg().model, tokenizer)) == ["Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"]
+    assert lean_classes(load_model(make_cfg().model, tokenizer)) == ["Qwen2Attention", "Qwen2DecoderLayer", "Qwen2MLP",
+                                                                   "Qwen2RMSNorm"]
     assert lean_classes(load_model(make_cfg("model.lean_activations=false").model, tokenizer)) == []
