@@ -81,7 +81,10 @@ class _RMSNorm(torch.autograd.Function):
 def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """The RMSNorm's output: the same operations in the same order each time, so a recomputation gives
     the same bits."""
-    return weight * (x.float() * rstd).to(x.dtype)
+    normed = (x.float() * rstd).to(x.dtype)
+    if normed.dtype == weight.dtype and normed.dtype == x.dtype and normed is not x:
+        return normed.mul_(weight)  # in place where the dtypes allow: one hidden-sized temporary fewer
+    return weight * normed
 
 
 class _GatedMLP(torch.autograd.Function):
@@ -94,7 +97,9 @@ class _GatedMLP(torch.autograd.Function):
         gate, up = x @ w_gate.T, x @ w_up.T
         ctx.act = act
         ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
-        return (act(gate) * up) @ w_down.T
+        hidden = act(gate)
+        hidden.mul_(up)  # in place: one intermediate-sized temporary, not two
+        return hidden @ w_down.T
 
     @staticmethod
     def backward(ctx, grad):
@@ -190,6 +195,10 @@ class NormOutputs:
         if output.is_contiguous() and output.storage_offset() == 0:
             self._by_storage[output.untyped_storage().data_ptr()] = [output, output._version, x, weight, rstd, None]
 
+    def close(self) -> None:
+        """The layer's forward is over: nothing more is saved, and the outputs must not be kept from here."""
+        self._by_storage = {}
+
     def pack(self, t: torch.Tensor):
         entry = self._by_storage.get(_storage_pointer(t)) if self._by_storage else None
         if entry is None or entry[0]._version != entry[1] or t.dtype != entry[0].dtype:
@@ -225,6 +234,7 @@ def lean_decoder_layer_forward(self, *args, **kwargs):
             return own(self, *args, **kwargs)
     finally:
         _IN_LAYER.outputs = previous
+        outputs.close()  # the hooks' unpack stays referenced by the graph: it must not hold the outputs
 
 
 class OneFloatMask:

@@ -132,6 +132,23 @@ def test_lean_layers_keep_exactly_the_activations_they_mean_to_drop_fewer():
     assert _saved_bytes(model, ids, mask) - _saved_bytes(lean, ids, mask) == dropped
 
 
+def test_the_norm_outputs_inside_decoder_layers_are_freed_after_the_forward_pass():
+    # Counting saved tensors is not enough: the outputs must not be kept alive by anything else either.
+    import weakref
+
+    model = _model(Qwen2ForCausalLM, Qwen2Config)
+    make_lean(model)
+    outputs = []
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    ids, mask = _batch()
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    assert len(outputs) == 4 and all(ref() is None for ref in outputs)
+    loss.backward()  # recomputed where the backward pass reads them
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_norm_outputs_are_recomputed_under_hooks_already_in_place_which_get_every_other_tensor():
     # Hooks the user put around the forward (CPU offloading, say) still receive every tensor the layers
     # keep, the norms' inputs included; only the norm outputs are recomputed instead of kept.
