@@ -221,13 +221,20 @@ def _storage_pointer(t: torch.Tensor) -> int | None:
         return None
 
 
+# torch's own accessors (what torch.utils.checkpoint builds on): the hooks in place, and whether hooks may be
+# set at all (not while torch.compile traces). Where a torch lacks them, the layers keep their own forward.
+_HOOKS_IN_PLACE = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_HOOKS_ALLOWED = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+
+
 def lean_decoder_layer_forward(self, *args, **kwargs):
     """The layer's own forward, with its norm outputs kept as recipes (see NormOutputs)."""
     own = type(self).forward
     checkpointed = getattr(self, "gradient_checkpointing", False) and self.training
-    if not torch.is_grad_enabled() or checkpointed or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+    if (not torch.is_grad_enabled() or checkpointed or _HOOKS_IN_PLACE is None or _HOOKS_ALLOWED is None
+            or not _HOOKS_ALLOWED()):
         return own(self, *args, **kwargs)
-    outputs = NormOutputs(torch._C._autograd._top_saved_tensors_default_hooks(False))
+    outputs = NormOutputs(_HOOKS_IN_PLACE(False))
     previous, _IN_LAYER.outputs = getattr(_IN_LAYER, "outputs", None), outputs
     try:
         with torch.autograd.graph.saved_tensors_hooks(outputs.pack, outputs.unpack):
