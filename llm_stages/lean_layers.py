@@ -164,10 +164,13 @@ class _NormRecipe:
     weight: torch.Tensor
     rstd: object
     outer_unpack: object
+    unpacked: tuple | None = None  # x and rstd once unpacked: hooks outside (checkpointing) unpack each only once
 
     def output(self) -> torch.Tensor:
-        unpack = self.outer_unpack or (lambda t: t)
-        return _normed(unpack(self.x), self.weight, unpack(self.rstd))
+        if self.unpacked is None:
+            unpack = self.outer_unpack or (lambda t: t)
+            self.unpacked = (unpack(self.x), unpack(self.rstd))
+        return _normed(self.unpacked[0], self.weight, self.unpacked[1])
 
 
 @dataclass

@@ -37,7 +37,7 @@ def _batch():
 
 def _loss_and_grads(model, ids, mask):
     model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -180,6 +180,20 @@ def test_under_gradient_checkpointing_the_layers_keep_their_own_forward_and_the_
     ids, mask = _batch()
     # Checkpointing keeps only each layer's inputs; recording norm outputs must not keep more.
     assert _saved_bytes(lean, ids, mask) <= _saved_bytes(model, ids, mask)
+
+
+def test_layers_wrapped_for_checkpointing_from_outside_give_the_same_gradients():
+    # FSDP's activation checkpointing wraps each layer module: the layer's forward runs inside the
+    # checkpoint's hooks, which unpack each saved tensor only once, while q, k and v each read the norm output.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    model = _model(Qwen2ForCausalLM, Qwen2Config)
+    lean = copy.deepcopy(model)
+    make_lean(lean)
+    for m in (model, lean):
+        apply_activation_checkpointing(m, check_fn=lambda module: isinstance(module, Qwen2DecoderLayer))
+    _assert_same_loss_and_gradients(model, lean)
 
 
 def test_a_norm_output_changed_in_place_after_its_forward_is_kept_as_it_is():
