@@ -82,7 +82,7 @@ def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.
     """The RMSNorm's output: the same operations in the same order each time, so a recomputation gives
     the same bits."""
     normed = (x.float() * rstd).to(x.dtype)
-    if normed.dtype == weight.dtype and normed.dtype == x.dtype and normed is not x:
+    if normed.dtype == weight.dtype:  # normed is a new tensor in x's dtype (x * rstd made it)
         return normed.mul_(weight)  # in place where the dtypes allow: one hidden-sized temporary fewer
     return weight * normed
 
